@@ -1,0 +1,276 @@
+"""Checkpoint files <-> this model's state dict: the one key map and the file readers/writers.
+
+Official (LAVIS / MiniGPT-4) names -> ours (transformers' Blip2 classes inside MiniGPT4):
+    visual_encoder.* / eva_vit_g.pth keys   -> vision_model.embeddings.*, vision_model.encoder.layers.*
+    blocks.i.attn.{q_bias,v_bias}            -> vision_model.encoder.layers.i.self_attn.qkv.bias
+                                                = cat(q_bias, zeros, v_bias)
+    ln_vision.*                              -> vision_model.post_layernorm.*
+    Qformer.bert.embeddings.LayerNorm.*      -> qformer.layernorm.*
+    Qformer.bert.encoder.layer.i.*.self.*    -> qformer.encoder.layer.i.*.attention.*
+    query_tokens                             -> query_tokens
+    llama_proj.*                             -> llama_proj.*
+    llama_model.*                            -> llm.*
+Our own format is safetensors with our names plus a small JSON config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minigpt4.errors import UserError
+
+log = logging.getLogger(__name__)
+
+OWN_CONFIG = "minigpt4.json"
+OWN_WEIGHTS = "model.safetensors"
+
+_VIT_RULES = [
+    (r"cls_token", "embeddings.class_embedding"),
+    (r"pos_embed", "embeddings.position_embedding"),
+    (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embedding.\1"),
+    (r"blocks\.(\d+)\.norm1\.(weight|bias)", r"encoder.layers.\1.layer_norm1.\2"),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"encoder.layers.\1.layer_norm2.\2"),
+    (r"blocks\.(\d+)\.attn\.qkv\.weight", r"encoder.layers.\1.self_attn.qkv.weight"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"encoder.layers.\1.self_attn.projection.\2"),
+    (r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"encoder.layers.\1.mlp.\2.\3"),
+]
+_QFORMER_RULES = [
+    (r"Qformer\.bert\.embeddings\.LayerNorm\.(weight|bias)", r"qformer.layernorm.\1"),
+    (
+        r"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(query|key|value)\.(weight|bias)",
+        r"qformer.encoder.layer.\1.\2.attention.\3.\4",
+    ),
+    (
+        r"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention|intermediate_query|output_query)\.(.+)",
+        r"qformer.encoder.layer.\1.\2.\3",
+    ),
+    (r"query_tokens", "query_tokens"),
+    (r"ln_vision\.(weight|bias)", r"vision_model.post_layernorm.\1"),
+    (r"llama_proj\.(weight|bias)", r"llama_proj.\1"),
+    (r"llama_model\.(.+)", r"llm.\1"),
+]
+# Keys the official files hold that MiniGPT-4 does not use: skipped by name, listed at debug level.
+_KNOWN_EXTRAS = [
+    r"(visual_encoder\.)?norm\..*",  # EVA-CLIP's final norm (MiniGPT-4 keeps 39 of 40 blocks, no norm)
+    r"(visual_encoder\.)?(fc_norm|head)\..*",
+    r"Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings)\..*",
+    r"Qformer\.bert\.embeddings\.position_ids",
+    r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..*",  # the unused text branch
+    r"Qformer\.cls\..*",
+    r"(t5_proj|t5_model|opt_proj|opt_model|vision_proj|text_proj|itm_head)\..*",
+    r"temp",
+    r"llama_model\..*rotary_emb\.inv_freq",
+]
+_VIT_BIAS = re.compile(r"(?:visual_encoder\.)?blocks\.(\d+)\.attn\.(q_bias|v_bias)")
+_VIT_BLOCK = re.compile(r"(?:visual_encoder\.)?blocks\.(\d+)\.")
+
+
+def _map_key(key: str) -> str | None:
+    """Official key -> ours; None when the key is not one we know how to place."""
+    vit_key = key[len("visual_encoder.") :] if key.startswith("visual_encoder.") else key
+    for pattern, repl in _VIT_RULES:
+        if re.fullmatch(pattern, vit_key):
+            return "vision_model." + re.sub(pattern, repl, vit_key)
+    for pattern, repl in _QFORMER_RULES:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
+
+
+def official_to_ours(state: dict[str, torch.Tensor], num_vision_layers: int, source: str) -> dict[str, torch.Tensor]:
+    """Rename an official state dict; skip known extras and ViT blocks past num_vision_layers;
+    fail on anything unknown (naming up to five keys)."""
+    out: dict[str, torch.Tensor] = {}
+    biases: dict[int, dict[str, torch.Tensor]] = {}
+    skipped, unknown = [], []
+    for key, tensor in state.items():
+        block = _VIT_BLOCK.match(key)
+        if block and int(block.group(1)) >= num_vision_layers:
+            skipped.append(key)  # e.g. EVA-CLIP's 40th block
+            continue
+        bias = _VIT_BIAS.fullmatch(key)
+        if bias:
+            biases.setdefault(int(bias.group(1)), {})[bias.group(2)] = tensor
+            continue
+        if any(re.fullmatch(p, key) for p in _KNOWN_EXTRAS):
+            skipped.append(key)
+            continue
+        new = _map_key(key)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = tensor
+    if unknown:
+        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise UserError(f"{source}: unexpected keys {unknown[:5]}{more}: not an official MiniGPT-4/BLIP-2 file?")
+    for i, pair in biases.items():
+        if set(pair) != {"q_bias", "v_bias"}:
+            raise UserError(f"{source}: block {i} has {sorted(pair)} but needs both q_bias and v_bias")
+        q, v = pair["q_bias"], pair["v_bias"]
+        out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(v), v])
+    if skipped:
+        log.debug("%s: skipped %d keys MiniGPT-4 does not use: %s", source, len(skipped), skipped)
+    return out
+
+
+def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse map (ViT keys without a prefix, as eva_vit_g.pth has them)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        m = re.fullmatch(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias", key)
+        if m:
+            q, _, v = tensor.chunk(3)
+            out[f"blocks.{m.group(1)}.attn.q_bias"] = q
+            out[f"blocks.{m.group(1)}.attn.v_bias"] = v
+            continue
+        new = _unmap_key(key)
+        if new is None:
+            raise KeyError(f"no official name for {key}")
+        out[new] = tensor
+    return out
+
+
+_INVERSE_RULES = [
+    (r"vision_model\.embeddings\.class_embedding", "cls_token"),
+    (r"vision_model\.embeddings\.position_embedding", "pos_embed"),
+    (r"vision_model\.embeddings\.patch_embedding\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm(1|2)\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight", r"blocks.\1.attn.qkv.weight"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    (r"vision_model\.post_layernorm\.(weight|bias)", r"ln_vision.\1"),
+    (r"qformer\.layernorm\.(weight|bias)", r"Qformer.bert.embeddings.LayerNorm.\1"),
+    (
+        r"qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.(query|key|value)\.(weight|bias)",
+        r"Qformer.bert.encoder.layer.\1.\2.self.\3.\4",
+    ),
+    (r"qformer\.encoder\.layer\.(\d+)\.(.+)", r"Qformer.bert.encoder.layer.\1.\2"),
+    (r"query_tokens", "query_tokens"),
+    (r"llama_proj\.(weight|bias)", r"llama_proj.\1"),
+    (r"llm\.(.+)", r"llama_model.\1"),
+]
+
+
+def _unmap_key(key: str) -> str | None:
+    for pattern, repl in _INVERSE_RULES:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
+
+
+# ---- reading files ---------------------------------------------------------------------------
+def read_torch_file(path: str | os.PathLike, key: str) -> dict[str, torch.Tensor]:
+    """A .pth checkpoint as a flat state dict (unwrapping {"model": ...}); weights_only=True."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{key}={path}: no such file; set {key}=/path/to/the/file")
+    if path.is_dir():
+        raise UserError(f"{key}={path} is a directory; it needs a checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{key}={path} is not a PyTorch checkpoint ({first[:160]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{key}={path} is not a state dict of tensors")
+    return obj
+
+
+def read_safetensors(path: str | os.PathLike, keep=lambda k: True) -> dict[str, torch.Tensor]:
+    """One file, or a directory of shards (model*.safetensors), reading only the keys kept."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    out = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for k in f.keys():
+                    if keep(k):
+                        out[k] = f.get_tensor(k)
+        except Exception as err:  # safetensors raises its own error types
+            raise UserError(f"{file} is not a readable safetensors file ({err})") from None
+    return out
+
+
+def read_hf_blip2(directory: str | os.PathLike, key: str) -> dict[str, torch.Tensor]:
+    """Vision model, Q-Former and query tokens from a Hugging Face BLIP-2 directory; the
+    language model in it (T5/OPT) is never read."""
+    directory = Path(directory)
+    wanted = lambda k: k.startswith(("vision_model.", "qformer.")) or k == "query_tokens"
+    if list(directory.glob("*.safetensors")):
+        state = read_safetensors(directory, wanted)
+    else:
+        state = {}
+        for file in sorted(directory.glob("pytorch_model*.bin")):
+            state.update({k: v for k, v in read_torch_file(file, key).items() if wanted(k)})
+    if not state:
+        raise UserError(f"{key}={directory}: no BLIP-2 weights (vision_model.*, qformer.*) found in it")
+    return state
+
+
+def projection_size_name(weight_shape: tuple[int, ...]) -> str:
+    """Which official model a llama_proj of this shape belongs to."""
+    out_f, in_f = weight_shape
+    if in_f == 5632:
+        return "LLaMA-2-7B (model=llama2_7b)"
+    return {4096: "Vicuna-7B (model=7b)", 5120: "Vicuna-13B (model=13b)"}.get(out_f, f"an LLM of hidden size {out_f}")
+
+
+# ---- our own format --------------------------------------------------------------------------
+def save_own(state: dict[str, torch.Tensor], directory: str | os.PathLike, config: dict) -> Path:
+    """Write state (our names) + config into `directory` atomically (temp dir, then rename)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(tmp / OWN_WEIGHTS), metadata={"format": "pt", "minigpt4": "1"})
+    (tmp / OWN_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        directory.rename(old)
+        tmp.rename(directory)
+        _rmtree(old)
+    else:
+        tmp.rename(directory)
+    return directory
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def is_own_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / OWN_CONFIG).is_file()
+
+
+def read_own(directory: str | os.PathLike, key: str) -> tuple[dict[str, torch.Tensor], dict]:
+    directory = Path(directory)
+    if not is_own_dir(directory):
+        raise UserError(f"{key}={directory}: not a minigpt4 checkpoint directory (no {OWN_CONFIG})")
+    config = json.loads((directory / OWN_CONFIG).read_text())
+    return read_safetensors(directory), config
+
+
+def save_official_projection(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """{"model": {"llama_proj.weight", "llama_proj.bias"}}: what the official code loads."""
+    path = Path(path)
+    proj = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("llama_proj.")}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"model": proj}, tmp)
+    tmp.replace(path)
+    return path

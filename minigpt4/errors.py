@@ -1,0 +1,29 @@
+"""One exception type for mistakes a user can fix; entry scripts print it as one line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+
+class UserError(Exception):
+    """Bad input or configuration: the message names the thing and the fix."""
+
+
+def exit_on_user_error(fn):
+    """Wrap an entry point so that a UserError prints one line and exits 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            logging.getLogger("minigpt4").debug("user error", exc_info=True)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper
