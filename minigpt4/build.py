@@ -8,6 +8,7 @@ initialised randomly and the model is labelled untrained.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -81,11 +82,12 @@ class LoadedModel:
             return self.model.encode_images(self.pixels(images))
 
 
-def load_model(cfg: DictConfig, device: torch.device | None = None) -> LoadedModel:
-    """Build the model a composed config describes (see conf/model and conf/checkpoint)."""
+def load_model(cfg: DictConfig, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Build the model a composed config describes (see conf/model and conf/checkpoint).
+    `dtype` overrides cfg.precision for tools that convert weights without computing (fp16 on CPU)."""
     start = time.perf_counter()
     device = device or resolve_device(cfg.gpu)
-    dtype, quant = resolve_precision(cfg.precision, device)
+    dtype, quant = (dtype, None) if dtype is not None else resolve_precision(cfg.precision, device)
     ckpt = {k: (str(v) if v is not None else None) for k, v in to_container(cfg.checkpoint).items()}
     arch_dict = to_container(cfg.model.arch)
     template_name = cfg.model.template
@@ -94,7 +96,7 @@ def load_model(cfg: DictConfig, device: torch.device | None = None) -> LoadedMod
     bundle_state: dict[str, torch.Tensor] = {}
     bundle_dir = ckpt.get("bundle")
     if bundle_dir:
-        bundle_state, meta = ck.read_own(_existing(bundle_dir, "checkpoint.bundle"), "checkpoint.bundle")
+        bundle_state, meta = ck.read_own(_existing(bundle_dir, "checkpoint.bundle"), "checkpoint.bundle", device)
         arch_dict = meta.get("arch", arch_dict)  # the checkpoint knows its own architecture
         template_name = meta.get("template", template_name)
         image_size = int(meta.get("image_size", image_size))
@@ -104,6 +106,8 @@ def load_model(cfg: DictConfig, device: torch.device | None = None) -> LoadedMod
     llm_dir = ckpt.get("llm")
     if llm_dir:
         llm_dir = _existing(llm_dir, "checkpoint.llm")
+        if not (Path(llm_dir) / "tokenizer.model").is_file():
+            raise UserError(f"checkpoint.llm={llm_dir}: no tokenizer.model in it (copy the LLaMA tokenizer.model there)")
         tokenizer = Tokenizer.from_dir(llm_dir)
         llm = _load_llm_dir(llm_dir, dtype, quant, device)
     else:
@@ -111,8 +115,12 @@ def load_model(cfg: DictConfig, device: torch.device | None = None) -> LoadedMod
             raise UserError(f"precision={quant} quantises a loaded LLM: set checkpoint.llm=/path/to/llm")
         tok_file = Path(bundle_dir) / "tokenizer.model" if bundle_dir else None
         tokenizer = Tokenizer(tok_file if tok_file and tok_file.is_file() else cfg.model.tokenizer)
-        with torch.device("meta" if any(k.startswith("llm.") for k in bundle_state) else device):
-            llm = LlamaForCausalLM(arch.llm_config())
+        if any(k.startswith("llm.") for k in bundle_state):  # the bundle provides every LLM weight
+            with torch.device("meta"):
+                llm = LlamaForCausalLM(arch.llm_config())
+        else:  # random weights, created right on the device and in the compute dtype (7B: seconds)
+            with torch.device(device):
+                llm = LlamaForCausalLM._from_config(arch.llm_config(), dtype=dtype)
     if tokenizer.vocab_size > llm.config.vocab_size:
         raise UserError(
             f"tokenizer has {tokenizer.vocab_size} pieces but the LLM only {llm.config.vocab_size} rows: "
@@ -127,22 +135,33 @@ def load_model(cfg: DictConfig, device: torch.device | None = None) -> LoadedMod
     if bundle_state:
         sources["bundle"] = bundle_state
     if ckpt.get("vit"):
-        sources["vit"] = _read_official(ckpt["vit"], "checkpoint.vit", arch)
+        path = _existing(ckpt["vit"], "checkpoint.vit", _VIT_HINT if _is_dir(ckpt.get("qformer")) else "")
+        if Path(path).is_dir():  # a Hugging Face BLIP-2 directory: its vision model only
+            sources["vit"] = _only(ck.read_hf_blip2(path, "checkpoint.vit"), "vit", "checkpoint.vit", path)
+        else:
+            sources["vit"] = _read_official(path, "checkpoint.vit", arch)
     if ckpt.get("qformer"):
         path = _existing(ckpt["qformer"], "checkpoint.qformer")
-        sources["qformer"] = (
-            ck.read_hf_blip2(path, "checkpoint.qformer")
-            if Path(path).is_dir()
-            else _read_official(path, "checkpoint.qformer", arch)
-        )
+        if Path(path).is_dir():
+            state = ck.read_hf_blip2(path, "checkpoint.qformer")
+            if ckpt.get("vit"):  # the file named for the ViT supplies the ViT
+                state = {k: v for k, v in state.items() if _owner(k) != "vit"}
+            sources["qformer"] = state
+        else:
+            sources["qformer"] = _read_official(path, "checkpoint.qformer", arch)
     if ckpt.get("proj"):
         path = _existing(ckpt["proj"], "checkpoint.proj")
-        if Path(path).is_dir() or str(path).endswith(".safetensors"):
-            sources["proj"] = ck.read_safetensors(path if str(path).endswith(".safetensors") else Path(path) / ck.OWN_WEIGHTS)
+        if Path(path).is_dir() or path.endswith(".safetensors"):  # ours (finetune.py's output)
+            file = Path(path) / ck.OWN_WEIGHTS if Path(path).is_dir() else Path(path)
+            if not file.is_file():
+                raise UserError(f"checkpoint.proj={path}: no {ck.OWN_WEIGHTS} in this directory")
+            sources["proj"] = _only(ck.read_safetensors(file), "proj", "checkpoint.proj", path)
         else:
             sources["proj"] = _read_official(path, "checkpoint.proj", arch)
     loaded = _assign(model, sources, ckpt)
     random_parts = _materialize(model, device, loaded, ckpt)
+    if getattr(model.llm.config, "tie_word_embeddings", False):
+        model.llm.tie_weights()  # assignment replaced the tied tensor objects
     model.set_trainable(sorted(set(PARTS) - model.frozen))  # re-apply to re-created parameters
 
     if getattr(model.llm, "is_quantized", False):  # bitsandbytes weights cannot be moved
@@ -153,12 +172,7 @@ def load_model(cfg: DictConfig, device: torch.device | None = None) -> LoadedMod
             model.query_tokens.data = model.query_tokens.data.to(device)
     else:
         model.to(device)
-    for part in (model.vision_model, model.qformer, model.llama_proj):
-        if part is not None:
-            part.float()
-    if model.query_tokens is not None:
-        model.query_tokens.data = model.query_tokens.data.float()
-    apply_precision(model, dtype)
+    apply_precision(model, dtype)  # also brings fp16-stored official files to the official dtypes
     model.eval()
     name = str(cfg.model.name)
     result = LoadedModel(
@@ -175,10 +189,38 @@ def load_model(cfg: DictConfig, device: torch.device | None = None) -> LoadedMod
     return result
 
 
-def _existing(path: str, key: str) -> str:
+def save_bundle(loaded: LoadedModel, directory: str | Path) -> Path:
+    """The whole model in our own format (safetensors + minigpt4.json + tokenizer.model), which
+    `checkpoint.bundle=DIR` loads with its own architecture and template."""
+    import shutil
+
+    config = {"arch": loaded.model.config.to_dict(), "template": loaded.template.name,
+              "image_size": loaded.image_size, "name": loaded.name}
+    config["arch"]["llm"] = loaded.model.llm.config.to_diff_dict()  # the LLM as it is, not as configured
+    directory = ck.save_own(loaded.model.state_dict(), directory, config)
+    shutil.copy(loaded.tokenizer.path, directory / "tokenizer.model")
+    return directory
+
+
+_VIT_HINT = " (or checkpoint.vit=null: the Hugging Face BLIP-2 directory in checkpoint.qformer holds the ViT too)"
+
+
+def _is_dir(path: str | None) -> bool:
+    return bool(path) and Path(path).is_dir()
+
+
+def _existing(path: str, key: str, hint: str = "") -> str:
     if not Path(path).exists():
-        raise UserError(f"{key}={path}: no such file or directory; set {key}=/path/to/it (or MINIGPT4_WEIGHTS)")
+        raise UserError(f"{key}={path}: no such file or directory; set {key}=/path/to/it{hint or ' (or MINIGPT4_WEIGHTS)'}")
     return path
+
+
+def _only(state: dict[str, torch.Tensor], owner: str, key: str, path: str) -> dict[str, torch.Tensor]:
+    """The keys of one part (e.g. llama_proj.* of a full bundle given as checkpoint.proj)."""
+    state = {k: v for k, v in state.items() if _owner(k) == owner}
+    if not state:
+        raise UserError(f"{key}={path}: holds no {'/'.join(_OWNER[owner])}* weights")
+    return state
 
 
 def _read_official(path: str, key: str, arch: MiniGPT4Config) -> dict[str, torch.Tensor]:
@@ -187,10 +229,16 @@ def _read_official(path: str, key: str, arch: MiniGPT4Config) -> dict[str, torch
 
 
 def _load_llm_dir(path: str, dtype: torch.dtype, quant: str | None, device: torch.device) -> LlamaForCausalLM:
+    """A Hugging Face Llama directory; straight onto the device when `accelerate` is installed
+    (transformers needs it for device_map and for bitsandbytes), else through CPU memory."""
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"checkpoint.llm={path}: not a Hugging Face model directory (no config.json)")
-    kwargs = {"dtype": dtype, "device_map": {"": str(device)}}
+    has_accelerate = importlib.util.find_spec("accelerate") is not None
+    kwargs: dict = {"dtype": dtype}
     if quant:
+        missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(f"precision={quant} needs {' and '.join(missing)}: pip install -e '.[quant]'")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = (
@@ -198,28 +246,37 @@ def _load_llm_dir(path: str, dtype: torch.dtype, quant: str | None, device: torc
             if quant == "int8"
             else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
         )
+    if has_accelerate:
+        kwargs["device_map"] = {"": str(device)}
     try:
-        return LlamaForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UserError(f"checkpoint.llm={path}: cannot load ({str(err).splitlines()[0][:200]})") from None
+        llm = LlamaForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError, ImportError, KeyError) as err:
+        log.debug("loading %s failed", path, exc_info=True)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint.llm={path}: cannot load ({first[:200]})") from None
+    return llm if has_accelerate else llm.to(device)
+
+
+_PART_NAMES = {"vit": "ViT", "qformer": "Q-Former", "proj": "projection", "llm": "LLM"}
 
 
 def _assign(model: MiniGPT4, sources: dict[str, dict[str, torch.Tensor]], ckpt: dict) -> set[str]:
-    """Assign every source's tensors (later sources win, as the official load order does)."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}
-    llm_expected = model.llm.state_dict() if any(k.startswith("llm.") for s in sources.values() for k in s) else {}
-    loaded: set[str] = set()
+    """Assign every source's tensors (later sources win, as the official load order does), then
+    check that each part a source touched is complete: a part is all from files or all random."""
+    expected = model.state_dict()
+    loaded: dict[str, str] = {}  # our key -> the checkpoint setting it came from
     for source, state in sources.items():
         label = f"checkpoint.{source}={ckpt.get(source)}"
+        keep = {}
         for key, tensor in state.items():
-            if key.startswith("llm.") and key[4:] in llm_expected:
-                want = llm_expected[key[4:]]
-            elif key in expected:
-                want = expected[key]
-            elif key.startswith("llm.") and "rotary_emb" in key:
-                continue
-            else:
-                raise UserError(f"{label}: key {key} does not belong to model ({sorted(expected)[:3]}...)")
+            want = expected.get(key)
+            if want is None:
+                if key.startswith("llm.") and "rotary_emb" in key:
+                    continue
+                if key.startswith(("qformer.", "query_tokens")) and model.qformer is None:
+                    raise UserError(f"{label}: a Q-Former, but this model (LLaMA-2 variant) has none: "
+                                    "set checkpoint.qformer=null")
+                raise UserError(f"{label}: key {key} does not belong to this model (model={_arch_name(model)})")
             if tuple(tensor.shape) != tuple(want.shape):
                 if key == "llama_proj.weight":
                     raise UserError(
@@ -228,27 +285,38 @@ def _assign(model: MiniGPT4, sources: dict[str, dict[str, torch.Tensor]], ckpt: 
                         f"{list(want.shape)}: pick the model= that matches the file, or the file that matches the model"
                     )
                 raise UserError(f"{label}: {key} has shape {list(tensor.shape)}, the model needs {list(want.shape)}")
-            loaded.add(key)
-        model.load_state_dict({k: v for k, v in state.items() if k in expected or k.startswith("llm.")},
-                              strict=False, assign=True)
-    for source in ("vit", "qformer", "proj"):
-        if ckpt.get(source):
-            missing = sorted(k for k in expected if _owner(k) == source and k not in loaded)
-            if source == "qformer" and model.qformer is None:
-                missing = []
-            if missing:
-                raise UserError(f"checkpoint.{source}={ckpt[source]} lacks {len(missing)} keys, e.g. {missing[:3]}")
-    return loaded
+            keep[key] = tensor
+            loaded[key] = label
+        model.load_state_dict(keep, strict=False, assign=True)
+    for owner in _PART_NAMES:
+        keys = [k for k in expected if _owner(k) == owner]
+        got = [k for k in keys if k in loaded]
+        if owner == "llm" and ckpt.get("llm"):
+            continue  # the directory provided the rest
+        if (got or ckpt.get(owner)) and len(got) < len(keys):
+            missing = sorted(set(keys) - set(got))
+            by = sorted({loaded[k] for k in got}) or [f"checkpoint.{owner}={ckpt.get(owner)}"]
+            raise UserError(f"{', '.join(by)} lacks {len(missing)} of the {len(keys)} {_PART_NAMES[owner]} "
+                            f"weights, e.g. {missing[:3]}")
+    return set(loaded)
+
+
+def _arch_name(model: MiniGPT4) -> str:
+    h = model.llm.config.hidden_size
+    return f"{'LLaMA-2 variant' if model.qformer is None else 'Q-Former variant'}, LLM hidden size {h}"
 
 
 def _materialize(model: MiniGPT4, device: torch.device, loaded: set[str], ckpt: dict) -> list[str]:
-    """Randomly initialise what no file provided; return the names of those parts."""
+    """Randomly initialise what no file provided; return the names of those parts. Buffers that
+    are computed, not stored (rotary inv_freq), are recomputed without making a part 'random'."""
     random_parts = []
+    persistent = set(model.state_dict())
     for name, module in model.named_modules():
         if not name:  # the root's only direct parameter, query_tokens, is handled below
             continue
         direct = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        if not any(t.is_meta for _, t in direct):
+        meta = [n for n, t in direct if t.is_meta]
+        if not meta:
             continue
         module.to_empty(device=device, recurse=False)
         if hasattr(module, "reset_parameters"):
@@ -257,8 +325,11 @@ def _materialize(model: MiniGPT4, device: torch.device, loaded: set[str], ckpt: 
             model.vision_model._init_weights(module)
         elif name.startswith("qformer"):
             model.qformer._init_weights(module)
+        elif name.startswith("llm."):
+            model.llm._init_weights(module)
         top = name.split(".")[0]
-        if top not in random_parts and not name.endswith("post_layernorm"):
+        stored = any(f"{name}.{n}" in persistent for n in meta)
+        if stored and top not in random_parts and not name.endswith("post_layernorm"):
             random_parts.append(top)
     if model.query_tokens is not None and model.query_tokens.is_meta:
         model.query_tokens = nn.Parameter(torch.empty_like(model.query_tokens, device=device).normal_(0, 0.02))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
 import tempfile
 import zipfile
@@ -179,7 +178,8 @@ def read_torch_file(path: str | os.PathLike, key: str) -> dict[str, torch.Tensor
         raise UserError(f"{key}={path} is a directory; it needs a checkpoint file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
+    except Exception as err:  # the unpickler fails in many ways (IndexError, KeyError, ...) on non-checkpoints
+        log.debug("torch.load(%s) failed", path, exc_info=True)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{key}={path} is not a PyTorch checkpoint ({first[:160]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -189,14 +189,15 @@ def read_torch_file(path: str | os.PathLike, key: str) -> dict[str, torch.Tensor
     return obj
 
 
-def read_safetensors(path: str | os.PathLike, keep=lambda k: True) -> dict[str, torch.Tensor]:
-    """One file, or a directory of shards (model*.safetensors), reading only the keys kept."""
+def read_safetensors(path: str | os.PathLike, keep=lambda k: True, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """One file, or a directory of shards (model*.safetensors), reading only the keys kept,
+    straight onto `device` (no CPU copy of the whole state for a GPU load)."""
     path = Path(path)
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     out = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for k in f.keys():
                     if keep(k):
                         out[k] = f.get_tensor(k)
@@ -230,13 +231,25 @@ def projection_size_name(weight_shape: tuple[int, ...]) -> str:
 
 
 # ---- our own format --------------------------------------------------------------------------
-def save_own(state: dict[str, torch.Tensor], directory: str | os.PathLike, config: dict) -> Path:
-    """Write state (our names) + config into `directory` atomically (temp dir, then rename)."""
+def save_own(
+    state: dict[str, torch.Tensor], directory: str | os.PathLike, config: dict, max_shard_bytes: int | None = None
+) -> Path:
+    """Write state (our names) + config into `directory` atomically (temp dir, then rename).
+    With max_shard_bytes, large states go into shards (only one shard is copied to the CPU at a time)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(tmp / OWN_WEIGHTS), metadata={"format": "pt", "minigpt4": "1"})
+    if max_shard_bytes:
+        save_shards(state.items(), tmp, max_shard_bytes, metadata={"format": "pt", "minigpt4": "1"})
+    else:
+        tensors, storages = {}, set()
+        for k, v in state.items():
+            t = v.detach().contiguous().cpu()
+            if t.untyped_storage().data_ptr() in storages:  # tied weights: safetensors stores no aliases
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+            tensors[k] = t
+        save_file(tensors, str(tmp / OWN_WEIGHTS), metadata={"format": "pt", "minigpt4": "1"})
     (tmp / OWN_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
@@ -246,6 +259,52 @@ def save_own(state: dict[str, torch.Tensor], directory: str | os.PathLike, confi
     else:
         tmp.rename(directory)
     return directory
+
+
+def save_shards(
+    items, directory: str | os.PathLike, max_shard_bytes: int, prefix: str = "model", metadata: dict | None = None
+) -> dict[str, str]:
+    """Write (name, tensor) pairs, as they come, into safetensors shards of at most max_shard_bytes
+    (a bigger tensor gets a shard of its own): `{prefix}.safetensors`, or `{prefix}-00001-of-0000N.safetensors`
+    plus `{prefix}.safetensors.index.json` (the Hugging Face layout). Memory holds one shard at a time.
+    Returns the weight map (name -> file name)."""
+    directory = Path(directory)
+    written: list[tuple[Path, list[str]]] = []
+    pending: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    storages: set[int] = set()
+
+    def flush() -> None:
+        part = directory / f".{prefix}-part{len(written)}.tmp"
+        save_file(pending, str(part), metadata=metadata)
+        written.append((part, list(pending)))
+        pending.clear()
+        storages.clear()
+
+    for name, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        if pending and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        t = tensor.detach().contiguous().cpu()
+        if t.untyped_storage().data_ptr() in storages:  # tied weights: safetensors stores no aliases
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        pending[name] = t
+        size += nbytes
+        total += nbytes
+    if pending or not written:
+        flush()
+    weight_map = {}
+    for i, (part, names) in enumerate(written):
+        final = f"{prefix}.safetensors" if len(written) == 1 else f"{prefix}-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        part.rename(directory / final)
+        weight_map.update({n: final for n in names})
+    if len(written) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return weight_map
 
 
 def _rmtree(path: Path) -> None:
@@ -258,12 +317,12 @@ def is_own_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / OWN_CONFIG).is_file()
 
 
-def read_own(directory: str | os.PathLike, key: str) -> tuple[dict[str, torch.Tensor], dict]:
+def read_own(directory: str | os.PathLike, key: str, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     directory = Path(directory)
     if not is_own_dir(directory):
         raise UserError(f"{key}={directory}: not a minigpt4 checkpoint directory (no {OWN_CONFIG})")
     config = json.loads((directory / OWN_CONFIG).read_text())
-    return read_safetensors(directory), config
+    return read_safetensors(directory, device=device), config
 
 
 def save_official_projection(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:

@@ -149,10 +149,19 @@ class MiniGPT4(nn.Module):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B,3,S,S] -> soft tokens [B, num_image_tokens, H] in the LLM's dtype."""
+        return self.project(self.image_features(pixels))
+
+    def _autocast(self):
+        device = self.device
+        autocast = device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=self.dtype, enabled=autocast)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B,3,S,S] -> the frozen image side's output, before llama_proj: [B,N,proj_in].
+        Fine-tuning caches these when the ViT and Q-Former are frozen."""
         device = self.device
         pixels = pixels.to(device)
-        autocast = device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
-        with torch.autocast(device_type=device.type, dtype=self.dtype, enabled=autocast):
+        with self._autocast():
             vision_dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
             image = self.vision_model(pixel_values=pixels.to(vision_dtype)).last_hidden_state  # [B,P+1,Hv]
             if self.qformer is not None:
@@ -165,8 +174,12 @@ class MiniGPT4(nn.Module):
                 patches = image[:, 1:, :]  # drop the class token: [B,P,Hv]
                 b, p, h = patches.shape
                 tokens = patches.reshape(b, p // self.config.merge_tokens, h * self.config.merge_tokens)
-            tokens = tokens.to(self.llama_proj.weight.dtype)
-            soft = self.llama_proj(tokens)  # [B,N,H]
+        return tokens
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """image_features [B,N,proj_in] -> soft tokens [B,N,H] in the LLM's dtype."""
+        with self._autocast():
+            soft = self.llama_proj(features.to(self.device, self.llama_proj.weight.dtype))  # [B,N,H]
         return soft.to(self.dtype)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,12 +221,17 @@ class MiniGPT4(nn.Module):
 def apply_precision(model: MiniGPT4, dtype: torch.dtype) -> MiniGPT4:
     """Official inference precision: LLM in `dtype`; ViT Linear/Conv weights in `dtype` with its
     LayerNorms and position/class embeddings in fp32; Q-Former, queries and projection in fp32.
-    Half-precision parts then run under autocast (see encode_images)."""
-    if dtype == torch.float32:
-        return model.float()
+    Half-precision parts then run under autocast on the GPU (see image_features). A quantised
+    LLM (bitsandbytes) is left as it was loaded."""
     if not getattr(model.llm, "is_quantized", False):
         model.llm.to(dtype)
-    for module in model.vision_model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            module.to(dtype)
+    for part in (model.vision_model, model.qformer, model.llama_proj):
+        if part is not None:
+            part.float()
+    if model.query_tokens is not None:
+        model.query_tokens.data = model.query_tokens.data.float()
+    if dtype != torch.float32:
+        for module in model.vision_model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.to(dtype)
     return model

@@ -1,0 +1,143 @@
+"""Batch-evaluation throughput: our runner's generation path vs a stock transformers generate loop.
+
+    python bench/bench_evaluate.py            # 7B shape, random fp16 weights, GPU 0
+    python bench/bench_evaluate.py --tiny     # CPU smoke test on the tiny model
+
+Both paths answer the same prompt set (one synthetic picture + a question per row) in the same
+batches (grouped by length, left padding), image encoding included:
+  ours   minigpt4.evaluation.runner.answer_rows -> generation.generate (what evaluate.py runs)
+  stock  model.llm.generate(inputs_embeds=..., attention_mask=..., do_sample=False)
+Random weights never stop, so both produce exactly --new-tokens tokens per row
+(min_new_tokens = max_new_tokens, no stop string). Generated tokens/s per batch size, after a
+warm-up; a table on stdout and JSON in $OUT/bench_evaluate.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minigpt4.build import load_model  # noqa: E402
+from minigpt4.config import compose  # noqa: E402
+from minigpt4.conversation import build_prompt, encode_prompt, pad_batch  # noqa: E402
+from minigpt4.data import synthetic  # noqa: E402
+from minigpt4.evaluation.prompts import PromptRow  # noqa: E402
+from minigpt4.evaluation.runner import answer_rows  # noqa: E402
+from minigpt4.generation import GenerationSettings  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prompt_rows(folder: Path, n: int) -> list[PromptRow]:
+    """n rows: a synthetic picture each and one of its questions (prompts of varying length)."""
+    rows = []
+    for i, spec in enumerate(synthetic.sample_specs(n, seed=99)):
+        path = folder / f"p{i}.png"
+        synthetic.make_picture(spec).save(path)
+        question = synthetic.questions(spec, all_phrasings=True)[i % 8][0]
+        rows.append(PromptRow(f"bench#{i}", "bench", str(i), i + 2, question, [str(path)], [], "", {"prompt": question}))
+    return rows
+
+
+def run_ours(lm, rows: list[PromptRow], batch_size: int, new_tokens: int) -> tuple[int, float]:
+    settings = GenerationSettings(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    out: list[dict] = []
+    sync(lm.device)
+    start = time.perf_counter()
+    answer_rows(lm, rows, settings, batch_size, out.append, max_context=10**6)
+    sync(lm.device)
+    seconds = time.perf_counter() - start
+    failed = [r["error"] for r in out if r["error"]]
+    if failed:
+        raise RuntimeError(f"rows failed: {failed[:2]}")
+    return sum(r["n_tokens"] for r in out), seconds
+
+
+@torch.inference_mode()
+def run_stock(lm, rows: list[PromptRow], batch_size: int, new_tokens: int) -> tuple[int, float]:
+    """The same rows and batches through transformers' generate on inputs_embeds."""
+    encoded = []
+    for row in rows:
+        conv = build_prompt(lm.template, row.prompt, len(row.images))
+        encoded.append((row, encode_prompt(lm.tokenizer.encode, conv.prompt(), lm.model.num_image_tokens)))
+    encoded.sort(key=lambda item: len(item[1]))
+    tokens = 0
+    sync(lm.device)
+    start = time.perf_counter()
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i : i + batch_size]
+        embeds_img = lm.model.encode_images(torch.cat([lm.pixels(r.images) for r, _ in chunk]))
+        batch = pad_batch([ids for _, ids in chunk], lm.tokenizer.pad_id, side="left")
+        ids, mask = batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device)
+        out = lm.model.llm.generate(inputs_embeds=lm.model.embed(ids, embeds_img), attention_mask=mask,
+                                    do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                    pad_token_id=lm.tokenizer.pad_id)
+        tokens += out.shape[0] * out.shape[1]  # generate(inputs_embeds=) returns only the new tokens
+    sync(lm.device)
+    return tokens, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default 128; tiny 16)")
+    parser.add_argument("--batches-per-size", type=int, default=2, help="timed batches per batch size")
+    parser.add_argument("--skip-stock", action="store_true")
+    args = parser.parse_args()
+    new_tokens = args.new_tokens or (16 if args.tiny else 128)
+    overrides = ["model=tiny", "checkpoint=random", "gpu=cpu"] if args.tiny else ["model=7b", "checkpoint=random", "gpu=0"]
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    lm = load_model(compose("evaluate", overrides))
+    load_s = time.perf_counter() - start
+    lm.template = lm.template.with_overrides(stop=())  # random weights: no stop string either
+    device_name = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else "cpu"
+    print(f"{lm.label} on {device_name} ({lm.model.dtype}), loaded in {load_s:.1f}s; {new_tokens} new tokens per row")
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = prompt_rows(Path(tmp), max(args.batches) * args.batches_per_size)
+        for bs in args.batches:
+            timed = rows[: bs * args.batches_per_size]
+            run_ours(lm, rows[:bs], bs, 8)  # warm-up (allocator, kernels, any per-shape graphs)
+            tokens, seconds = run_ours(lm, timed, bs, new_tokens)
+            entry = {"batch": bs, "rows": len(timed), "ours_tokens": tokens, "ours_s": round(seconds, 3),
+                     "ours_tok_s": round(tokens / seconds, 1)}
+            if not args.skip_stock:
+                run_stock(lm, rows[:bs], bs, 8)
+                s_tokens, s_seconds = run_stock(lm, timed, bs, new_tokens)
+                entry.update({"stock_tokens": s_tokens, "stock_s": round(s_seconds, 3),
+                              "stock_tok_s": round(s_tokens / s_seconds, 1),
+                              "speedup": round((tokens / seconds) / (s_tokens / s_seconds), 2)})
+            if lm.device.type == "cuda":
+                entry["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(lm.device) / 2**30, 2)
+            results.append(entry)
+            print(json.dumps(entry), flush=True)
+
+    print(f"\n| batch | rows | ours tok/s | stock tok/s | speedup |\n|---:|---:|---:|---:|---:|")
+    for e in results:
+        print(f"| {e['batch']} | {e['rows']} | {e['ours_tok_s']} | {e.get('stock_tok_s', '-')} | {e.get('speedup', '-')} |")
+    report = {"device": device_name, "model": lm.label, "dtype": str(lm.model.dtype), "new_tokens": new_tokens,
+              "load_s": round(load_s, 1), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "command": "python bench/bench_evaluate.py " + " ".join(sys.argv[1:]), "results": results}
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "bench_evaluate.json"
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""A chat with MiniGPT-4: turns, images encoded once, and a KV cache kept across turns.
+
+Why this module exists: the official demo re-encodes every image and re-computes the whole
+history on every turn. A ChatSession encodes each image once, when it is added, and keeps the
+conversation's KV cache: before each answer the new prompt's token sequence is compared with
+the sequence already in the cache (image slots compared by image identity, not by their
+placeholder id), the cache is cropped back to the longest common prefix, and only the rest is
+prefilled. Prompts come from conversation.py only; decoding from generation.py.
+
+    session = ChatSession(loaded, GenerationSettings())
+    session.add_images(["cat.png"])            # validated and encoded now, attached to the next question
+    reply = session.ask("What is this?", on_text=print)
+    reply.text, reply.tokens_per_s, reply.first_token_s
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from minigpt4.build import LoadedModel, load_model
+from minigpt4.conversation import (
+    ASSISTANT,
+    IMAGE_MESSAGE,
+    IMAGE_PLACEHOLDER,
+    Conversation,
+    clean_answer,
+    encode_prompt,
+    load_conversation,
+)
+from minigpt4.errors import UserError
+from minigpt4.generation import GenerationSettings, generate
+from minigpt4.model import IMAGE_TOKEN
+
+_uids = itertools.count()
+
+
+@dataclass(eq=False)
+class ChatImage:
+    """One image in a conversation: where it came from and its soft tokens, computed once.
+
+    Conversation.images holds these; str() is the file path (what Conversation.to_json writes)."""
+
+    source: str | Image.Image
+    embeds: torch.Tensor  # [num_image_tokens, H]
+    uid: int  # identity in the KV-cache key sequence
+
+    def __str__(self) -> str:
+        return self.source if isinstance(self.source, str) else f"<image {self.uid}>"
+
+
+@dataclass
+class Reply:
+    """One answer and how it was produced."""
+
+    text: str  # the answer, cleaned as the official code does (conversation.clean_answer)
+    n_tokens: int  # tokens sampled (including the stop string or EOS)
+    seconds: float  # whole turn: prompt building, prefill and decoding
+    tokens_per_s: float  # decode speed: tokens after the first / time after the first
+    first_token_s: float  # from the call to the first token (prefill included)
+    dropped_turns: int  # oldest turns dropped to fit chat.max_context
+    finish_reason: str  # "stop" (###) | "eos" | "length"
+    prefilled: int = 0  # prompt positions computed this turn
+    reused: int = 0  # prompt positions taken from the KV cache of earlier turns
+    peak_memory_gb: float | None = None  # peak GPU memory during the turn (CUDA only)
+
+    def summary(self) -> str:
+        """One line for stderr, e.g. '[12 tokens, 41.3 tok/s, first token 0.05 s, ...]'."""
+        parts = [
+            f"{self.n_tokens} tokens",
+            f"{self.tokens_per_s:.1f} tok/s",
+            f"first token {self.first_token_s:.3f} s",
+            f"prompt {self.prefilled} new + {self.reused} cached",
+        ]
+        if self.peak_memory_gb is not None:
+            parts.append(f"peak GPU {self.peak_memory_gb:.2f} GiB")
+        if self.finish_reason == "length":
+            parts.append("cut at max_new_tokens")
+        return "[" + ", ".join(parts) + "]"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class ChatSession:
+    """A conversation with one loaded model (batch 1).
+
+    ChatSession(loaded, settings, max_context=2000, system=None, reuse_cache=True, seed=None)
+      settings     GenerationSettings for every answer (ask/regenerate may pass others)
+      max_context  prompt + max_new_tokens stay within this many positions; the oldest whole
+                   turns are dropped to fit (said once per conversation through `notify`)
+      system       replaces the template's system text (with and without images)
+      reuse_cache  keep the KV cache across turns (False: recompute everything, as officially)
+      seed         seeds the sampling generator (None: random)
+      notify       where notices go (default: stderr)
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: GenerationSettings,
+        max_context: int = 2000,
+        system: str | None = None,
+        reuse_cache: bool = True,
+        seed: int | None = None,
+        notify: Callable[[str], None] = _stderr,
+    ):
+        self.loaded = loaded
+        self.settings = settings
+        self.max_context = int(max_context)
+        self.template = loaded.template.with_overrides(system=system, system_text_only=system) if system else loaded.template
+        self.reuse_cache = reuse_cache
+        self.notify = notify
+        self.generator = torch.Generator(device=loaded.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+        self.reset()
+
+    @classmethod
+    def from_cfg(cls, cfg, loaded: LoadedModel, **kwargs) -> "ChatSession":
+        """A session configured by conf/chat.yaml (chat.*, generation.*, seed)."""
+        chat = cfg.get("chat") or {}
+        return cls(
+            loaded,
+            GenerationSettings.from_cfg(cfg.get("generation")),
+            max_context=chat.get("max_context", 2000),
+            system=chat.get("system"),
+            reuse_cache=chat.get("reuse_cache", True),
+            seed=cfg.get("seed"),
+            **kwargs,
+        )
+
+    # ---- conversation state ----------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new conversation (images and cache are forgotten)."""
+        self.conversation: Conversation = Conversation(self.template)
+        self._cache: DynamicCache | None = None
+        self._cache_keys: list[Any] = []  # one key per cached position (token id or (image uid, slot))
+        self._told_overflow = False
+
+    def add_images(self, images: list[str | os.PathLike | Image.Image]) -> None:
+        """Validate and encode images now; they join the conversation before the next question.
+        A bad image raises a one-line UserError and none of them is added."""
+        if not images:
+            return
+        sources = [str(i) if isinstance(i, (str, os.PathLike)) else i for i in images]
+        embeds = self.loaded.encode_images(sources)  # [N,num_image_tokens,H]; raises UserError
+        for source, soft in zip(sources, embeds):
+            self.conversation.add_image(ChatImage(source, soft, next(_uids)))
+
+    def ask(
+        self,
+        text: str,
+        on_text: Callable[[str], None] | None = None,
+        settings: GenerationSettings | None = None,
+    ) -> Reply:
+        """Answer `text` (after any images just added). on_text receives the answer as it streams.
+        On an error the conversation is left as it was."""
+        text = text.strip()
+        if not text:
+            raise UserError("empty message: type a question")
+        conv = self.conversation.copy()
+        conv.ask(text)
+        return self._answer(conv, on_text, settings or self.settings)
+
+    def regenerate(
+        self, on_text: Callable[[str], None] | None = None, settings: GenerationSettings | None = None
+    ) -> Reply:
+        """Drop the last answer and answer the last question again."""
+        conv = self.conversation.copy()
+        if not conv.messages or conv.messages[-1][0] != ASSISTANT:
+            raise UserError("nothing to regenerate: ask a question first")
+        conv.messages.pop()
+        return self._answer(conv, on_text, settings or self.settings)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Messages for display: [{role: 'user'|'assistant', text, images: [path or PIL image]}].
+        Consecutive user messages (images, then the question) form one entry."""
+        out: list[dict[str, Any]] = []
+        images = iter(self.conversation.images)
+        for role, text in self.conversation.messages:
+            name = "assistant" if role == ASSISTANT else "user"
+            shown = [next(images).source for _ in range(text.count(IMAGE_PLACEHOLDER))]
+            plain = text.replace(IMAGE_MESSAGE, "").replace(IMAGE_PLACEHOLDER, "").strip()
+            if out and name == "user" and out[-1]["role"] == "user":
+                out[-1]["images"] += shown
+                out[-1]["text"] = " ".join(t for t in (out[-1]["text"], plain) if t)
+            else:
+                out.append({"role": name, "text": plain, "images": shown})
+        return out
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the conversation as JSON (Conversation.to_json) with image paths. Images that
+        were given as PIL objects are written as PNG files next to it (<name>_images/)."""
+        path = Path(path)
+        data = self.conversation.to_json()
+        for i, image in enumerate(self.conversation.images):
+            if not isinstance(image.source, str):
+                folder = path.parent / f"{path.stem}_images"
+                folder.mkdir(parents=True, exist_ok=True)
+                image.source.save(folder / f"{i}.png")
+                data["images"][i] = str(folder / f"{i}.png")
+        try:
+            path.write_text(json.dumps(data, indent=2))
+        except OSError as err:
+            raise UserError(f"cannot save the conversation to {path}: {err.strerror or err}") from None
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Replace the conversation by a saved one; its images are read and encoded again."""
+        conv = load_conversation(path, self.template)
+        base = Path(path).parent
+        sources = [p if Path(p).exists() or Path(p).is_absolute() else str(base / p) for p in conv.images]
+        embeds = self.loaded.encode_images(sources) if sources else []
+        conv.images = [ChatImage(s, e, next(_uids)) for s, e in zip(sources, embeds)]
+        self.reset()
+        self.conversation = conv
+
+    # ---- answering -------------------------------------------------------------------------
+    def _fit(self, conv: Conversation, settings: GenerationSettings) -> tuple[list[int], int, int]:
+        """Drop the oldest whole turns until prompt + max_new_tokens <= max_context.
+        -> (prompt ids, turns dropped, max_new_tokens that fits)."""
+        encode, n_slots = self.loaded.tokenizer.encode, self.loaded.model.num_image_tokens
+        dropped = 0
+        while True:
+            ids = encode_prompt(encode, conv.prompt(), n_slots)
+            if len(ids) + settings.max_new_tokens <= self.max_context or not conv.drop_oldest_turn():
+                break
+            dropped += 1
+        room = self.max_context - len(ids)
+        if room < 1:
+            raise UserError(
+                f"message too long: the prompt is {len(ids)} tokens and chat.max_context={self.max_context}; "
+                "shorten it (or its images) or raise chat.max_context"
+            )
+        max_new = min(settings.max_new_tokens, room)
+        if (dropped or max_new < settings.max_new_tokens) and not self._told_overflow:
+            self._told_overflow = True
+            self.notify(
+                f"note: the conversation outgrew chat.max_context={self.max_context} tokens: dropped the "
+                f"oldest {dropped} turn(s) with their images (this happens from now on without notice)"
+            )
+        return ids, dropped, max_new
+
+    def _keys(self, ids: list[int], images: list[ChatImage]) -> list[Any]:
+        """Cache keys: token ids, and (image uid, slot) for image slots, so two images differ."""
+        keys: list[Any] = []
+        image_index, slot = 0, 0
+        n_slots = self.loaded.model.num_image_tokens
+        for token in ids:
+            if token == IMAGE_TOKEN:
+                keys.append((images[image_index].uid, slot))
+                slot += 1
+                if slot == n_slots:
+                    image_index, slot = image_index + 1, 0
+            else:
+                keys.append(token)
+        return keys
+
+    def _reusable(self, keys: list[Any]) -> int:
+        """Crop the cache to the longest common prefix with `keys` (leaving >= 1 position to
+        compute, never ending inside an image) and return its length."""
+        if not self.reuse_cache or self._cache is None:
+            self._cache, self._cache_keys = DynamicCache(), []
+            return 0
+        n = 0
+        for a, b in zip(self._cache_keys, keys[:-1]):
+            if a != b:
+                break
+            n += 1
+        while n and isinstance(keys[n - 1], tuple) and n < len(keys) and isinstance(keys[n], tuple) \
+                and keys[n][0] == keys[n - 1][0]:
+            n -= 1  # back to the start of an image that is only partly cached
+        if n == 0:
+            self._cache = DynamicCache()
+        elif self._cache.get_seq_length() > n:
+            self._cache.crop(n - self._cache.get_seq_length())
+        self._cache_keys = self._cache_keys[:n]
+        return n
+
+    def _answer(self, conv: Conversation, on_text, settings: GenerationSettings) -> Reply:
+        start = time.perf_counter()
+        device = self.loaded.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ids, dropped, max_new = self._fit(conv, settings)
+        keys = self._keys(ids, conv.images)
+        reused = self._reusable(keys)
+        embeds = torch.stack([image.embeds for image in conv.images]) if conv.images else None
+
+        shown: list[str] = []
+
+        def stream(_row: int, delta: str) -> None:
+            if not shown:  # the official clean-up strips the answer's leading space
+                delta = delta.lstrip()
+            if delta and on_text is not None:
+                shown.append(delta)
+                on_text(delta)
+
+        try:
+            result = generate(
+                self.loaded.model, self.loaded.tokenizer, [ids], embeds,
+                replace(settings, max_new_tokens=max_new), stops=self.template.stop,
+                on_text=stream, cache=self._cache, cache_length=reused, generator=self.generator,
+            )[0]
+        except BaseException:  # interrupted mid-answer: the cache no longer matches its keys
+            self._cache, self._cache_keys = None, []
+            raise
+        sampled = result.ids + ([self.loaded.tokenizer.eos_id] if result.finish_reason == "eos" else [])
+        self._cache_keys = (keys + sampled)[: self._cache.get_seq_length()]
+        answer = clean_answer(result.text, self.template)
+        conv.add_answer(answer)
+        self.conversation = conv
+
+        end = time.perf_counter()
+        first = result.first_token_at or end
+        decode_s = end - first
+        tokens_per_s = (result.n_steps - 1) / decode_s if result.n_steps > 1 and decode_s > 0 else result.n_steps / max(end - start, 1e-9)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        return Reply(answer, result.n_steps, end - start, tokens_per_s, first - start, dropped,
+                     result.finish_reason, result.prefilled, reused, peak)
+
+
+def one_shot(session: ChatSession, prompt: str, images: list[str]) -> Reply:
+    """Answer one prompt about `images` (they come first): the answer to stdout, stats to stderr."""
+    session.add_images(list(images))
+    reply = session.ask(prompt)
+    print(reply.text, flush=True)
+    _stderr(reply.summary())
+    return reply
+
+
+def run_chat(cfg) -> None:
+    """chat.py: load the model, then the web page (ui=web), a one-shot answer (chat.prompt=...)
+    or the terminal loop."""
+    torch.manual_seed(int(cfg.get("seed") or 0))  # an untrained (random) model is reproducible too
+    loaded = load_model(cfg)
+    _stderr(f"model: {loaded.label} on {loaded.device} (loaded in {loaded.load_seconds:.1f} s)")
+    if not loaded.trained:
+        _stderr(
+            "WARNING: this model is UNTRAINED (random weights): its answers are noise. "
+            "Point checkpoint=... at real weights (see docs/CHAT.md)."
+        )
+    ui = (cfg.get("ui") or {}).get("name", "terminal")
+    if ui == "web":
+        from minigpt4.web import serve
+
+        serve(cfg, loaded)
+        return
+    if ui != "terminal":
+        raise UserError(f"ui={ui}: choose ui=terminal or ui=web")
+    session = ChatSession.from_cfg(cfg, loaded)
+    chat = cfg.get("chat") or {}
+    images = [str(i) for i in (chat.get("images") or [])]
+    if chat.get("prompt"):
+        one_shot(session, str(chat.prompt), images)
+        return
+    from minigpt4.terminal import run_terminal
+
+    session.add_images(images)  # chat.images without a prompt: attached to the first message
+    run_terminal(session)

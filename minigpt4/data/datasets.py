@@ -1,0 +1,203 @@
+"""Fine-tuning data as (prompt, target, images) examples: cc_sbu_align, CSV files, synthetic.
+
+Prompts come from conversation.py only, in one of two styles:
+    stage2  the official alignment prompt: "###Human: <Img><ImageHere></Img> {instruction} ###Assistant: "
+            (no system text), target + "###"
+    chat    Conversation(template).prompt(): exactly what chat.py and evaluate.py send, so a
+            model fine-tuned this way sees its training prompts at inference.
+Images are references (a file path, or a synthetic Spec) that `open_image` turns into a
+picture; training decides when to open them (or to use cached features instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+from PIL import Image
+
+from minigpt4.conversation import (
+    IMAGE_MESSAGE,
+    STAGE2_INSTRUCTIONS,
+    STAGE2_WRAP,
+    Conversation,
+    Template,
+    build_prompt,
+)
+from minigpt4.data import synthetic
+from minigpt4.errors import UserError
+from minigpt4.images import load_image
+
+log = logging.getLogger(__name__)
+
+ImageRef = str | synthetic.Spec  # a file path, or the spec of a synthetic picture
+STYLES = ("stage2", "chat")
+
+
+@dataclass
+class Example:
+    prompt: str  # with one <ImageHere> per image, in order
+    target: str  # the answer (the end marker "###" is added when encoding)
+    images: list[ImageRef] = field(default_factory=list)
+    row: str = ""  # where it came from, for messages about bad rows
+
+
+@dataclass
+class BadRow:
+    row: str
+    reason: str
+
+
+def open_image(ref: ImageRef, picture_size: int = 224) -> Image.Image:
+    """A reference -> an RGB picture (UserError for a missing or unreadable file)."""
+    if isinstance(ref, synthetic.Spec):
+        return synthetic.make_picture(ref, picture_size)
+    return load_image(ref)
+
+
+def stage2_prompt(instruction: str) -> str:
+    """The official stage-2 wrap of an instruction that already holds its image message(s)."""
+    return STAGE2_WRAP.format(instruction)
+
+
+def check_style(style: str) -> str:
+    if style not in STYLES:
+        raise UserError(f"data.style={style}: choose one of {list(STYLES)}")
+    return style
+
+
+# ---- cc_sbu_align -------------------------------------------------------------------------------
+def load_cc_sbu_align(path: str | Path, style: str, template: Template, seed: int = 0) -> tuple[list[Example], list[BadRow]]:
+    """The official stage-2 folder: filter_cap.json + image/{image_id}.jpg (or .png).
+    Each row gets one of the four official instructions (seeded)."""
+    root = Path(path)
+    ann_file = root / "filter_cap.json"
+    if not ann_file.is_file():
+        raise UserError(f"data.path={root}: no filter_cap.json there; point data.path at the cc_sbu_align folder")
+    try:
+        annotations = json.loads(ann_file.read_text())["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{ann_file}: not a cc_sbu_align annotation file ({err})") from None
+    rng = random.Random(seed)
+    examples, bad = [], []
+    for i, ann in enumerate(annotations):
+        image_id = str(ann.get("image_id", "")) if isinstance(ann, dict) else ""
+        caption = str(ann.get("caption") or "").strip() if isinstance(ann, dict) else ""
+        label = f"{ann_file.name}#{i} ({image_id or '?'})"
+        image = next((p for p in (root / "image" / f"{image_id}{ext}" for ext in (".jpg", ".png", ".jpeg")) if p.is_file()), None)
+        instruction = rng.choice(STAGE2_INSTRUCTIONS)
+        if not caption:
+            bad.append(BadRow(label, "empty caption"))
+        elif not image_id or image is None:
+            bad.append(BadRow(label, f"no image/{image_id}.jpg or .png"))
+        elif style == "stage2":
+            examples.append(Example(stage2_prompt(instruction), caption, [str(image)], label))
+        else:
+            conv = Conversation(template)
+            conv.add_image(str(image))
+            conv.ask(instruction.replace(IMAGE_MESSAGE, "").strip())
+            examples.append(Example(conv.prompt(), caption, list(conv.images), label))
+    return examples, bad
+
+
+# ---- CSV ------------------------------------------------------------------------------------------
+def load_csv(path: str | Path, style: str, template: Template) -> tuple[list[Example], list[BadRow]]:
+    """Columns image (';'-separated paths relative to the CSV; may be empty), prompt (may hold
+    <image> markers), answer."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data.path={path}: no such CSV file")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"data.path={path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+    missing = {"image", "prompt", "answer"} - set(table.columns)
+    if missing:
+        raise UserError(f"data.path={path}: missing column(s) {sorted(missing)}; it needs image, prompt, answer")
+    examples, bad = [], []
+    for i, row in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
+        label = f"{path.name}:{i}"
+        answer, prompt = row.answer.strip(), row.prompt.strip()
+        images = [str((path.parent / p.strip()).resolve()) for p in row.image.split(";") if p.strip()]
+        if not answer:
+            bad.append(BadRow(label, "empty answer"))
+            continue
+        absent = [p for p in images if not Path(p).is_file()]
+        if absent:
+            bad.append(BadRow(label, f"no such image {absent[0]}"))
+            continue
+        try:
+            conv = build_prompt(template, prompt, len(images))
+        except UserError as err:
+            bad.append(BadRow(label, str(err)))
+            continue
+        conv.images = images
+        if style == "stage2":
+            user = " ".join(text for _, text in conv.messages)
+            examples.append(Example(stage2_prompt(user), answer, images, label))
+        else:
+            examples.append(Example(conv.prompt(), answer, images, label))
+    return examples, bad
+
+
+# ---- synthetic ------------------------------------------------------------------------------------
+class SyntheticExamples(Sequence[Example]):
+    """`size` seeded examples, each built on demand from (seed, index): a picture with 1..max_turns
+    questions (loss on the last answer), or a text-only dialogue."""
+
+    def __init__(self, size: int, seed: int, style: str, template: Template,
+                 text_fraction: float = 0.1, max_turns: int = 3, greeting_fraction: float = 0.05):
+        self.size, self.seed, self.style, self.template = size, seed, style, template
+        self.text_fraction, self.max_turns, self.greeting_fraction = text_fraction, max_turns, greeting_fraction
+        self.dialogues = synthetic.text_dialogues()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Example:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = random.Random(f"{self.seed}:{index}")
+        label = f"synthetic#{index}"
+        if self.style == "stage2":
+            spec = synthetic.sample_spec(rng)
+            return Example(stage2_prompt(rng.choice(STAGE2_INSTRUCTIONS)), synthetic.describe(spec), [spec], label)
+        conv = Conversation(self.template)
+        if rng.random() < self.text_fraction:
+            turns = rng.choice(self.dialogues)
+        else:
+            spec = synthetic.sample_spec(rng)
+            pairs = [(q, a) for q, a, _ in synthetic.questions(spec, all_phrasings=True, rng=rng)]
+            turns = rng.sample(pairs, rng.randint(1, self.max_turns))
+            if rng.random() < self.greeting_fraction:  # "Hi" first, then the picture
+                greeting = rng.choice([d for d in self.dialogues if len(d) == 1 and d[0][1] == synthetic.GREETING])
+                conv.ask(greeting[0][0])
+                conv.add_answer(greeting[0][1])
+            conv.add_image(spec)
+        for question, answer in turns[:-1]:
+            conv.ask(question)
+            conv.add_answer(answer)
+        conv.ask(turns[-1][0])
+        return Example(conv.prompt(), turns[-1][1], list(conv.images), label)
+
+
+# ---- from a config ----------------------------------------------------------------------------------
+def build_examples(data_cfg, template: Template, seed: int) -> tuple[Sequence[Example], list[BadRow]]:
+    """conf/data/*.yaml -> (examples, rows skipped before any image is opened)."""
+    style = check_style(str(data_cfg.style))
+    name = str(data_cfg.name)
+    if name == "synthetic":
+        return SyntheticExamples(int(data_cfg.size), int(data_cfg.seed), style, template,
+                                 float(data_cfg.text_fraction), int(data_cfg.max_turns)), []
+    if data_cfg.get("path") in (None, "", "???"):
+        raise UserError(f"data={name} needs data.path=/path/to/the/data")
+    if name == "cc_sbu_align":
+        return load_cc_sbu_align(data_cfg.path, style, template, seed)
+    if name == "csv":
+        return load_csv(data_cfg.path, style, template)
+    raise UserError(f"data.name={name}: choose synthetic, cc_sbu_align or csv")

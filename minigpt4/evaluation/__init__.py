@@ -1,0 +1,1 @@
+"""Batch evaluation over prompt CSVs (`python evaluate.py`, docs/EVALUATE.md)."""

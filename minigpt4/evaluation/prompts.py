@@ -1,0 +1,181 @@
+"""Prompt CSVs -> validated rows, before any model loads.
+
+A prompt set is one or more CSV files. Columns:
+    prompt     required; <image> markers place the row's images, without markers they come first
+    id         optional (default: the row number, 1-based); must be unique within its file
+    image      optional; zero or more paths separated by ";", relative to the CSV's folder
+    reference  optional expected answer; alternatives separated by "|"
+    category   optional; results are also reported per category
+    any other column is carried through to predictions.csv.
+
+Structural problems (no `prompt` column, empty file, not UTF-8, a duplicated id, a ragged row,
+marker/image count mismatch) are one UserError naming file and line: they would make every
+result doubtful. A missing or unreadable image only fails its own row, at run time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minigpt4.errors import UserError
+
+IMAGE_SEP = ";"
+REFERENCE_SEP = "|"
+MARKER = "<image>"
+KNOWN_COLUMNS = ("id", "prompt", "image", "reference", "category")
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """One CSV of the prompt set and the metrics chosen for it (None: the run's choice)."""
+
+    path: Path
+    metrics: tuple[str, ...] | None = None
+    label: str = ""  # how the file is named in results (its file name, or its path if names clash)
+
+
+@dataclass
+class PromptRow:
+    key: str  # "<label>#<id>", unique over the whole prompt set
+    csv: str  # the file's label
+    id: str
+    line: int  # physical line in the CSV where the row ends (1 = header)
+    prompt: str
+    images: list[str]  # resolved paths
+    references: list[str]
+    category: str
+    input: dict[str, str] = field(default_factory=dict)  # every original column, as written
+
+    def to_record(self) -> dict:
+        """What predictions.jsonl keeps of the input (enough to re-score without the CSV)."""
+        return {"key": self.key, "csv": self.csv, "id": self.id, "line": self.line, "input": self.input}
+
+
+def split_list(text: str | None, sep: str) -> list[str]:
+    return [part.strip() for part in (text or "").split(sep) if part.strip()]
+
+
+def parse_files(entries) -> list[PromptFile]:
+    """Config entries (a path, or {path, metrics}) -> PromptFiles with unique labels."""
+    if entries is None or isinstance(entries, (str, Path)):
+        entries = [] if entries is None else [entries]
+    files = []
+    for entry in entries:
+        if isinstance(entry, (str, Path)):
+            files.append(PromptFile(Path(str(entry))))
+            continue
+        try:
+            path, metrics = entry["path"], entry.get("metrics")
+        except (KeyError, TypeError, AttributeError):
+            raise UserError(f"evaluate.prompts entry {entry!r}: give a path or {{path: a.csv, metrics: [...]}}") from None
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        files.append(PromptFile(Path(str(path)), tuple(metrics) if metrics is not None else None))
+    if not files:
+        raise UserError("evaluate.prompts is empty: give one or more CSV files, e.g. evaluate.prompts=[my.csv]")
+    names = [f.path.name for f in files]
+    labelled = []
+    for f in files:
+        label = f.path.name if names.count(f.path.name) == 1 else str(f.path)
+        labelled.append(PromptFile(f.path, f.metrics, label))
+    if len({f.label for f in labelled}) != len(labelled):
+        raise UserError(f"evaluate.prompts lists the same file twice: {[str(f.path) for f in files]}")
+    return labelled
+
+
+def read_prompt_file(pf: PromptFile) -> list[PromptRow]:
+    """One CSV -> rows; every structural problem is a UserError naming file and line."""
+    path = pf.path
+    if not path.is_file():
+        raise UserError(f"prompt file {path}: no such file (evaluate.prompts=[path/to/prompts.csv])")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{path}:1: empty file; the first line must be a header with a `prompt` column")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = [h.strip() for h in next(reader)]
+    except csv.Error as err:
+        raise UserError(f"{path}:1: unreadable CSV header ({err})") from None
+    if "prompt" not in header:
+        raise UserError(f"{path}:1: no `prompt` column in the header {header}; name the prompt column `prompt`")
+    blank = [i + 1 for i, h in enumerate(header) if not h]
+    if blank or len(set(header)) != len(header):
+        raise UserError(f"{path}:1: header has empty or repeated column names {header}")
+
+    rows: list[PromptRow] = []
+    seen: dict[str, int] = {}
+    folder = path.parent
+    number = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise UserError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+        line = reader.line_num
+        if not any(c.strip() for c in cells):
+            continue  # blank line
+        number += 1
+        if len(cells) != len(header):
+            raise UserError(f"{path}:{line}: {len(cells)} fields but the header has {len(header)}; quote fields that hold commas")
+        values = dict(zip(header, cells))
+        row_id = values.get("id", "").strip() or str(number)
+        if row_id in seen:
+            raise UserError(f"{path}:{line}: id {row_id!r} repeats the id of line {seen[row_id]}; ids must be unique")
+        seen[row_id] = line
+        prompt = values["prompt"]
+        if not prompt.strip():
+            raise UserError(f"{path}:{line}: empty prompt")
+        images = [str(p if Path(p).is_absolute() else folder / p) for p in split_list(values.get("image"), IMAGE_SEP)]
+        markers = prompt.count(MARKER)
+        if markers and markers != len(images):
+            raise UserError(f"{path}:{line}: prompt has {markers} {MARKER} markers but the row lists {len(images)} images")
+        rows.append(
+            PromptRow(
+                key=f"{pf.label}#{row_id}",
+                csv=pf.label,
+                id=row_id,
+                line=line,
+                prompt=prompt,
+                images=images,
+                references=split_list(values.get("reference"), REFERENCE_SEP),
+                category=values.get("category", "").strip(),
+                input=values,
+            )
+        )
+    if not rows:
+        raise UserError(f"{path}:2: no rows below the header")
+    return rows
+
+
+def load_prompt_set(files: list[PromptFile]) -> list[PromptRow]:
+    """All files, validated in full before anything else happens."""
+    rows: list[PromptRow] = []
+    for pf in files:
+        rows.extend(read_prompt_file(pf))
+    return rows
+
+
+def row_from_record(record: dict) -> PromptRow:
+    """Rebuild a PromptRow from a predictions.jsonl record (for re-scoring without the CSVs)."""
+    values = record["input"]
+    return PromptRow(
+        key=record["key"],
+        csv=record["csv"],
+        id=record["id"],
+        line=record.get("line", 0),
+        prompt=values.get("prompt", ""),
+        images=split_list(values.get("image"), IMAGE_SEP),
+        references=split_list(values.get("reference"), REFERENCE_SEP),
+        category=values.get("category", "").strip(),
+        input=values,
+    )

@@ -1,0 +1,172 @@
+"""Saved predictions -> predictions.csv, summary.json and a chart of the metrics per category
+(and, when logger=wandb, the same to Weights & Biases). Needs no model: score_only uses it too.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import platform
+import subprocess
+import time
+from collections import defaultdict
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from minigpt4.config import ROOT
+from minigpt4.evaluation import store
+from minigpt4.evaluation.metrics import ALL_METRICS, aggregate, score_row
+from minigpt4.evaluation.prompts import row_from_record
+
+log = logging.getLogger(__name__)
+
+NO_CATEGORY = "(none)"
+PACKAGES = ("torch", "transformers", "pytorch-lightning", "sentencepiece", "sacrebleu", "hydra-core", "minigpt4")
+
+
+def write_report(run_dir: Path, cfg: DictConfig, plan, records: list[dict], throughput: dict | None,
+                 score_only: bool = False) -> dict:
+    """Score every record with its file's metrics, write the three result files, return the summary."""
+    scored = []  # (record, row, scores)
+    for record in records:
+        row = row_from_record(record)
+        metrics = plan.metrics.get(record["csv"], ALL_METRICS)
+        answer = record["answer"] if record.get("error") is None else None
+        scored.append((record, row, score_row(answer, row.references, metrics)))
+
+    _write_csv(run_dir / "predictions.csv", scored)
+    summary = {
+        "model": (throughput or {}).get("model"),
+        **_group([s for s in scored]),
+        "per_csv": {f.label: _group([s for s in scored if s[0]["csv"] == f.label]) for f in plan.files
+                    if any(s[0]["csv"] == f.label for s in scored)},
+        "per_category": {cat: _group(group) for cat, group in _by_category(scored).items()},
+        "metrics_chosen": {label: list(m) for label, m in plan.metrics.items()},
+        "failures": [{"key": r["key"], "error": r["error"]} for r, _, _ in scored if r.get("error") is not None],
+        "throughput": throughput,
+        "score_only": score_only,
+        "seed": cfg.get("seed"),
+        "git": _git(),
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    store.write_json(run_dir / "summary.json", summary)
+    _chart(run_dir / "metrics_by_category.png", summary)
+    wandb_cfg = OmegaConf.select(cfg, "logger.wandb")
+    if wandb_cfg is not None and wandb_cfg.get("enabled"):
+        _log_wandb(run_dir, OmegaConf.to_container(wandb_cfg, resolve=True), summary, run_dir / "predictions.csv")
+    log.info("results in %s: %s", run_dir, {m: round(v, 4) for m, v in summary["metrics"].items()})
+    return summary
+
+
+def _group(scored: list[tuple]) -> dict:
+    metrics, n_scored = aggregate([(r["answer"] if r.get("error") is None else None, row.references, s)
+                                   for r, row, s in scored])
+    return {
+        "metrics": metrics,
+        "n_scored": n_scored,
+        "counts": {
+            "rows": len(scored),
+            "answered": sum(r.get("error") is None for r, _, _ in scored),
+            "failed": sum(r.get("error") is not None for r, _, _ in scored),
+            "with_reference": sum(bool(row.references) for _, row, _ in scored),
+        },
+    }
+
+
+def _by_category(scored: list[tuple]) -> dict[str, list[tuple]]:
+    groups: dict[str, list[tuple]] = defaultdict(list)
+    for item in scored:
+        groups[item[1].category or NO_CATEGORY].append(item)
+    return dict(sorted(groups.items()))
+
+
+def _write_csv(path: Path, scored: list[tuple]) -> None:
+    """csv, id, the input columns (union, first-seen order), answer, finish_reason, n_tokens,
+    one column per metric used, error."""
+    inputs: list[str] = []
+    for record, _, _ in scored:
+        inputs += [c for c in record["input"] if c not in inputs and c != "id"]
+    metric_cols = [m for m in ALL_METRICS if any(m in s for _, _, s in scored)]
+    columns = ["csv", "id", *inputs, "answer", "finish_reason", "n_tokens", *metric_cols, "error"]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for record, _, scores in scored:
+            values = {**record["input"], "csv": record["csv"], "id": record["id"], "answer": record.get("answer"),
+                      "finish_reason": record.get("finish_reason"), "n_tokens": record.get("n_tokens"),
+                      "error": record.get("error"), **{m: round(v, 4) for m, v in scores.items()}}
+            writer.writerow(["" if values.get(c) is None else values.get(c) for c in columns])
+    tmp.replace(path)
+
+
+def _chart(path: Path, summary: dict) -> None:
+    """One panel per metric: a bar per category, plus 'all'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["metrics"])
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 + 2.2 * len(names), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], names):
+        cats = [c for c, g in summary["per_category"].items() if metric in g["metrics"]]
+        values = [summary["per_category"][c]["metrics"][metric] for c in cats] + [summary["metrics"][metric]]
+        labels = cats + ["all"]
+        colours = ["tab:blue"] * len(cats) + ["tab:gray"]
+        bars = ax.bar(range(len(values)), values, color=colours)
+        ax.bar_label(bars, fmt="%.1f" if metric == "bleu" else "%.2f", fontsize=7)
+        ax.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 100 if metric == "bleu" else 1)
+        ax.set_title(metric)
+    fig.suptitle(f"{summary.get('model') or ''} - metrics per category".strip(" -"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _log_wandb(run_dir: Path, w: dict, summary: dict, predictions_csv: Path) -> None:
+    """Summary metrics and the predictions table; offline unless logger.wandb.mode says otherwise."""
+    import wandb
+
+    run = wandb.init(project=w.get("project") or "minigpt4", entity=w.get("entity"), name=w.get("name"),
+                     mode=w.get("mode") or "offline", dir=str(run_dir), config=summary["config"], reinit="finish_previous")
+    flat = {f"metrics/{m}": v for m, v in summary["metrics"].items()}
+    for group in ("per_csv", "per_category"):
+        for name, g in summary[group].items():
+            flat.update({f"{group}/{name}/{m}": v for m, v in g["metrics"].items()})
+    flat.update({f"counts/{k}": v for k, v in summary["counts"].items()})
+    run.summary.update(flat)
+    with open(predictions_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    run.log({"predictions": wandb.Table(columns=rows[0], data=rows[1:])})
+    run.finish()
+
+
+def _git() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out

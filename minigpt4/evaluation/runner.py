@@ -1,0 +1,287 @@
+"""Batch evaluation: prompt CSVs -> answers saved row by row -> scores and a report.
+
+    rows (validated, no model) -> shard rank::world -> group by length -> batches
+      -> conversation.build_prompt + encode_prompt -> generation.generate (left padding)
+      -> clean_answer -> predictions.jsonl (append + fsync per row) -> merge on rank 0
+      -> predictions.csv, summary.json, metrics_by_category.png (report.py)
+
+The run directory holds config.yaml (resolved), so `resume=<run dir>` continues with the same
+model, prompts and decoding, and `score_only=<run dir>` re-scores without a model. Several
+processes go through Lightning Fabric: `gpu=[0,1]`, or trainer.* for anything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from minigpt4.config import ROOT, resolve_device
+from minigpt4.conversation import build_prompt, clean_answer, encode_prompt
+from minigpt4.errors import UserError
+from minigpt4.evaluation import store
+from minigpt4.evaluation.metrics import ALL_METRICS, check_metrics
+from minigpt4.evaluation.prompts import PromptFile, PromptRow, load_prompt_set, parse_files
+from minigpt4.evaluation.report import write_report
+from minigpt4.generation import GenerationSettings, generate
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+# On resume everything comes from the run's saved config except how it is run:
+RESUME_KEEPS_CURRENT = ("gpu", "trainer", "evaluate.batch_size", "evaluate.progress", "logger")
+
+
+@dataclass
+class Plan:
+    """The validated prompt set and the metrics chosen for each of its files."""
+
+    files: list[PromptFile]
+    rows: list[PromptRow]
+    metrics: dict[str, tuple[str, ...]]  # file label -> metric names
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig, read_rows: bool = True) -> "Plan":
+        files = [PromptFile(_locate(f.path), f.metrics, f.label) for f in parse_files(_plain(cfg.evaluate.prompts))]
+        run_metrics = _plain(cfg.evaluate.get("metrics"))
+        default = check_metrics(run_metrics, "evaluate.metrics") if run_metrics is not None else ALL_METRICS
+        metrics = {
+            f.label: check_metrics(f.metrics, f"evaluate.prompts {f.path}") if f.metrics is not None else default
+            for f in files
+        }
+        return cls(files, load_prompt_set(files) if read_rows else [], metrics)
+
+    def order(self, record: dict) -> tuple[int, int]:
+        """Sort key of a saved record: file order in the config, then line in the file."""
+        labels = [f.label for f in self.files]
+        return (labels.index(record["csv"]) if record["csv"] in labels else len(labels), record.get("line", 0))
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _locate(path: Path) -> Path:
+    """A relative path is taken from the current directory, else from the repository root
+    (so the shipped examples work from anywhere)."""
+    if path.is_absolute() or path.exists() or not (ROOT / path).exists():
+        return path.resolve() if path.exists() else path
+    return (ROOT / path).resolve()
+
+
+# ---- entry --------------------------------------------------------------------------------------
+def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> Path:
+    """Evaluate (or resume, or re-score) and return the directory that holds the results."""
+    if cfg.get("score_only"):
+        return score_only(cfg)
+    if cfg.get("resume"):
+        cfg, run_dir = _resumed_config(cfg)
+    run_dir = Path(run_dir)
+    plan = Plan.from_cfg(cfg)  # every CSV is validated before a model loads
+    if int(cfg.evaluate.batch_size) < 1:
+        raise UserError(f"evaluate.batch_size={cfg.evaluate.batch_size}: use 1 or more")
+    cfg = copy.deepcopy(cfg)  # save absolute prompt paths, so resume works from any directory
+    cfg.evaluate.prompts = [{"path": str(f.path), "metrics": list(f.metrics) if f.metrics else None} for f in plan.files]
+    launch = _fabric_settings(cfg)
+    if launch is None:
+        evaluate_shard(cfg, run_dir, rank=0, world_size=1, device=resolve_device(cfg.gpu))
+    else:
+        from lightning_fabric import Fabric
+
+        Fabric(**launch).launch(_fabric_worker, cfg, str(run_dir))
+    return run_dir
+
+
+def _fabric_settings(cfg: DictConfig) -> dict | None:
+    """Lightning Fabric arguments when more than one process is asked for, else None."""
+    trainer = _plain(cfg.get("trainer")) or {}
+    devices = trainer.get("devices")
+    accelerator = trainer.get("accelerator")
+    if devices is None:
+        gpu = _plain(cfg.gpu)
+        if not isinstance(gpu, list) or len(gpu) < 2:
+            return None
+        resolve_device(gpu)  # a clear error if the GPUs are not there
+        devices, accelerator = [int(g) for g in gpu], accelerator or "cuda"
+    return {
+        "accelerator": accelerator or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "devices": devices,
+        "strategy": trainer.get("strategy") or "auto",
+        "num_nodes": int(trainer.get("num_nodes") or 1),
+    }
+
+
+def _fabric_worker(fabric, cfg: DictConfig, run_dir: str) -> None:
+    evaluate_shard(cfg, Path(run_dir), fabric.global_rank, fabric.world_size, fabric.device, fabric.barrier)
+
+
+def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    run_dir = Path(str(cfg.resume))
+    saved = _saved_config(run_dir, "resume")
+    for key in RESUME_KEEPS_CURRENT:
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
+    saved.resume = str(run_dir)
+    log.info("resuming %s", run_dir)
+    return saved, run_dir
+
+
+def _saved_config(run_dir: Path, key: str) -> DictConfig:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{key}={run_dir}: no {CONFIG_FILE} there; give the run directory of an evaluate run")
+    return OmegaConf.load(path)
+
+
+# ---- one process ----------------------------------------------------------------------------------
+def evaluate_shard(cfg: DictConfig, run_dir: Path, rank: int, world_size: int, device: torch.device,
+                   barrier: Callable[[], None] = lambda: None) -> None:
+    """Answer this process's share of the rows that have no saved answer yet; rank 0 then
+    merges every share and writes the report."""
+    plan = Plan.from_cfg(cfg)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / CONFIG_FILE).is_file():
+            OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
+    barrier()
+    done = store.collect(run_dir)
+    pending = [row for row in plan.rows if row.key not in done]
+    barrier()  # nobody appends before every process has read what is already done
+    shard = pending[rank::world_size]
+    stats = {"rows": 0, "generated_tokens": 0, "seconds": 0.0, "model": None}
+    if rank == 0:
+        log.info("%d rows, %d already done, %d to run on %d process(es)", len(plan.rows), len(done), len(pending), world_size)
+    if shard:
+        from minigpt4.build import load_model
+
+        torch.manual_seed(int(cfg.seed))
+        lm = load_model(cfg, device)
+        stats["model"] = lm.label
+        settings = GenerationSettings.from_cfg(cfg.generation)
+        with store.RecordWriter(store.rank_file(run_dir, rank, world_size)) as writer:
+            stats.update(answer_rows(lm, shard, settings, int(cfg.evaluate.batch_size), writer.write,
+                                     max_context=int(cfg.evaluate.max_context),
+                                     progress=bool(cfg.evaluate.progress) and rank == 0))
+    if world_size > 1:
+        store.write_json(run_dir / store.SHARDS / f"stats.rank{rank}.json", stats)
+    barrier()
+    if rank == 0:
+        all_stats = [stats] if world_size == 1 else [
+            store.read_json(run_dir / store.SHARDS / f"stats.rank{r}.json") for r in range(world_size)]
+        records = store.merge(run_dir, [row.key for row in plan.rows])  # also removes the shards
+        write_report(run_dir, cfg, plan, list(records.values()), _throughput(all_stats, cfg))
+
+
+def _throughput(all_stats: list[dict], cfg: DictConfig) -> dict:
+    seconds = max(s["seconds"] for s in all_stats)
+    rows = sum(s["rows"] for s in all_stats)
+    tokens = sum(s["generated_tokens"] for s in all_stats)
+    return {
+        "rows": rows,
+        "generated_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds, 3) if seconds else None,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+        "processes": len(all_stats),
+        "batch_size": int(cfg.evaluate.batch_size),
+        "model": next((s["model"] for s in all_stats if s["model"]), None),
+    }
+
+
+# ---- the generation loop -----------------------------------------------------------------------
+def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_size: int,
+                write: Callable[[dict], None], max_context: int = 2000, progress: bool = False) -> dict:
+    """Answer rows in batches of similar length; each finished (or failed) row is written at
+    once. Returns {"rows", "generated_tokens", "seconds"} for this call."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    limit = min(max_context, lm.model.llm.config.max_position_embeddings)
+    bar = tqdm(total=len(rows), unit="row", disable=not progress, dynamic_ncols=True)
+    stats = {"rows": 0, "generated_tokens": 0}
+
+    def finish(row: PromptRow, answer: str | None, error: str | None = None, finish_reason=None, n_tokens=0):
+        write({**row.to_record(), "answer": answer, "finish_reason": finish_reason, "n_tokens": n_tokens, "error": error})
+        stats["rows"] += 1
+        stats["generated_tokens"] += n_tokens
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(tok_s=f"{stats['generated_tokens'] / elapsed:.0f}", refresh=False)
+        bar.update(1)
+
+    encoded: list[tuple[PromptRow, list[int]]] = []
+    for row in rows:
+        try:
+            conv = build_prompt(lm.template, row.prompt, len(row.images))
+            ids = encode_prompt(lm.tokenizer.encode, conv.prompt(), lm.model.num_image_tokens)
+        except UserError as err:
+            finish(row, None, str(err))
+            continue
+        if len(ids) + settings.max_new_tokens > limit:
+            finish(row, None, f"prompt is {len(ids)} tokens: with max_new_tokens={settings.max_new_tokens} "
+                              f"it exceeds the {limit}-token context")
+            continue
+        encoded.append((row, ids))
+    encoded.sort(key=lambda item: len(item[1]))  # stable: equal lengths keep prompt order
+
+    for i in range(0, len(encoded), batch_size):
+        batch = []
+        for row, ids in encoded[i : i + batch_size]:
+            try:
+                batch.append((row, ids, lm.pixels(row.images)))
+            except UserError as err:  # missing or unreadable image: this row fails, the run goes on
+                finish(row, None, str(err))
+        for (row, _, _), result, error in _generate_batch(lm, batch, settings):
+            if error is not None:
+                finish(row, None, error)
+                continue
+            n_tokens = getattr(result, "n_steps", 0) or len(result.ids) + (result.finish_reason == "eos")
+            finish(row, clean_answer(result.text, lm.template), None, result.finish_reason, n_tokens)
+    bar.close()
+    stats["seconds"] = time.perf_counter() - start
+    return stats
+
+
+def _generate_batch(lm, batch: list, settings: GenerationSettings) -> list[tuple]:
+    """[(row, ids, pixels)] -> [(item, Generated | None, error | None)]. A batch that fails as a
+    whole (out of memory, say) is retried row by row so only the rows at fault fail."""
+    if not batch:
+        return []
+    try:
+        pixels = [p for _, _, p in batch if len(p)]
+        embeds = lm.model.encode_images(torch.cat(pixels)) if pixels else None  # [N,Q,H]
+        with torch.inference_mode():
+            results = generate(lm.model, lm.tokenizer, [ids for _, ids, _ in batch], embeds, settings,
+                               stops=lm.template.stop)
+        return [(item, result, None) for item, result in zip(batch, results)]
+    except Exception as err:  # noqa: BLE001 - recorded per row; the run goes on
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) > 1:
+            log.warning("a batch of %d failed (%s); retrying its rows one by one", len(batch), err)
+            return [out for item in batch for out in _generate_batch(lm, [item], settings)]
+        log.warning("row %s failed: %s", batch[0][0].key, err)
+        return [(batch[0], None, f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}")]
+
+
+# ---- re-scoring ----------------------------------------------------------------------------------
+def score_only(cfg: DictConfig) -> Path:
+    """Re-score a run's saved predictions with no model: the run's own metric choices, or
+    evaluate.metrics when given on this command line."""
+    run_dir = Path(str(cfg.score_only))
+    saved = _saved_config(run_dir, "score_only")
+    if cfg.evaluate.get("metrics") is not None:
+        saved.evaluate.metrics = cfg.evaluate.metrics
+    OmegaConf.update(saved, "logger", OmegaConf.select(cfg, "logger"), merge=False, force_add=True)
+    plan = Plan.from_cfg(saved, read_rows=False)
+    records = sorted(store.collect(run_dir).values(), key=plan.order)
+    if not records:
+        raise UserError(f"score_only={run_dir}: no saved predictions ({store.PREDICTIONS}) to score")
+    previous = store.read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    write_report(run_dir, saved, plan, records, previous.get("throughput"), score_only=True)
+    return run_dir
+

@@ -1,0 +1,323 @@
+"""`inspect`: say what a weight file or directory is, from names and shapes (no tensor is read
+except one small norm vector for the delta heuristic), and whether it fits a model config.
+
+Users' most common weight problems (FACTS.md): an LLM of the wrong size or Vicuna version for
+the projection, a delta used as a model, the 13B projection with the 7B model. Every finding
+below is derived from shapes; where shapes cannot tell (LLaMA-1 vs Vicuna v1.1), it says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minigpt4 import checkpoints as ck
+from minigpt4.errors import UserError
+from minigpt4.weights.tensors import DELTA_NORM_LIMIT, TensorFiles, looks_like_delta, numel, read_config
+
+LLAMA_SIZES = {(4096, 32): "7B", (5120, 40): "13B", (6656, 60): "33B", (8192, 80): "65B/70B"}
+
+
+@dataclass
+class Report:
+    path: Path
+    kind: str  # eva_vit | blip2 | projection | llama | hf_blip2 | own | meta_llama | unknown
+    title: str
+    notes: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    model: str | None = None
+    problems: list[str] = field(default_factory=list)  # with a model: why it does not fit
+    warnings: list[str] = field(default_factory=list)  # with a model: fits, but...
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.model is None else not self.problems
+
+    def text(self) -> str:
+        lines = [f"{self.path}: {self.title}"] + [f"  - {n}" for n in self.notes]
+        if self.keys:
+            lines += ["  keys (shape, dtype; {i} = numbered copies):"] + [f"    {k}" for k in self.keys]
+        if self.model is not None:
+            verdict = "FITS" if self.fits else "DOES NOT FIT"
+            lines.append(f"  model={self.model}: {verdict}" + (" (with warnings)" if self.fits and self.warnings else ""))
+            lines += [f"    ! {p}" for p in self.problems] + [f"    ~ {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def inspect_path(path: str | Path, model: str | None = None, overrides: list[str] | None = None) -> Report:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    if path.is_dir():
+        report = _inspect_dir(path)
+        files = None if report.kind in ("meta_llama", "unknown") else TensorFiles(path, "inspect")
+    else:
+        files = TensorFiles(path, "inspect")
+        report = _inspect_file(path, files)
+    if files is not None:
+        report.keys = key_summary(files)
+    if model is not None:
+        _check_fit(report, files, model, overrides or [])
+    return report
+
+
+# ---- what is it --------------------------------------------------------------------------------
+def _inspect_file(path: Path, files: TensorFiles) -> Report:
+    names = set(files.names())
+    strip = lambda n: n[len("visual_encoder.") :] if n.startswith("visual_encoder.") else n  # noqa: E731
+    if "llama_proj.weight" in names:
+        shape = files.info["llama_proj.weight"].shape
+        r = Report(path, "projection", f"MiniGPT-4 projection llama_proj {list(shape)}: for {ck.projection_size_name(shape)}")
+        other = sorted(n for n in names if not n.startswith("llama_proj."))
+        if other:
+            r.notes.append(f"{len(other)} other tensors the loader skips (e.g. {other[0]})")
+        if files.extras:
+            r.notes.append(f"trainer state beside the weights: {', '.join(files.extras)} (ignored)")
+        return r
+    if any(strip(n) == "patch_embed.proj.weight" for n in names) and not any(n.startswith("Qformer.") for n in names):
+        return _eva_report(path, files, strip)
+    if any(n.startswith("Qformer.bert.") for n in names):
+        return _blip2_report(path, files)
+    return Report(path, "unknown", f"{len(names)} tensors in no layout MiniGPT-4 uses")
+
+
+def _eva_report(path: Path, files: TensorFiles, strip) -> Report:
+    info = {strip(n): i for n, i in files.info.items()}
+    blocks = 1 + max(int(m.group(1)) for n in info if (m := re.match(r"blocks\.(\d+)\.", n)))
+    pos = info["pos_embed"].shape if "pos_embed" in info else None
+    width = info["patch_embed.proj.weight"].shape[0]
+    patch = info["patch_embed.proj.weight"].shape[-1]
+    mlp = info["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in info else "?"
+    dtype = str(info["patch_embed.proj.weight"].dtype).replace("torch.", "")
+    r = Report(path, "eva_vit", f"EVA ViT: {blocks} blocks, width {width}, patch {patch}, MLP {mlp}, {dtype}")
+    if pos:
+        r.notes.append(f"position embedding {list(pos)}: {pos[1] - 1} patches + class token")
+    if blocks == 40:
+        r.notes.append("block 39 is EVA-CLIP-g's last block: MiniGPT-4 uses blocks 0-38 and ignores it")
+    if "norm.weight" in info:
+        r.notes.append("norm.* is EVA-CLIP's final norm: MiniGPT-4 ignores it (ln_vision comes from the BLIP-2 file)")
+    if width == 1408 and blocks in (39, 40):
+        r.notes.append("this is the eva_vit_g.pth every MiniGPT-4 variant uses (checkpoint.vit)")
+    return r
+
+
+def _blip2_report(path: Path, files: TensorFiles) -> Report:
+    names = files.names()
+    layers = 1 + max(int(m.group(1)) for n in names if (m := re.match(r"Qformer\.bert\.encoder\.layer\.(\d+)\.", n)))
+    ln = files.info.get("Qformer.bert.embeddings.LayerNorm.weight")
+    hidden = ln.shape[0] if ln else "?"
+    cross = sorted({int(m.group(1)) for n in names if (m := re.match(r"Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.", n))})
+    r = Report(path, "blip2", f"BLIP-2 Q-Former: {layers} layers, hidden {hidden}, cross-attention in layers {cross}")
+    if "query_tokens" in files.info:
+        r.notes.append(f"query_tokens {list(files.info['query_tokens'].shape)}")
+    if "ln_vision.weight" in files.info:
+        r.notes.append(f"ln_vision {list(files.info['ln_vision.weight'].shape)} (the ViT's output norm)")
+    extras = [n for n in names if any(re.fullmatch(p, n) for p in ck._KNOWN_EXTRAS)]
+    groups = sorted({_extra_group(n) for n in extras})
+    if extras:
+        r.notes.append(f"{len(extras)} tensors MiniGPT-4 ignores (text branch, T5 projection, ...): {', '.join(groups[:6])}")
+    if any(n.startswith("visual_encoder.") for n in names):
+        r.notes.append("it also holds visual_encoder.* (a ViT)")
+    if path.name.startswith("blip2_pretrained"):
+        r.notes.append("this is checkpoint.qformer of the Vicuna variants (model=7b, model=13b)")
+    return r
+
+
+def _extra_group(name: str) -> str:
+    if name.startswith("Qformer."):
+        return "position_ids buffer" if name.endswith("position_ids") else "Q-Former text branch"
+    return name.split(".")[0] + ".*"
+
+
+def _inspect_dir(path: Path) -> Report:
+    if ck.is_own_dir(path):
+        meta = json.loads((path / ck.OWN_CONFIG).read_text())
+        r = Report(path, "own", f"minigpt4 own format (bundle): model {meta.get('name', '?')}, template {meta.get('template', '?')}")
+        if meta.get("sources"):
+            r.notes.append("made from " + ", ".join(f"{k}={v}" for k, v in meta["sources"].items() if v))
+        r.notes.append(f"load it with: checkpoint=bundle checkpoint.bundle={path}")
+        return r
+    if (path / "params.json").is_file() or list(path.glob("consolidated.*.pth")):
+        return Report(path, "meta_llama", "original Meta LLaMA checkpoint (params.json + consolidated.*.pth)", [
+            "convert it with transformers' converter (docs/WEIGHTS.md): python -m "
+            "transformers.models.llama.convert_llama_weights_to_hf --input_dir DIR --model_size 7B --output_dir OUT"])
+    config = read_config(path)
+    if config is None:
+        return Report(path, "unknown", "a directory without config.json or minigpt4.json: not a model directory")
+    kind = str(config.get("model_type", "")).lower()
+    if kind == "llama":
+        return _llama_report(path, config)
+    if kind in ("blip-2", "blip_2"):
+        text = (config.get("text_config") or {}).get("model_type", "?")
+        r = Report(path, "hf_blip2", f"Hugging Face BLIP-2 directory (language model: {text})")
+        r.notes.append("its vision_model.* (ViT + ln_vision), qformer.* and query_tokens can serve as "
+                       "checkpoint.qformer (and checkpoint.vit)")
+        if text == "llama":
+            r.notes.append("a Llama language model: probably written by `python -m minigpt4.weights export-hf`")
+        return r
+    return Report(path, "unknown", f"Hugging Face directory of model_type={kind or '?'}: MiniGPT-4 uses none")
+
+
+def _llama_report(path: Path, config: dict) -> Report:
+    files = TensorFiles(path, "inspect")
+    hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
+    size = LLAMA_SIZES.get((hidden, layers), f"hidden {hidden}, {layers} layers")
+    embed = files.info.get("model.embed_tokens.weight")
+    rows = embed.shape[0] if embed else config.get("vocab_size")
+    params = sum(numel(i.shape) for n, i in files.info.items() if not n.endswith("inv_freq"))
+    dtype = str(embed.dtype).replace("torch.", "") if embed else "?"
+    count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    r = Report(path, "llama", f"Llama {size} ({count} parameters, {dtype}), {rows} embedding rows")
+    pieces = _tokenizer_pieces(path)
+    if pieces is None:
+        r.notes.append("no tokenizer.model: chat and evaluate need it (copy it from LLaMA or the delta)")
+    else:
+        r.notes.append(f"tokenizer.model: {pieces} pieces")
+    max_pos, eps = config.get("max_position_embeddings"), config.get("rms_norm_eps")
+    r.notes.append(f"max_position_embeddings {max_pos}, rms_norm_eps {eps}")
+    r.notes.append("version guess: " + _version_guess(rows, pieces, max_pos, eps))
+    norm = looks_like_delta(files)
+    if norm is not None and norm < DELTA_NORM_LIMIT:
+        r.title += " - looks like a DELTA"
+        r.notes.append(f"mean |model.norm.weight| = {norm:.3f} (a usable LLM's is near 1 or more): this is a delta, "
+                       "not a model; apply it: python -m minigpt4.weights apply-delta --base LLAMA --delta THIS --target OUT")
+    return r
+
+
+def _version_guess(rows, pieces, max_pos, eps) -> str:
+    """Honest heuristics: shapes separate LLaMA-2 from LLaMA-1 and v0 from the rest, nothing more."""
+    if max_pos == 4096 and rows == 32000:
+        return ("LLaMA-2 family (max_position_embeddings 4096): Llama-2-7b-chat-hf for model=llama2_7b; "
+                "the base and chat models, or Vicuna v1.5, cannot be told apart by shapes")
+    if rows == 32001 and (pieces in (None, 32000)):
+        return ("Vicuna v0 (32001 rows: FastChat 0.1.x added a [PAD] row to LLaMA's 32000), what model=7b/13b "
+                "need; a v0 delta has the same shapes (see the norm check)")
+    if rows == 32000:
+        return ("LLaMA-1 or Vicuna v1.1 (both have 32000 rows; shapes cannot tell them apart): MiniGPT-4's "
+                "released projections were trained with Vicuna v0")
+    return f"no known LLaMA/Vicuna release has {rows} rows with max_position_embeddings {max_pos}"
+
+
+def _tokenizer_pieces(path: Path) -> int | None:
+    if not (path / "tokenizer.model").is_file():
+        return None
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model")).get_piece_size()
+    except (RuntimeError, OSError):
+        return None
+
+
+# ---- key summary --------------------------------------------------------------------------------
+def key_summary(files: TensorFiles, limit: int = 40) -> list[str]:
+    """Names with layer numbers folded into {i}: one line per pattern, first shape and dtype."""
+    groups: dict[str, list] = {}
+    for name, info in files.info.items():
+        pattern = re.sub(r"\.\d+\.", ".{i}.", name)
+        if pattern not in groups:
+            groups[pattern] = [0, info]
+        groups[pattern][0] += 1
+    lines = [
+        f"{p}{f' x{n}' if n > 1 else ''}  {list(i.shape)} {str(i.dtype).replace('torch.', '')}"
+        for p, (n, i) in groups.items()
+    ]
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... {len(lines) - limit} more patterns ({len(files)} tensors)"]
+    return lines
+
+
+# ---- does it fit a model config --------------------------------------------------------------
+def _check_fit(r: Report, files: TensorFiles | None, model: str, overrides: list[str]) -> None:
+    from minigpt4.config import compose, to_container
+    from minigpt4.model import MiniGPT4, MiniGPT4Config
+
+    r.model = model
+    cfg = compose("chat", [f"model={model}", *overrides])
+    arch = MiniGPT4Config.from_dict(to_container(cfg.model.arch))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MiniGPT4(arch).state_dict().items()}
+    meta = lambda: {n: torch.empty(i.shape, dtype=i.dtype, device="meta") for n, i in files.info.items()}  # noqa: E731
+    layers = arch.vision_config().num_hidden_layers
+    if r.kind in ("eva_vit", "blip2", "projection"):
+        try:
+            ours = ck.official_to_ours(meta(), layers, str(r.path))
+        except UserError as err:
+            r.problems.append(str(err))
+            return
+        part = {"eva_vit": "vit", "blip2": "qformer", "projection": "proj"}[r.kind]
+        if part == "qformer" and arch.qformer is None:
+            r.problems.append(f"model={model} (LLaMA-2 variant) has no Q-Former: set checkpoint.qformer=null")
+            return
+        _compare(r, {k: tuple(v.shape) for k, v in ours.items()}, expected, _owned(part, expected))
+        blocks = {int(m.group(1)) for n in files.info if (m := re.match(r"(?:visual_encoder\.)?blocks\.(\d+)\.", n))}
+        if part == "vit" and blocks and max(blocks) >= layers:
+            extra = f"block {layers}" if max(blocks) == layers else f"blocks {layers}-{max(blocks)}"
+            r.warnings.append(f"{extra} (and any final norm) beyond model={model}'s "
+                              f"{layers} blocks: skipped, as the official strict=False load skips them")
+    elif r.kind == "hf_blip2":
+        wanted = {n: i.shape for n, i in files.info.items() if n.startswith(("vision_model.", "qformer.")) or n == "query_tokens"}
+        if arch.qformer is None:
+            wanted = {k: v for k, v in wanted.items() if k.startswith("vision_model.")}
+        _compare(r, wanted, expected, [k for k in expected if k.startswith(("vision_model.", "qformer.", "query_tokens"))])
+    elif r.kind == "own":
+        _compare(r, {n: i.shape for n, i in files.info.items()}, expected, list(expected), vocab_ok=True)
+    elif r.kind == "llama":
+        _llm_fit(r, files, to_container(cfg.model.arch).get("llm", {}), str(cfg.model.template), model)
+    else:
+        r.problems.append(f"a {r.kind} path is not one of MiniGPT-4's inputs")
+
+
+def _owned(part: str, expected: dict) -> list[str]:
+    if part == "vit":
+        return [k for k in expected if k.startswith("vision_model.") and "post_layernorm" not in k]
+    if part == "qformer":
+        return [k for k in expected if k.startswith(("qformer.", "query_tokens", "vision_model.post_layernorm"))]
+    return [k for k in expected if k.startswith("llama_proj.")]
+
+
+def _compare(r: Report, got: dict, expected: dict, needed: list[str], vocab_ok: bool = False) -> None:
+    for key, shape in got.items():
+        if key.endswith("inv_freq"):
+            continue
+        if key not in expected:
+            r.problems.append(f"{key} does not exist in model={r.model}")
+        elif tuple(shape) != expected[key]:
+            if key == "llama_proj.weight":
+                r.problems.append(f"llama_proj is {list(shape)}, for {ck.projection_size_name(tuple(shape))}; "
+                                  f"model={r.model} needs {list(expected[key])}")
+            elif vocab_ok and key in ("llm.model.embed_tokens.weight", "llm.lm_head.weight") and shape[1:] == expected[key][1:]:
+                continue  # a bundle's LLM brings its own vocabulary size
+            else:
+                r.problems.append(f"{key} is {list(shape)}, model={r.model} needs {list(expected[key])}")
+        if len(r.problems) >= 5:
+            return
+    missing = [k for k in needed if k not in got]
+    if missing:
+        r.problems.append(f"{len(missing)} tensors of model={r.model} are missing, e.g. {missing[0]}")
+
+
+def _llm_fit(r: Report, files: TensorFiles, want: dict, template: str, model: str) -> None:
+    config = read_config(r.path) or {}
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size"):
+        if key in want and config.get(key) != want[key]:
+            size = LLAMA_SIZES.get((config.get("hidden_size"), config.get("num_hidden_layers")))
+            r.problems.append(f"{key} is {config.get(key)}{f' (LLaMA {size})' if size else ''}, model={model} needs {want[key]}")
+    embed = files.info.get("model.embed_tokens.weight")
+    rows = embed.shape[0] if embed else config.get("vocab_size")
+    if "vocab_size" in want and rows != want["vocab_size"]:
+        if template.startswith("vicuna") and want["vocab_size"] == 32001:
+            r.warnings.append(f"{rows} embedding rows: model={model} was trained with Vicuna v0 ({want['vocab_size']} rows); "
+                              "LLaMA or Vicuna v1.1 load but answer poorly")
+        else:
+            r.warnings.append(f"{rows} embedding rows, model={model} expects {want['vocab_size']}")
+    norm = looks_like_delta(files)
+    if norm is not None and norm < DELTA_NORM_LIMIT:
+        r.problems.append("this is a delta, not a usable LLM: run apply-delta first")
+    if not (r.path / "tokenizer.model").is_file():
+        r.problems.append("no tokenizer.model in the directory")
+

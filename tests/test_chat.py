@@ -1,0 +1,290 @@
+"""ChatSession, the terminal and chat.py: prompts equal the official ones, images go where they
+were given and are encoded once, overflow drops whole turns, the KV cache reuse changes nothing
+but the work done, and whole stdin-driven sessions run (in-process and as a subprocess)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import minigpt4.chat as chat_module
+from minigpt4.chat import ChatSession, run_chat
+from minigpt4.conversation import OFFICIAL_SYSTEM, TEXT_ONLY_SYSTEM, Conversation, encode_prompt, get_template
+from minigpt4.errors import UserError
+from minigpt4.generation import GenerationSettings
+from minigpt4.model import IMAGE_TOKEN
+from minigpt4.terminal import run_terminal
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = GenerationSettings(do_sample=False, max_new_tokens=6)
+# FACTS.md, verbatim: the official v1 prompt for one image and one question.
+OFFICIAL_ONE_IMAGE = (
+    "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to you. "
+    "Please answer my questions.###Human: <Img><ImageHere></Img> Describe this image.###Assistant:"
+)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> list[str]:
+    """Three small distinct PNG files."""
+    folder = tmp_path_factory.mktemp("pictures")
+    paths = []
+    for i, colour in enumerate([(220, 40, 40), (40, 80, 220), (40, 170, 60)]):
+        path = folder / f"p{i}.png"
+        Image.new("RGB", (64, 48), colour).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Record the token sequences and image embeddings ChatSession hands to generate()."""
+    calls = []
+    real = chat_module.generate
+
+    def spy(model, tokenizer, sequences, image_embeds, settings, **kwargs):
+        calls.append({"ids": sequences[0], "images": image_embeds, "cache_length": kwargs["cache_length"]})
+        return real(model, tokenizer, sequences, image_embeds, settings, **kwargs)
+
+    monkeypatch.setattr(chat_module, "generate", spy)
+    return calls
+
+
+def _ids(loaded, prompt: str) -> list[int]:
+    return encode_prompt(loaded.tokenizer.encode, prompt, loaded.model.num_image_tokens)
+
+
+# ---- templates, verbatim -------------------------------------------------------------------------
+def test_templates_match_the_official_strings():
+    conv = Conversation(get_template("vicuna_v0"))
+    conv.add_image("a.png")
+    conv.ask("Describe this image.")
+    assert conv.prompt() == OFFICIAL_ONE_IMAGE
+    conv.add_answer("A cat.")
+    conv.ask("What colour?")
+    assert conv.prompt() == OFFICIAL_ONE_IMAGE + " A cat.###Human: What colour?###Assistant:"
+    later = Conversation(get_template("vicuna_v0_later"), [m[:] for m in conv.messages], list(conv.images))
+    assert later.prompt().endswith("###Human: What colour?###Assistant: ")
+    llama2 = Conversation(get_template("llama2"))
+    llama2.add_image("a.png")
+    llama2.ask("Describe this image.")
+    assert llama2.prompt() == OFFICIAL_SYSTEM + "<s>[INST] <Img><ImageHere></Img> Describe this image. [/INST] "
+
+
+def test_session_prompt_is_the_official_one(tiny_loaded, pictures, recorded):
+    session = ChatSession(tiny_loaded, GREEDY)
+    session.add_images(pictures[:1])
+    reply = session.ask("Describe this image.")
+    assert recorded[0]["ids"] == _ids(tiny_loaded, OFFICIAL_ONE_IMAGE)
+    assert recorded[0]["ids"].count(tiny_loaded.tokenizer.bos_id) == 1 and recorded[0]["ids"][0] == tiny_loaded.tokenizer.bos_id
+    assert session.conversation.messages == [[0, "<Img><ImageHere></Img> Describe this image."], [1, reply.text]]
+    assert reply.n_tokens >= 1 and reply.finish_reason in ("stop", "eos", "length")
+
+
+def test_two_images_then_a_question(tiny_loaded, pictures, recorded):
+    session = ChatSession(tiny_loaded, GREEDY)
+    session.add_images(pictures[:2])
+    session.ask("Which is red?")
+    expected = OFFICIAL_SYSTEM + "###Human: <Img><ImageHere></Img>###Human: <Img><ImageHere></Img> Which is red?###Assistant:"
+    ids = recorded[0]["ids"]
+    assert ids == _ids(tiny_loaded, expected)
+    assert ids.count(IMAGE_TOKEN) == 2 * tiny_loaded.model.num_image_tokens
+    direct = tiny_loaded.encode_images(pictures[:2])
+    assert torch.allclose(recorded[0]["images"], direct)  # in the order given
+    assert session.history()[0] == {"role": "user", "text": "Which is red?", "images": pictures[:2]}
+
+
+def test_image_between_turns_and_text_only(tiny_loaded, pictures, recorded):
+    session = ChatSession(tiny_loaded, GREEDY)
+    first = session.ask("Hello")
+    assert recorded[0]["ids"] == _ids(tiny_loaded, TEXT_ONLY_SYSTEM + "###Human: Hello###Assistant:")
+    assert IMAGE_TOKEN not in recorded[0]["ids"] and recorded[0]["images"] is None
+    session.add_images([pictures[2]])
+    session.ask("And this?")
+    expected = (OFFICIAL_SYSTEM + f"###Human: Hello###Assistant: {first.text}###"
+                "Human: <Img><ImageHere></Img> And this?###Assistant:")
+    assert recorded[1]["ids"] == _ids(tiny_loaded, expected)
+    assert [h["role"] for h in session.history()] == ["user", "assistant", "user", "assistant"]
+    assert session.history()[2]["images"] == [pictures[2]]
+
+
+def test_system_override(tiny_loaded, recorded):
+    session = ChatSession(tiny_loaded, GREEDY, system="You are terse.")
+    session.ask("Hi")
+    assert recorded[0]["ids"] == _ids(tiny_loaded, "You are terse.###Human: Hi###Assistant:")
+
+
+def test_each_image_is_encoded_once(tiny_loaded, pictures, monkeypatch):
+    encoded = []
+    real = tiny_loaded.model.encode_images
+    monkeypatch.setattr(tiny_loaded.model, "encode_images", lambda px: encoded.append(len(px)) or real(px))
+    session = ChatSession(tiny_loaded, GREEDY)
+    session.add_images(pictures[:2])
+    for question in ("one", "two", "three"):
+        session.ask(question)
+    session.regenerate()
+    assert encoded == [2]
+
+
+def test_bad_image_adds_nothing(tiny_loaded, pictures, tmp_path):
+    session = ChatSession(tiny_loaded, GREEDY)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    for bad in (str(tmp_path / "missing.png"), str(broken)):
+        with pytest.raises(UserError, match="image"):
+            session.add_images([pictures[0], bad])
+        assert session.conversation.images == [] and session.conversation.messages == []
+    with pytest.raises(UserError):
+        session.ask("   ")
+
+
+# ---- context overflow -----------------------------------------------------------------------------
+def test_overflow_drops_oldest_whole_turns_and_says_so_once(tiny_loaded, pictures):
+    notices = []
+    settings = GenerationSettings(do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    session = ChatSession(tiny_loaded, settings, max_context=150, notify=notices.append)
+    replies = []
+    for i in range(6):
+        session.add_images([pictures[i % 3]])
+        replies.append(session.ask(f"question number {i} about this picture"))
+    assert sum(r.dropped_turns for r in replies) >= 2
+    assert len(notices) == 1 and "max_context=150" in notices[0]
+    conv = session.conversation
+    placeholders = sum(text.count("<ImageHere>") for _, text in conv.messages)
+    assert placeholders == len(conv.images) >= 1  # images leave with their turn, never half of one
+    assert conv.messages[0][1].startswith("<Img><ImageHere></Img>")  # starts at a whole turn
+    assert "question number 5" in conv.messages[-2][1]
+    ids = _ids(tiny_loaded, conv.copy().prompt())
+    assert len(ids) <= 150  # the last prompt (+ its answer) fitted
+
+
+def test_a_message_longer_than_the_context_is_a_user_error(tiny_loaded):
+    session = ChatSession(tiny_loaded, GREEDY, max_context=40)
+    with pytest.raises(UserError, match="max_context"):
+        session.ask("word " * 60)
+    assert session.conversation.messages == []
+
+
+# ---- KV cache reuse ---------------------------------------------------------------------------------
+def _session_transcript(loaded, pictures, reuse: bool):
+    session = ChatSession(loaded, GenerationSettings(do_sample=False, max_new_tokens=10), reuse_cache=reuse)
+    script = [([], "Hello"), (pictures[:2], "Compare these two."), ([], "Which one is bigger?"),
+              ([pictures[2]], "And this one?"), ([], "Thanks.")]
+    replies = []
+    for images, text in script:
+        session.add_images(images)
+        replies.append(session.ask(text))
+    replies.append(session.regenerate())
+    return replies
+
+
+def test_kv_cache_reuse_gives_identical_greedy_answers_with_less_prefill(tiny_loaded, pictures):
+    with_reuse = _session_transcript(tiny_loaded, pictures, reuse=True)
+    without = _session_transcript(tiny_loaded, pictures, reuse=False)
+    assert [r.text for r in with_reuse] == [r.text for r in without]
+    assert all(r.reused == 0 for r in without)
+    # turn 3 follows turn 2 without a new image or system change: nearly all of it is cached
+    assert with_reuse[2].reused > 0 and with_reuse[2].prefilled < without[2].prefilled / 2
+    assert with_reuse[5].prefilled < without[5].prefilled  # regenerate reuses the question too
+    assert sum(r.prefilled for r in with_reuse) < sum(r.prefilled for r in without) / 2
+    for r in with_reuse:
+        assert r.prefilled + r.reused == without[with_reuse.index(r)].prefilled
+
+
+def test_seeded_sessions_are_reproducible(tiny_loaded):
+    def answers(seed):
+        session = ChatSession(tiny_loaded, GenerationSettings(max_new_tokens=8), seed=seed)
+        return [session.ask(q).text for q in ("Hi", "Tell me more")]
+
+    assert answers(3) == answers(3)
+
+
+# ---- persistence ------------------------------------------------------------------------------------
+def test_save_load_round_trip(tiny_loaded, pictures, tmp_path):
+    session = ChatSession(tiny_loaded, GREEDY)
+    session.add_images([pictures[0], Image.new("RGB", (30, 30), (1, 2, 3))])
+    session.ask("What are these?")
+    session.save(tmp_path / "conv.json")
+    data = json.loads((tmp_path / "conv.json").read_text())
+    assert data["images"][0] == pictures[0] and Path(data["images"][1]).is_file()  # PIL image written as PNG
+    other = ChatSession(tiny_loaded, GREEDY)
+    other.load(tmp_path / "conv.json")
+    assert other.conversation.prompt() == session.conversation.prompt()
+    assert [str(i) for i in other.conversation.images] == data["images"]
+    assert torch.allclose(other.conversation.images[0].embeds, session.conversation.images[0].embeds)
+    a, b = session.ask("And now?"), other.ask("And now?")
+    assert a.text == b.text
+    with pytest.raises(UserError):
+        other.load(tmp_path / "missing.json")
+
+
+# ---- terminal and chat.py -------------------------------------------------------------------------
+def test_terminal_session_in_process(tiny_loaded, pictures, tmp_path):
+    saved = tmp_path / "chat.json"
+    lines = [
+        "Hello", "/image nowhere.png", f"/image {pictures[0]} {pictures[1]}", "What is in these pictures?",
+        f"/save {saved}", "/reset", "/bogus", f"/load {saved}", "/help", "", "Tell me more.", "/quit", "never read",
+    ]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    session = ChatSession(tiny_loaded, GenerationSettings(do_sample=False, max_new_tokens=5))
+    run_terminal(session, io.StringIO("\n".join(lines) + "\n"), stdout, stderr)
+    err = stderr.getvalue()
+    out = stdout.getvalue()
+    assert out.endswith("\n") and "error" not in out and "tok/s" not in out  # answers only on stdout
+    assert "error: image nowhere.png: no such file" in err
+    assert "error: unknown command /bogus" in err
+    assert "/image PATH" in err and err.count("tok/s") == 3
+    assert json.loads(saved.read_text())["images"] == pictures[:2]
+    history = session.history()  # the saved conversation (2 turns), reloaded after /reset, + 1 turn
+    assert [h["text"] for h in history[::2]] == ["Hello", "What is in these pictures?", "Tell me more."]
+    assert all(h["text"] in out for h in history[1::2])  # every answer was streamed to stdout
+    assert history[2]["images"] == pictures[:2]
+
+
+def test_terminal_stops_at_end_of_input(tiny_loaded):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    run_terminal(ChatSession(tiny_loaded, GREEDY), io.StringIO("Hi"), stdout, stderr, show_stats=False)
+    assert stdout.getvalue().endswith("\n") and stderr.getvalue() == ""
+
+
+def test_run_chat_one_shot_in_process(pictures, capsys):
+    from minigpt4.config import compose
+
+    cfg = compose("chat", ["gpu=cpu", "generation=greedy", "generation.max_new_tokens=5",
+                           "chat.prompt=What is this?", f"chat.images=[{pictures[0]},{pictures[1]}]"])
+    run_chat(cfg)
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and "UNTRAINED" not in out and "tok/s" not in out
+    assert "UNTRAINED" in err and "tok/s" in err
+
+
+def _chat_py(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "chat.py", "gpu=cpu", *args, "hydra.run.dir=" + str(ROOT / "outputs/test_chat")],
+                          input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.slow
+def test_piped_session_subprocess():
+    proc = _chat_py(["generation.max_new_tokens=8"], "Hello\n/image missing.png\nHow are you?\n/quit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and "tok/s" not in proc.stdout and "error" not in proc.stdout
+    assert "error: image missing.png: no such file" in proc.stderr and proc.stderr.count("tok/s") == 2
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_one_shot_subprocess(pictures):
+    proc = _chat_py(["generation.max_new_tokens=4", "chat.prompt=What is this?", f"chat.images=[{pictures[0]}]"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith("\n") and "model:" in proc.stderr and "model:" not in proc.stdout
+    assert "tok/s" in proc.stderr and "tok/s" not in proc.stdout
+    bad = _chat_py(["chat.prompt=What?", "chat.images=[missing.png]"])
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines()[-1] == "error: image missing.png: no such file"
