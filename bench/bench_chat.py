@@ -95,6 +95,45 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def diagnose(loaded: LoadedModel, picture, n: int = 64) -> None:
+    """Per decode step: CPU time to launch decode_step, time waiting for the GPU, and time spent
+    between steps (sampling, streaming, bookkeeping), for ChatSession turns and plain generate()."""
+    import minigpt4.generation as generation
+
+    real, log = generation.decode_step, []
+
+    def timed_step(*args):
+        t0 = time.perf_counter()
+        out = real(*args)
+        t1 = time.perf_counter()
+        out.sum().item()
+        log.append((t0, t1, time.perf_counter()))
+        return out
+
+    generation.decode_step = timed_step
+    settings = GenerationSettings(do_sample=False, max_new_tokens=n, min_new_tokens=n)
+    try:
+        for with_image in (True, False, True):
+            s = ChatSession(loaded, settings, seed=0)
+            s.add_images([picture] if with_image else [])
+            for turn in range(2):
+                log.clear()
+                reply = s.ask(question(loaded, 20, seed=turn))
+                _print_steps(f"session image={with_image} turn={turn + 1} ({reply.seconds:.2f} s)", log)
+            log.clear()
+            generation.generate(loaded.model, loaded.tokenizer, [[1] + list(range(100, 200))], None, settings, stops=())
+            _print_steps("plain generate()", log)
+    finally:
+        generation.decode_step = real
+
+
+def _print_steps(name: str, log: list[tuple[float, float, float]]) -> None:
+    between = [b[0] - a[2] for a, b in zip(log, log[1:])]
+    ms = lambda xs: 1e3 * sum(xs) / max(len(xs), 1)  # noqa: E731
+    print(f"{name:45} steps {len(log):>3}  launch {ms([b - a for a, b, _ in log]):6.1f} ms  "
+          f"gpu wait {ms([c - b for _, b, c in log]):6.1f} ms  between {ms(between):6.1f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
@@ -103,12 +142,16 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--turn-tokens", type=int, default=64, help="answer length in the multi-turn chat")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--diagnose", action="store_true", help="only print per-step timings (see diagnose())")
     args = ap.parse_args()
     if args.tiny:
         torch.set_num_threads(1)
     loaded = build(args.tiny)
     device = loaded.device
     picture = make_picture(sample_specs(1, seed=0)[0])
+    if args.diagnose:
+        diagnose(loaded, picture)
+        return
     long_question = question(loaded, args.prompt_tokens)
     greedy = GenerationSettings(do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new)
 

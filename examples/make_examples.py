@@ -3,7 +3,8 @@
     python examples/make_examples.py
 
 Pictures and answers come from the demo data generator (minigpt4/data/synthetic.py) with a
-seed the demo model was not trained on, so the set measures held-out accuracy:
+seed the demo model was not trained on, so the set measures held-out accuracy (8 pictures,
+3 of them with a single shape so that position and size are asked too):
     shapes.csv        one picture per row, short answers (colour, shape, count, position, ...)
     multi_image.csv   two pictures per row placed with <image> markers; about the last one
     text_only.csv     no picture: greetings and what the model can do
@@ -36,7 +37,9 @@ def _write(name: str, header: list[str], rows: list[list]) -> None:
 
 def main() -> None:
     (OUT / "images").mkdir(parents=True, exist_ok=True)
-    specs = synthetic.sample_specs(N_PICTURES, seed=SEED)
+    pool = synthetic.sample_specs(100, seed=SEED)
+    singles = [s for s in pool if s.count == 1][:3]  # position and size questions need a single shape
+    specs = singles + [s for s in pool if s.count > 1][: N_PICTURES - len(singles)]
     names = []
     for i, spec in enumerate(specs):
         name = f"images/picture_{i:02d}.png"
@@ -45,12 +48,11 @@ def main() -> None:
 
     shapes = []
     for i, (spec, image) in enumerate(zip(specs, names)):
-        asked = synthetic.questions(spec)
-        extra_no = [q for q in synthetic.questions(spec, all_phrasings=True, rng=random.Random(spec.seed))
-                    if q[2] == "yesno" and q[1] == "no"][:1]
-        for question, answer, kind in asked + extra_no:
-            if kind != "description":
-                shapes.append([f"p{i}-{kind}-{answer.replace(' ', '_')}", question, image, answer, kind, f"seed {SEED} #{i}"])
+        asked = [q for q in synthetic.questions(spec) if q[2] not in ("yesno", "description")]
+        yesno = [q for q in synthetic.questions(spec, all_phrasings=True, rng=random.Random(spec.seed)) if q[2] == "yesno"]
+        asked += [next(q for q in yesno if q[1] == "yes"), next(q for q in yesno if q[1] == "no")]  # one of each
+        for question, answer, kind in asked:
+            shapes.append([f"p{i}-{kind}-{answer.replace(' ', '_')}", question, image, answer, kind, f"seed {SEED} #{i}"])
     _write("shapes.csv", ["id", "prompt", "image", "reference", "category", "source"], shapes)
 
     multi = []

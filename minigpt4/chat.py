@@ -270,11 +270,24 @@ class ChatSession:
                 keys.append(token)
         return keys
 
+    def _new_cache(self):
+        """On CUDA a static cache sized for max_context (one CUDA graph per decode step). Each
+        session owns its decoder: sessions of the web page must not share cache slots."""
+        if self.settings.use_static(self.loaded.device):
+            from minigpt4.cuda_decode import StaticDecoder
+
+            if not isinstance(self._cache, StaticDecoder):
+                max_len = -(-(self.max_context + 1) // 32) * 32
+                return StaticDecoder(self.loaded.model.llm, 1, max_len, compile=self.settings.compile)
+            self._cache.crop(0)
+            return self._cache
+        return DynamicCache()
+
     def _reusable(self, keys: list[Any]) -> int:
         """Crop the cache to the longest common prefix with `keys` (leaving >= 1 position to
         compute, never ending inside an image) and return its length."""
         if not self.reuse_cache or self._cache is None:
-            self._cache, self._cache_keys = DynamicCache(), []
+            self._cache, self._cache_keys = self._new_cache(), []
             return 0
         n = 0
         for a, b in zip(self._cache_keys, keys[:-1]):
@@ -285,7 +298,7 @@ class ChatSession:
                 and keys[n][0] == keys[n - 1][0]:
             n -= 1  # back to the start of an image that is only partly cached
         if n == 0:
-            self._cache = DynamicCache()
+            self._cache = self._new_cache()
         elif self._cache.get_seq_length() > n:
             self._cache.crop(n - self._cache.get_seq_length())
         self._cache_keys = self._cache_keys[:n]

@@ -92,6 +92,8 @@ class Conversation:
         self.messages.append([USER, IMAGE_MESSAGE])
 
     def ask(self, text: str) -> None:
+        if IMAGE_PLACEHOLDER in text:  # it would split the prompt into an image slot with no image
+            raise UserError(f"a message may not contain {IMAGE_PLACEHOLDER}: attach images instead (/image PATH)")
         last = self.messages[-1] if self.messages else None
         if last is not None and last[0] == USER and last[1].endswith("</Img>"):
             last[1] = " ".join([last[1], text])

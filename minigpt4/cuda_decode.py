@@ -34,6 +34,16 @@ class StaticDecoder:
         mode = compile if isinstance(compile, str) else None
         self._step_forward = torch.compile(self._forward, dynamic=False, mode=mode) if compile else self._forward
 
+    # the two DynamicCache methods chat's prefix reuse calls, so either cache serves a session
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first max_length slots (negative: drop that many from the end)."""
+        keep = self.length + max_length if max_length < 0 else min(max_length, self.length)
+        self._rewind(keep)
+        self.valid[:, keep:] = False
+
     def _rewind(self, n: int) -> None:
         for layer in self.cache.layers:
             if getattr(layer, "is_initialized", False):

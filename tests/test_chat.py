@@ -257,7 +257,7 @@ def test_terminal_stops_at_end_of_input(tiny_loaded):
 def test_run_chat_one_shot_in_process(pictures, capsys):
     from minigpt4.config import compose
 
-    cfg = compose("chat", ["gpu=cpu", "generation=greedy", "generation.max_new_tokens=5",
+    cfg = compose("chat", ["gpu=cpu", "checkpoint=random", "generation=greedy", "generation.max_new_tokens=5",
                            "chat.prompt=What is this?", f"chat.images=[{pictures[0]},{pictures[1]}]"])
     run_chat(cfg)
     out, err = capsys.readouterr()
@@ -280,11 +280,71 @@ def test_piped_session_subprocess():
 
 
 @pytest.mark.slow
-def test_one_shot_subprocess(pictures):
-    proc = _chat_py(["generation.max_new_tokens=4", "chat.prompt=What is this?", f"chat.images=[{pictures[0]}]"])
+def test_one_shot_subprocess(tmp_path):
+    from minigpt4.data.synthetic import make_picture, questions, sample_specs
+
+    spec = sample_specs(1, seed=123)[0]
+    make_picture(spec).save(tmp_path / "shapes.png")
+    question, answer = next((q, a) for q, a, kind in questions(spec) if kind == "background")
+    proc = _chat_py(["generation=greedy", "generation.max_new_tokens=20", f"chat.prompt={question}",
+                     f"chat.images=[{tmp_path / 'shapes.png'}]"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.endswith("\n") and "model:" in proc.stderr and "model:" not in proc.stdout
     assert "tok/s" in proc.stderr and "tok/s" not in proc.stdout
+    if "UNTRAINED" not in proc.stderr:  # the default checkpoint is the trained demo model
+        assert proc.stdout == answer + "\n"
     bad = _chat_py(["chat.prompt=What?", "chat.images=[missing.png]"])
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines()[-1] == "error: image missing.png: no such file"
+
+
+# ---- the trained demo model: real answers -----------------------------------------------------------
+DEMO = ROOT / "minigpt4" / "assets" / "demo" / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def demo_loaded():
+    if not DEMO.is_file():
+        pytest.skip("the demo checkpoint (minigpt4/assets/demo) is not there yet")
+    from minigpt4.build import load_model
+    from minigpt4.config import compose
+
+    return load_model(compose("chat", ["gpu=cpu", "precision=fp32", "checkpoint=demo"]))
+
+
+def test_demo_answers_questions_about_pictures(demo_loaded):
+    from minigpt4.data.synthetic import make_picture, questions, sample_specs
+
+    right, total = 0, 0
+    for spec in sample_specs(4, seed=123):
+        session = ChatSession(demo_loaded, GenerationSettings(do_sample=False, max_new_tokens=20))
+        session.add_images([make_picture(spec)])
+        for question, answer, kind in questions(spec):
+            if kind in ("colour", "shape", "count", "background"):  # several turns about one picture
+                right += session.ask(question).text.strip().lower().rstrip(".") == answer
+                total += 1
+    assert total >= 12 and right / total >= 0.75, f"{right}/{total}"
+
+
+def test_demo_kv_reuse_caches_whole_earlier_turns(demo_loaded):
+    from minigpt4.data.synthetic import make_picture, sample_specs
+
+    spec = sample_specs(1, seed=7)[0]
+    runs = {}
+    for reuse in (True, False):
+        session = ChatSession(demo_loaded, GenerationSettings(do_sample=False, max_new_tokens=20), reuse_cache=reuse)
+        session.add_images([make_picture(spec)])
+        runs[reuse] = [session.ask(q) for q in ("What colour is the background?", "How many shapes are there?",
+                                                 "What shape is in the picture?")]
+    assert [r.text for r in runs[True]] == [r.text for r in runs[False]]
+    for before, after in zip(runs[True], runs[True][1:]):
+        # a trained model's answer re-tokenises as generated: the whole previous turn is reused
+        assert after.reused >= before.prefilled + before.reused + len(before.text.split())
+
+
+def test_demo_chats_without_an_image(demo_loaded):
+    from minigpt4.data.synthetic import text_dialogues
+
+    session = ChatSession(demo_loaded, GenerationSettings(do_sample=False, max_new_tokens=40))
+    user, expected = text_dialogues()[0][0]
+    assert session.ask(user).text == expected

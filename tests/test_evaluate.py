@@ -153,12 +153,28 @@ def test_greedy_answers_do_not_depend_on_the_batch_size(prompt_set):
     assert len(good) == 6 and len(set(good)) >= 4  # the rows really got different answers
 
 
+@pytest.mark.skipif(not DEMO.is_file(), reason="the demo model is not shipped yet")
+def test_demo_model_answers_the_example_set_identically_at_batch_1_and_16():
+    from minigpt4.build import load_model
+
+    cfg = compose("evaluate", ["gpu=cpu", "precision=fp32", "checkpoint=demo", "generation.max_new_tokens=40"])
+    lm, rows = load_model(cfg), Plan.from_cfg(cfg).rows
+    settings = GenerationSettings.from_cfg(cfg.generation)
+    answers = []
+    for batch_size in (1, 16):
+        out: list[dict] = []
+        answer_rows(lm, rows, settings, batch_size, out.append)
+        answers.append({r["key"]: r["answer"] for r in out})
+    assert answers[0] == answers[1] and len(answers[0]) == 80
+
+
 def test_run_writes_predictions_summary_chart_and_records_failing_rows(prompt_set, tmp_path):
     run_dir = run_evaluation(cfg_for(prompt_set, "evaluate.batch_size=3"), tmp_path / "run")
     rows = read_predictions(run_dir)
     assert [r["id"] for r in rows] == list("abcdefgh")  # prompt order, whatever the batching
     assert list(rows[0])[:7] == ["csv", "id", "prompt", "image", "reference", "category", "note"]
-    assert {"answer", "exact_match", "contains", "vqa_accuracy", "bleu", "error"} <= set(rows[0])
+    assert {"answer", "exact_match", "contains", "vqa_accuracy", "error"} <= set(rows[0])
+    assert "bleu" not in rows[0]  # BLEU is chosen per file or run, not a default
     by_id = {r["id"]: r for r in rows}
     assert "missing.png: no such file" in by_id["f"]["error"]
     assert "broken.png" in by_id["g"]["error"] and by_id["g"]["exact_match"] == "0.0"  # failures score 0
@@ -193,8 +209,10 @@ def test_resume_after_a_torn_write_loses_and_duplicates_nothing(prompt_set, tmp_
     keys = [json.loads(line)["key"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert sorted(keys) == sorted(r["csv"] + "#" + r["id"] for r in expected)
     # resuming a finished run loads no model and changes nothing
+    summary = json.loads((run_dir / "summary.json").read_text())
     run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "ignored")
     assert read_predictions(run_dir) == expected
+    assert json.loads((run_dir / "summary.json").read_text())["throughput"] == summary["throughput"]
 
 
 def test_score_only_rescores_without_loading_a_model(prompt_set, tmp_path, monkeypatch):
@@ -217,31 +235,35 @@ def test_score_only_rescores_without_loading_a_model(prompt_set, tmp_path, monke
         run_evaluation(compose("evaluate", [*FAST, f"score_only={tmp_path}"]), tmp_path / "x")
 
 
-@pytest.mark.slow
 def test_example_set_end_to_end():
-    """The shipped example set on the default checkpoint. Until the demo model ships, structure
-    only; with it, held-out accuracy is asserted."""
+    """The shipped example set on the default checkpoint (`python evaluate.py gpu=cpu`). Without
+    the demo model: structure only, on random weights. With it: held-out accuracy (thresholds
+    below what the demo model measured: colour, shape and count 22/24, text-only 6/6,
+    description BLEU 81)."""
     demo = DEMO.is_file()
-    overrides = ["gpu=cpu", "precision=fp32", "evaluate.progress=false", "evaluate.batch_size=16",
-                 f"generation.max_new_tokens={40 if demo else 3}"]
+    overrides = ["gpu=cpu", "precision=fp32", "evaluate.progress=false", "evaluate.batch_size=16"]
+    overrides += ["generation.max_new_tokens=40"] if demo else ["checkpoint=random", "generation.max_new_tokens=3"]
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = run_evaluation(compose("evaluate", overrides), Path(tmp) / "run")
         summary = json.loads((run_dir / "summary.json").read_text())
         rows = read_predictions(run_dir)
-    assert summary["counts"]["rows"] == len(rows) == 74 and summary["counts"]["failed"] == 0
+    assert summary["counts"]["rows"] == len(rows) == 80 and summary["counts"]["failed"] == 0
     assert set(summary["per_csv"]) == {"shapes.csv", "multi_image.csv", "text_only.csv", "descriptions.csv"}
     assert list(summary["per_csv"]["descriptions.csv"]["metrics"]) == ["exact_match", "bleu"]
+    assert list(summary["per_csv"]["shapes.csv"]["metrics"]) == ["exact_match", "contains", "vqa_accuracy"]
     assert {"colour", "shape", "count", "text_only", "multi_image", "description"} <= set(summary["per_category"])
     if not demo:
         return
-    assert "UNTRAINED" not in summary["model"]
+    assert summary["model"] == "tiny"  # the default checkpoint is the trained demo (no UNTRAINED label)
     cat = summary["per_category"]
-    for kind in ("colour", "shape", "count"):
-        assert cat[kind]["metrics"]["exact_match"] >= 0.85, (kind, cat[kind]["metrics"])
-    assert summary["per_csv"]["shapes.csv"]["metrics"]["exact_match"] >= 0.8
-    assert cat["text_only"]["metrics"]["exact_match"] >= 0.5
+    for kind in ("colour", "count"):
+        assert cat[kind]["metrics"]["exact_match"] >= 0.75, (kind, cat[kind]["metrics"])
+    seen = sum(cat[k]["metrics"]["exact_match"] * cat[k]["counts"]["rows"] for k in ("colour", "shape", "count"))
+    assert seen / 24 >= 0.75
+    assert cat["text_only"]["metrics"]["exact_match"] >= 0.8
+    assert summary["per_csv"]["descriptions.csv"]["metrics"]["bleu"] >= 50
 
 
 def test_wandb_logs_summary_and_predictions_offline_and_is_imported_only_when_enabled(prompt_set, tmp_path, monkeypatch):

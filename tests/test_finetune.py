@@ -1,6 +1,6 @@
 """Fine-tuning on CPU with the shipped demo model (tiny): it learns, resumes, exports, skips bad rows.
 
-The runs are short (tens of steps); held-out accuracy is measured on pictures from a seed the
+The runs are short (at most 200 steps); held-out accuracy is measured on pictures from a seed the
 training data never uses.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 
 from minigpt4.build import load_model
 from minigpt4.config import compose
@@ -24,10 +24,11 @@ from minigpt4.training.heldout import heldout_accuracy
 from minigpt4.training.module import FinetuneModule, lr_at
 
 QUICK = ["gpu=cpu", "trainer.num_workers=0", "trainer.progress_bar=false", "trainer.log_every_n_steps=1"]
-# Projection re-learnt from scratch with everything else frozen: RECOVER_STEPS steps at lr 3e-3
-# (cached features). Measured on this machine: see docs/FINETUNE.md ("Tests").
-RECOVER_STEPS = 60
-RECOVER_THRESHOLD = 0.8
+# Projection re-learnt from scratch with everything else frozen: RECOVER_STEPS steps of batch 12 at
+# lr 3e-3 (cached features). Measured with the shipped demo (docs/FINETUNE.md, "Tests"): 0.19
+# before, 0.97 after on these 30 pictures (0.94 on 200 others); 150 steps reached only 0.81.
+RECOVER_STEPS = 200
+RECOVER_THRESHOLD = 0.85
 HELDOUT = dict(pictures=30, seed=4242)
 
 
@@ -39,7 +40,7 @@ def finetune_cfg(tmp_path: Path, *overrides: str):
 def recovered(tmp_path_factory):
     """A projection re-initialised and fine-tuned alone: (run dir, accuracy before, summary)."""
     out = tmp_path_factory.mktemp("recover")
-    cfg = finetune_cfg(out, "checkpoint=demo", "reinit=[llama_proj]", "data.size=720", "trainer.batch_size=12",
+    cfg = finetune_cfg(out, "checkpoint=demo", "reinit=[llama_proj]", "data.size=2400", "trainer.batch_size=12",
                        "trainer.max_epochs=1", f"trainer.iters_per_epoch={RECOVER_STEPS}",
                        "trainer.lr.init=3e-3", "trainer.lr.warmup_steps=5", "trainer.lr.min=1e-4")
     torch.manual_seed(0)
@@ -84,7 +85,7 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     second = run_finetune(finetune_cfg(tmp_path / "b", *common, "trainer.max_epochs=2", f"resume={first}"))
     summary = json.loads((second / "summary.json").read_text())
     assert summary["global_step"] == 6 and summary["resumed_from"].endswith("last.ckpt")
-    steps = [int(s) for s in __import__("pandas").read_csv(second / "metrics.csv")["step"].dropna()]
+    steps = [int(s) for s in pd.read_csv(second / "metrics.csv")["step"].dropna()]
     assert min(steps) == 3 and max(steps) == 5  # the second run only did steps 3..5
     ckpt = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(ckpt["state_dict"]) == {"model.llama_proj.weight", "model.llama_proj.bias"}  # trainable only

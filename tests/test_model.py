@@ -95,9 +95,10 @@ def test_llama2_variant_merges_runs_of_four_tokens():
     model = build_tiny(["model.arch.qformer=null"]).model
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        vit = model.vision_model(pixel_values=pixels).last_hidden_state  # [2,65,96]
-        merged = vit[:, 1:].reshape(2, 16, 4 * 96)  # tokens 4k..4k+3 side by side
-        assert torch.equal(merged[0, 1, 96:192], vit[0, 1 + 5])
+        vit = model.vision_model(pixel_values=pixels).last_hidden_state  # [2,65,W]
+        w = vit.shape[-1]
+        merged = vit[:, 1:].reshape(2, 16, 4 * w)  # tokens 4k..4k+3 side by side
+        assert torch.equal(merged[0, 1, w : 2 * w], vit[0, 1 + 5])
         assert torch.allclose(model.encode_images(pixels), model.llama_proj(merged), atol=1e-6)
 
 

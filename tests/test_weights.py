@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from minigpt4 import checkpoints as ck
 from minigpt4.build import load_model
-from minigpt4.config import compose
+from minigpt4.config import compose, to_container
 from minigpt4.conversation import encode_prompt
 from minigpt4.errors import UserError
 from minigpt4.weights.__main__ import main
@@ -26,16 +26,17 @@ from minigpt4.weights.identify import inspect_path
 from minigpt4.weights.tensors import TensorFiles
 
 FP32_CPU = ["gpu=cpu", "precision=fp32"]
+TINY = to_container(compose("chat", ["model=tiny"]).model.arch)  # tests follow conf/model/tiny.yaml
+H, VIT_LAYERS = TINY["llm"]["hidden_size"], TINY["vision"]["num_hidden_layers"]
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
-def _llama(directory: Path, vocab: int, hidden: int = 192, layers: int = 4, seed: int = 0, delta: bool = False,
-           tokenizer: Path | None = TINY_TOKENIZER, bin_shards: bool = False, **config) -> Path:
-    """A tiny Llama directory in fp16: LLaMA-like weights (norms near 1), or delta-like ones (all near 0)."""
+def _llama(directory: Path, vocab: int, seed: int = 0, delta: bool = False, tokenizer: Path | None = TINY_TOKENIZER,
+           bin_shards: bool = False, **config) -> Path:
+    """A Llama directory in fp16 with model=tiny's LLM shapes (unless `config` says otherwise):
+    LLaMA-like weights (norms near 1), or delta-like ones (all near 0)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab, rms_norm_eps=1e-6,
-                      tie_word_embeddings=False, **config)
+    cfg = LlamaConfig(**{**TINY["llm"], "vocab_size": vocab, **config})
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -119,12 +120,12 @@ def test_apply_delta_equals_fastchat_0_1_10(tmp_path, pieces):
 def test_apply_delta_checks_everything_before_writing(tmp_path, pieces):
     base = _llama(tmp_path / "llama", pieces)
     delta = _llama(tmp_path / "delta", pieces + 1, seed=1, delta=True)
-    big_base = _llama(tmp_path / "llama-big", pieces, hidden=256)
-    deep_base = _llama(tmp_path / "llama-deep", pieces, layers=5)
+    big_base = _llama(tmp_path / "llama-big", pieces, hidden_size=H + 64)
+    deep_base = _llama(tmp_path / "llama-deep", pieces, num_hidden_layers=TINY["llm"]["num_hidden_layers"] + 1)
     target = tmp_path / "vicuna"
     cases = [
-        (big_base, delta, "base tensor lm_head.weight is [1024, 256] but the delta's is [1025, 192]"),
-        (deep_base, delta, "model.layers.4."),
+        (big_base, delta, f"base tensor lm_head.weight is [{pieces}, {H + 64}] but the delta's is [{pieces + 1}, {H}]"),
+        (deep_base, delta, f"model.layers.{TINY['llm']['num_hidden_layers']}."),
         (delta, base, "lm_head.weight"),  # swapped: the vocabulary check fires first
         (base, base, "same directory"),
         (tmp_path / "nowhere", delta, "no such directory"),
@@ -166,8 +167,8 @@ def test_inspect_official_files(official, tmp_path):
     overrides, _ = official
     paths = dict(o.removeprefix("checkpoint.").split("=", 1) for o in overrides if o.startswith("checkpoint."))
     vit = inspect_path(paths["vit"], model="tiny")
-    assert vit.kind == "eva_vit" and "4 blocks" in vit.title and vit.fits
-    assert any("final norm" in n for n in vit.notes) and any("block 3" in w for w in vit.warnings)
+    assert vit.kind == "eva_vit" and f"{VIT_LAYERS + 1} blocks" in vit.title and vit.fits  # + EVA-CLIP's last
+    assert any("final norm" in n for n in vit.notes) and any(f"block {VIT_LAYERS} " in w for w in vit.warnings)
     blip2 = inspect_path(paths["qformer"], model="tiny")
     assert blip2.kind == "blip2" and blip2.fits and any("t5_proj" in n for n in blip2.notes)
     assert inspect_path(paths["qformer"], model="llama2_7b").fits is False
@@ -175,7 +176,8 @@ def test_inspect_official_files(official, tmp_path):
     assert proj.kind == "projection" and proj.fits and any("optimizer" in n for n in proj.notes)
     llm = inspect_path(paths["llm"], model="tiny")
     assert llm.kind == "llama" and llm.fits and any(k.startswith("model.layers.{i}.") for k in llm.keys)
-    assert "num_hidden_layers is 4" in " ".join(inspect_path(paths["llm"], model="7b").problems)
+    layers = TINY["llm"]["num_hidden_layers"]
+    assert f"num_hidden_layers is {layers}" in " ".join(inspect_path(paths["llm"], model="7b").problems)
 
     # the users' most common error: the 7B projection with model=13b
     seven = tmp_path / "prerained_minigpt4_7b.pth"
@@ -188,14 +190,15 @@ def test_inspect_official_files(official, tmp_path):
 
 
 def test_inspect_llama_versions(tmp_path, pieces):
-    v0 = inspect_path(_llama(tmp_path / "v0", 32001, hidden=8, layers=1, tokenizer=None))
+    small = dict(hidden_size=8, num_hidden_layers=1)  # only shapes matter here
+    v0 = inspect_path(_llama(tmp_path / "v0", 32001, tokenizer=None, **small))
     assert "32001 embedding rows" in v0.title and any("Vicuna v0" in n for n in v0.notes)
     assert any("no tokenizer.model" in n for n in v0.notes)
-    llama2 = inspect_path(_llama(tmp_path / "l2", 32000, hidden=8, layers=1, max_position_embeddings=4096))
+    llama2 = inspect_path(_llama(tmp_path / "l2", 32000, max_position_embeddings=4096, **small))
     assert any("LLaMA-2 family" in n for n in llama2.notes)
-    llama1 = inspect_path(_llama(tmp_path / "l1", 32000, hidden=8, layers=1, max_position_embeddings=2048))
+    llama1 = inspect_path(_llama(tmp_path / "l1", 32000, max_position_embeddings=2048, **small))
     assert any("cannot tell them apart" in n for n in llama1.notes)
-    delta = inspect_path(_llama(tmp_path / "d", pieces + 1, hidden=8, layers=1, delta=True), model="tiny")
+    delta = inspect_path(_llama(tmp_path / "d", pieces + 1, delta=True, **small), model="tiny")
     assert "DELTA" in delta.title and any("apply-delta" in p for p in delta.problems)
     (tmp_path / "meta").mkdir()
     (tmp_path / "meta" / "consolidated.00.pth").write_bytes(b"")
@@ -210,7 +213,7 @@ def test_bundle_round_trip(official, tmp_path, capsys):
     assert "checkpoint.bundle=" in capsys.readouterr().out
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "tokenizer.model").is_file()
     meta = json.loads((out / ck.OWN_CONFIG).read_text())
-    assert meta["arch"]["llm"]["hidden_size"] == 192 and meta["sources"]["vit"].endswith("eva_vit_g.pth")
+    assert meta["arch"]["llm"]["hidden_size"] == H and meta["sources"]["vit"].endswith("eva_vit_g.pth")
 
     official_lm = load_model(compose("chat", [*FP32_CPU, *overrides]))
     bundled = load_model(compose("chat", [*FP32_CPU, "checkpoint=bundle", f"checkpoint.bundle={out}"]))
@@ -290,7 +293,7 @@ def test_export_hf_uses_vicuna_v0s_spare_row(official, tmp_path, pieces):
     config = json.loads((out / "config.json").read_text())
     assert config["image_token_index"] == pieces and config["text_config"]["vocab_size"] == pieces + 1
     state = TensorFiles(out)
-    assert state.info["language_model.model.embed_tokens.weight"].shape == (pieces + 1, 192)
+    assert state.info["language_model.model.embed_tokens.weight"].shape == (pieces + 1, H)
     proj = next(o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint.proj="))
     assert torch.equal(state.get("language_projection.weight"), TensorFiles(proj).get("llama_proj.weight"))
 

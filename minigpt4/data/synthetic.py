@@ -164,10 +164,13 @@ def _phrasings(spec: Spec, rng: random.Random | None = None) -> dict[str, list[t
 
 def questions(spec: Spec, all_phrasings: bool = False, rng: random.Random | None = None) -> list[tuple[str, str, str]]:
     """[(question, answer, kind)]: one canonical question per kind that applies to the picture
-    (position and size only for a single shape), or every phrasing with all_phrasings."""
+    (position and size only for a single shape), or every phrasing with all_phrasings (training
+    draws from these with its own rng)."""
     out = []
     for kind, pairs in _phrasings(spec, rng).items():
-        for question, answer in pairs if all_phrasings else pairs[:1]:
+        if not all_phrasings:  # the canonical yes/no claim is true for even seeds, false for odd ones
+            pairs = pairs[spec.seed % 2 : spec.seed % 2 + 1] if kind == "yesno" else pairs[:1]
+        for question, answer in pairs:
             out.append((question, answer, kind))
     return out
 

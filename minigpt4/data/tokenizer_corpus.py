@@ -9,7 +9,6 @@ the demo model's vocabulary covers its world; anything else falls back to bytes.
 from __future__ import annotations
 
 import io
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
@@ -34,30 +33,27 @@ def corpus_lines() -> list[str]:
 
 
 def train(out: Path = ASSETS / "tiny_tokenizer.model", vocab_size: int = VOCAB_SIZE) -> Path:
-    text = "\n".join(corpus_lines() * 3)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "corpus.txt"
-        src.write_text(text)
-        model = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            input=str(src),
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type="bpe",
-            byte_fallback=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            add_dummy_prefix=True,
-            remove_extra_whitespaces=False,
-            normalization_rule_name="identity",
-            split_digits=True,
-            hard_vocab_limit=False,
-            character_coverage=1.0,
-            num_threads=1,
-            minloglevel=2,
-        )
+    model = io.BytesIO()
+    # lines come from an iterator, so the model records no temp path: the same bytes every run
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus_lines() * 3),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        split_digits=True,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model.getvalue())
     return out

@@ -5,6 +5,7 @@
     vqa_accuracy  VQA-style soft accuracy over the references (see below)     (0..1, mean)
     bleu          sacrebleu BLEU (default 13a tokenisation), per row sentence BLEU and corpus
                   BLEU as the aggregate                                       (0..100)
+The first three are the default; BLEU is for free-text references and must be chosen.
 
 Normalisation (VQA evaluation style): lower case, commas inside numbers dropped, other
 punctuation to spaces, number words zero..ten to digits, articles a/an/the dropped, spaces
@@ -81,6 +82,9 @@ ROW_METRICS: dict[str, Callable[[str, list[str]], float]] = {
     "bleu": sentence_bleu,
 }
 ALL_METRICS = tuple(ROW_METRICS)
+# For files that choose nothing: short-answer metrics. BLEU is for free-text references and is
+# chosen explicitly (corpus BLEU of one-word answers is 0 for want of 4-grams).
+DEFAULT_METRICS = ("exact_match", "contains", "vqa_accuracy")
 
 
 def check_metrics(names, where: str) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.config import ROOT
 from minigpt4.evaluation import store
-from minigpt4.evaluation.metrics import ALL_METRICS, aggregate, score_row
+from minigpt4.evaluation.metrics import ALL_METRICS, DEFAULT_METRICS, aggregate, score_row
 from minigpt4.evaluation.prompts import row_from_record
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def write_report(run_dir: Path, cfg: DictConfig, plan, records: list[dict], thro
     scored = []  # (record, row, scores)
     for record in records:
         row = row_from_record(record)
-        metrics = plan.metrics.get(record["csv"], ALL_METRICS)
+        metrics = plan.metrics.get(record["csv"], DEFAULT_METRICS)
         answer = record["answer"] if record.get("error") is None else None
         scored.append((record, row, score_row(answer, row.references, metrics)))
 
@@ -121,9 +121,11 @@ def _chart(path: Path, summary: dict) -> None:
         labels = cats + ["all"]
         colours = ["tab:blue"] * len(cats) + ["tab:gray"]
         bars = ax.bar(range(len(values)), values, color=colours)
-        ax.bar_label(bars, fmt="%.1f" if metric == "bleu" else "%.2f", fontsize=7)
+        ax.bar_label(bars, fmt="%.0f" if metric == "bleu" else "%.2f", fontsize=6)
         ax.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=8)
-        ax.set_ylim(0, 100 if metric == "bleu" else 1)
+        top = 100 if metric == "bleu" else 1
+        ax.set_ylim(0, top * 1.12)  # room for the value labels
+        ax.set_yticks([top * k / 5 for k in range(6)])
         ax.set_title(metric)
     fig.suptitle(f"{summary.get('model') or ''} - metrics per category".strip(" -"), fontsize=9)
     fig.tight_layout()

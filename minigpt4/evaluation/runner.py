@@ -26,7 +26,7 @@ from minigpt4.config import ROOT, resolve_device
 from minigpt4.conversation import build_prompt, clean_answer, encode_prompt
 from minigpt4.errors import UserError
 from minigpt4.evaluation import store
-from minigpt4.evaluation.metrics import ALL_METRICS, check_metrics
+from minigpt4.evaluation.metrics import DEFAULT_METRICS, check_metrics
 from minigpt4.evaluation.prompts import PromptFile, PromptRow, load_prompt_set, parse_files
 from minigpt4.evaluation.report import write_report
 from minigpt4.generation import GenerationSettings, generate
@@ -50,7 +50,7 @@ class Plan:
     def from_cfg(cls, cfg: DictConfig, read_rows: bool = True) -> "Plan":
         files = [PromptFile(_locate(f.path), f.metrics, f.label) for f in parse_files(_plain(cfg.evaluate.prompts))]
         run_metrics = _plain(cfg.evaluate.get("metrics"))
-        default = check_metrics(run_metrics, "evaluate.metrics") if run_metrics is not None else ALL_METRICS
+        default = check_metrics(run_metrics, "evaluate.metrics") if run_metrics is not None else DEFAULT_METRICS
         metrics = {
             f.label: check_metrics(f.metrics, f"evaluate.prompts {f.path}") if f.metrics is not None else default
             for f in files
@@ -174,7 +174,10 @@ def evaluate_shard(cfg: DictConfig, run_dir: Path, rank: int, world_size: int, d
         all_stats = [stats] if world_size == 1 else [
             store.read_json(run_dir / store.SHARDS / f"stats.rank{r}.json") for r in range(world_size)]
         records = store.merge(run_dir, [row.key for row in plan.rows])  # also removes the shards
-        write_report(run_dir, cfg, plan, list(records.values()), _throughput(all_stats, cfg))
+        throughput = _throughput(all_stats, cfg)
+        if not throughput["rows"] and (run_dir / "summary.json").is_file():  # resumed a finished run
+            throughput = store.read_json(run_dir / "summary.json").get("throughput") or throughput
+        write_report(run_dir, cfg, plan, list(records.values()), throughput)
 
 
 def _throughput(all_stats: list[dict], cfg: DictConfig) -> dict:

@@ -65,3 +65,21 @@ def heldout_accuracy(lm: LoadedModel, pictures: int = 200, seed: int = 1000,
     lm.model.train(was_training)
     return {"accuracy": accuracy, "n": dict(total), "pictures": pictures, "seed": seed, "errors": errors,
             "greeting": greeting}
+
+
+if __name__ == "__main__":  # python -m minigpt4.training.heldout [pictures=300] [seed=1000] [kinds=all] [chat overrides...]
+    import json
+    import sys
+
+    from minigpt4.build import load_model
+    from minigpt4.config import compose
+
+    opts = {"pictures": "300", "seed": "1000", "kinds": "colour,shape,count"}
+    overrides = []
+    for arg in sys.argv[1:]:
+        key = arg.split("=", 1)[0]
+        (opts.__setitem__(key, arg.split("=", 1)[1]) if key in opts else overrides.append(arg))
+    kinds = synthetic.KINDS if opts["kinds"] == "all" else tuple(opts["kinds"].split(","))
+    lm = load_model(compose("chat", overrides))
+    result = heldout_accuracy(lm, int(opts["pictures"]), int(opts["seed"]), kinds)
+    print(json.dumps({"model": lm.label, **result}, indent=2))

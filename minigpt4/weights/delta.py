@@ -46,8 +46,8 @@ def _llama_dir(path: Path, role: str) -> TensorFiles:
     if (path / "params.json").is_file() or list(path.glob("consolidated.*.pth")):
         raise UserError(
             f"--{role} {path} is an original Meta LLaMA checkpoint (consolidated.*.pth): convert it first with "
-            "python -m transformers.models.llama.convert_llama_weights_to_hf --input_dir ... --model_size 7B "
-            "--output_dir ... --llama_version 1 (docs/WEIGHTS.md)"
+            "transformers' convert_llama_weights_to_hf.py --model_size 7B --llama_version 1 (from the transformers "
+            "source; the pip wheel lacks it: docs/WEIGHTS.md step 2)"
         )
     config = read_config(path)
     if config is None:

@@ -143,8 +143,8 @@ def _inspect_dir(path: Path) -> Report:
         return r
     if (path / "params.json").is_file() or list(path.glob("consolidated.*.pth")):
         return Report(path, "meta_llama", "original Meta LLaMA checkpoint (params.json + consolidated.*.pth)", [
-            "convert it with transformers' converter (docs/WEIGHTS.md): python -m "
-            "transformers.models.llama.convert_llama_weights_to_hf --input_dir DIR --model_size 7B --output_dir OUT"])
+            "convert it with transformers' convert_llama_weights_to_hf.py --input_dir DIR --model_size 7B "
+            "--llama_version 1 --output_dir OUT (from the transformers source: docs/WEIGHTS.md step 2)"])
     config = read_config(path)
     if config is None:
         return Report(path, "unknown", "a directory without config.json or minigpt4.json: not a model directory")
