@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -179,7 +180,7 @@ def read_torch_file(path: str | os.PathLike, key: str) -> dict[str, torch.Tensor
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # the unpickler fails in many ways (IndexError, KeyError, ...) on non-checkpoints
-        log.debug("torch.load(%s) failed", path, exc_info=True)
+        log.debug("reading %s as a PyTorch checkpoint failed", path, exc_info=True)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{key}={path} is not a PyTorch checkpoint ({first[:160]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -239,17 +240,8 @@ def save_own(
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    if max_shard_bytes:
-        save_shards(state.items(), tmp, max_shard_bytes, metadata={"format": "pt", "minigpt4": "1"})
-    else:
-        tensors, storages = {}, set()
-        for k, v in state.items():
-            t = v.detach().contiguous().cpu()
-            if t.untyped_storage().data_ptr() in storages:  # tied weights: safetensors stores no aliases
-                t = t.clone()
-            storages.add(t.untyped_storage().data_ptr())
-            tensors[k] = t
-        save_file(tensors, str(tmp / OWN_WEIGHTS), metadata={"format": "pt", "minigpt4": "1"})
+    # one shard (model.safetensors) unless max_shard_bytes asks for more
+    save_shards(state.items(), tmp, max_shard_bytes or sys.maxsize, metadata={"format": "pt", "minigpt4": "1"})
     (tmp / OWN_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old")
@@ -259,6 +251,16 @@ def save_own(
     else:
         tmp.rename(directory)
     return directory
+
+
+def clone_aliases(items):
+    """(name, tensor) pairs with every tensor whose storage an earlier one shares (tied weights)
+    cloned: safetensors and save_pretrained refuse or drop aliases."""
+    seen = set()
+    for name, tensor in items:
+        ptr = (tensor.device, tensor.untyped_storage().data_ptr())
+        yield name, (tensor.clone() if ptr in seen else tensor)
+        seen.add(ptr)
 
 
 def save_shards(
@@ -273,25 +275,18 @@ def save_shards(
     pending: dict[str, torch.Tensor] = {}
     size = total = 0
 
-    storages: set[int] = set()
-
     def flush() -> None:
         part = directory / f".{prefix}-part{len(written)}.tmp"
         save_file(pending, str(part), metadata=metadata)
         written.append((part, list(pending)))
         pending.clear()
-        storages.clear()
 
-    for name, tensor in items:
+    for name, tensor in clone_aliases(items):
         nbytes = tensor.numel() * tensor.element_size()
         if pending and size + nbytes > max_shard_bytes:
             flush()
             size = 0
-        t = tensor.detach().contiguous().cpu()
-        if t.untyped_storage().data_ptr() in storages:  # tied weights: safetensors stores no aliases
-            t = t.clone()
-        storages.add(t.untyped_storage().data_ptr())
-        pending[name] = t
+        pending[name] = tensor.detach().contiguous().cpu()
         size += nbytes
         total += nbytes
     if pending or not written:

@@ -32,7 +32,7 @@ import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
-from minigpt4.build import LoadedModel
+from minigpt4 import checkpoints as ck
 from minigpt4.errors import UserError
 from minigpt4.images import CLIP_MEAN, CLIP_STD
 from minigpt4.model import IMAGE_TOKEN
@@ -58,17 +58,6 @@ def hf_input_ids(ids: list[int], image_token_id: int) -> list[int]:
     return [image_token_id if i == IMAGE_TOKEN else i for i in ids]
 
 
-def _untied_state(lm: LoadedModel) -> dict[str, torch.Tensor]:
-    """state_dict with aliased tensors (tied weights: one storage, two names) cloned, so that
-    save_pretrained writes both names (the exported config declares no tying)."""
-    state, seen = {}, set()
-    for key, tensor in lm.model.state_dict().items():
-        ptr = (tensor.device, tensor.untyped_storage().data_ptr())
-        state[key] = tensor.clone() if ptr in seen else tensor
-        seen.add(ptr)
-    return state
-
-
 def export_hf(
     overrides: list[str],
     out: str | Path,
@@ -89,7 +78,8 @@ def export_hf(
         )
     lm, cfg = load_for_conversion(overrides, dtype, allow_random)
     model = lm.model
-    state = {hf_name(k): v for k, v in _untied_state(lm).items()}
+    # tied weights cloned so that save_pretrained writes both names (the export declares no tying)
+    state = {hf_name(k): v for k, v in ck.clone_aliases(lm.model.state_dict().items())}
     rows, pieces = model.llm.config.vocab_size, lm.tokenizer.vocab_size
     text_config = model.llm.config.to_dict()
     if rows > pieces:
