@@ -51,8 +51,9 @@ def prompt_rows(folder: Path, n: int) -> list[PromptRow]:
     return rows
 
 
-def run_ours(lm, rows: list[PromptRow], batch_size: int, new_tokens: int) -> tuple[int, float]:
-    settings = GenerationSettings(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+def run_ours(lm, rows: list[PromptRow], batch_size: int, new_tokens: int, compile: bool) -> tuple[int, float]:
+    settings = GenerationSettings(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  compile=compile)
     out: list[dict] = []
     sync(lm.device)
     start = time.perf_counter()
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default 128; tiny 16)")
     parser.add_argument("--batches-per-size", type=int, default=2, help="timed batches per batch size")
     parser.add_argument("--skip-stock", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="generation.compile=true (evaluate.py's default on a GPU)")
     args = parser.parse_args()
     new_tokens = args.new_tokens or (16 if args.tiny else 128)
     overrides = ["model=tiny", "checkpoint=random", "gpu=cpu"] if args.tiny else ["model=7b", "checkpoint=random", "gpu=0"]
@@ -112,8 +114,8 @@ def main() -> None:
         rows = prompt_rows(Path(tmp), max(args.batches) * args.batches_per_size)
         for bs in args.batches:
             timed = rows[: bs * args.batches_per_size]
-            run_ours(lm, rows[:bs], bs, 8)  # warm-up (allocator, kernels, any per-shape graphs)
-            tokens, seconds = run_ours(lm, timed, bs, new_tokens)
+            run_ours(lm, rows[:bs], bs, 8, args.compile)  # warm-up (allocator, kernels, any per-shape graphs)
+            tokens, seconds = run_ours(lm, timed, bs, new_tokens, args.compile)
             entry = {"batch": bs, "rows": len(timed), "ours_tokens": tokens, "ours_s": round(seconds, 3),
                      "ours_tok_s": round(tokens / seconds, 1)}
             if not args.skip_stock:
@@ -131,7 +133,7 @@ def main() -> None:
     for e in results:
         print(f"| {e['batch']} | {e['rows']} | {e['ours_tok_s']} | {e.get('stock_tok_s', '-')} | {e.get('speedup', '-')} |")
     report = {"device": device_name, "model": lm.label, "dtype": str(lm.model.dtype), "new_tokens": new_tokens,
-              "load_s": round(load_s, 1), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "compile": args.compile, "load_s": round(load_s, 1), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "command": "python bench/bench_evaluate.py " + " ".join(sys.argv[1:]), "results": results}
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "bench_evaluate.json"

@@ -38,6 +38,7 @@ from minigpt4.conversation import (
     encode_prompt,
     load_conversation,
 )
+from minigpt4.cuda_decode import StaticDecoder
 from minigpt4.errors import UserError
 from minigpt4.generation import GenerationSettings, generate
 from minigpt4.model import IMAGE_TOKEN
@@ -127,6 +128,7 @@ class ChatSession:
             self.generator.seed()
         else:
             self.generator.manual_seed(int(seed))
+        self._cache: DynamicCache | StaticDecoder | None = None
         self.reset()
 
     @classmethod
@@ -145,9 +147,9 @@ class ChatSession:
 
     # ---- conversation state ----------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new conversation (images and cache are forgotten)."""
+        """Start a new conversation (images and cached positions are forgotten; a static decoder
+        and its captured graphs stay for the next conversation)."""
         self.conversation: Conversation = Conversation(self.template)
-        self._cache: DynamicCache | None = None
         self._cache_keys: list[Any] = []  # one key per cached position (token id or (image uid, slot))
         self._told_overflow = False
 
@@ -274,8 +276,6 @@ class ChatSession:
         """On CUDA a static cache sized for max_context (one CUDA graph per decode step). Each
         session owns its decoder: sessions of the web page must not share cache slots."""
         if self.settings.use_static(self.loaded.device):
-            from minigpt4.cuda_decode import StaticDecoder
-
             if not isinstance(self._cache, StaticDecoder):
                 max_len = -(-(self.max_context + 1) // 32) * 32
                 return StaticDecoder(self.loaded.model.llm, 1, max_len, compile=self.settings.compile)
@@ -330,7 +330,7 @@ class ChatSession:
                 on_text=stream, cache=self._cache, cache_length=reused, generator=self.generator,
             )[0]
         except BaseException:  # interrupted mid-answer: the cache no longer matches its keys
-            self._cache, self._cache_keys = None, []
+            self._cache_keys = []
             raise
         sampled = result.ids + ([self.loaded.tokenizer.eos_id] if result.finish_reason == "eos" else [])
         self._cache_keys = (keys + sampled)[: self._cache.get_seq_length()]

@@ -62,32 +62,75 @@ class Generated:
 
 
 class _StreamState:
-    """Per-row decoded text; emits only text that cannot be the start of a stop string."""
+    """Per-row text for streaming and stop strings, decoded incrementally: each step decodes a
+    window of the last few tokens, not the whole answer (that was quadratic in its length and,
+    at batch 32 x 300 tokens, slower than the GPU). Emits only text that cannot be the start of
+    a stop string; finish() gives the exact text of the whole answer."""
 
     def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.emitted = 0
+        self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
+        self.text = ""  # decoded so far: whole characters only
+        self.emitted = 0  # characters of the text already given out
+        self.read = 0  # ids[:read] are in the text
+        # Decoding drops the leading space of the first piece: later windows are decoded
+        # behind an anchor ("a"), whose text is then cut off.
+        self.anchor = tokenizer.encode("a")
+        self.anchor_len = len(tokenizer.decode(self.anchor))
 
     def step(self, ids: list[int]) -> tuple[str, bool, str]:
-        """-> (text so far cut at a stop, stopped?, new text safe to show)."""
-        text = self.tokenizer.decode(ids)
-        cut = min((text.find(s) for s in self.stops if s and s in text), default=-1)
-        stopped = cut >= 0
-        if stopped:
-            text = text[:cut]
-            safe = len(text)
+        """ids: the tokens so far (a continuation of the last call's) ->
+        (text so far cut at a stop, stopped?, new text safe to show)."""
+        before = len(self.text)
+        if not self.text:  # nothing decoded yet: the answer's first piece loses its space
+            new = self.tokenizer.decode(ids)
         else:
-            safe = len(text)
-            for s in self.stops:  # hold back a suffix that may grow into a stop string
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
+            new = self.tokenizer.decode(self.anchor + ids[self.read :])[self.anchor_len :]
+        if not new.endswith("\ufffd"):  # else: a character still incomplete, wait for its bytes
+            self.text += new
+            self.read = len(ids)
+        text, stopped = self.text, False
+        for stop in self.stops:
+            cut = text.find(stop, max(0, before - len(stop) + 1))
+            if cut >= 0:
+                text, stopped = text[:cut], True
+        safe = len(text)
+        if not stopped:
+            for stop in self.stops:  # hold back a suffix that may grow into a stop string
+                for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:k]):
                         safe = min(safe, len(text) - k)
                         break
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character
-                safe = min(safe, len(text) - 1)
         delta = text[self.emitted : safe] if safe > self.emitted else ""
         self.emitted = max(self.emitted, safe)
         return text, stopped, delta
+
+    def finish(self, ids: list[int]) -> tuple[str, bool]:
+        """The whole answer decoded at once, cut before the first stop string -> (text, stopped?)."""
+        text = self.tokenizer.decode(ids)
+        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class _HostCopy:
+    """Token ids to the host without waiting for work queued after them (pinned buffer + event)."""
+
+    def __init__(self, bsz: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.host = torch.empty(bsz, dtype=torch.long, pin_memory=True)
+            self.event = torch.cuda.Event()
+
+    def start(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+        if self.cuda:
+            self.host.copy_(tokens, non_blocking=True)
+            self.event.record()
+
+    def wait(self) -> list[int]:
+        if self.cuda:
+            self.event.synchronize()
+            return self.host.tolist()
+        return self.tokens.tolist()
 
 
 def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generated: torch.Tensor,
@@ -186,16 +229,36 @@ def generate(
     bsz = ids.shape[0]
     results = [Generated(prefilled=ids.shape[1] - cache_length) for _ in range(bsz)]
     streams = [_StreamState(tokenizer, stops) for _ in range(bsz)]
-    done = [False] * bsz  # host-side, so the loop syncs with the GPU once per token (tolist)
+    done = [False] * bsz
     done_rows, n_done = None, 0  # [B] bool on the device, once some row has finished
     generated = torch.zeros((bsz, 0), dtype=torch.long, device=device)
     next_pos = positions[:, -1:] + 1
+    to_host = _HostCopy(bsz, device)
+
+    def feed() -> torch.Tensor:  # this step's `tokens` into the cache -> the next logits
+        nonlocal mask, next_pos
+        if not isinstance(cache, StaticDecoder):
+            mask = torch.cat([mask, mask.new_ones((bsz, 1))], dim=1)
+        out = decode_step(model, tokens, mask, next_pos, cache)
+        next_pos = next_pos + 1
+        return out
+
     for step in range(settings.max_new_tokens):
         tokens = _next_tokens(logits, settings, generated, step, tokenizer.eos_id, generator)
         if done_rows is not None:
             tokens = tokens.masked_fill(done_rows, tokenizer.pad_id)
         generated = torch.cat([generated, tokens[:, None]], dim=1)
-        for row, token in enumerate(tokens.tolist()):
+        to_host.start(tokens)
+        last = step == settings.max_new_tokens - 1
+
+        # From the second token on, feed the tokens before reading them on the host: the GPU
+        # computes the next step while Python does the bookkeeping below. (When every row
+        # stops there, that step was for nothing; the cache then holds the last token too.)
+        # The first token is read first, so that it is shown without waiting for a step.
+        ahead = step > 0 and not last
+        if ahead:
+            logits = feed()
+        for row, token in enumerate(to_host.wait()):
             if done[row]:
                 continue
             result = results[row]
@@ -214,14 +277,14 @@ def generate(
             if stopped:
                 result.finish_reason = "stop"
                 done[row] = True
-        if all(done) or step == settings.max_new_tokens - 1:
+        if all(done) or last:
             break
-        if any(done) and (done_rows is None or sum(done) != n_done):
+        if any(done) and sum(done) != n_done:
             done_rows, n_done = torch.tensor(done, device=device), sum(done)
-        mask = torch.cat([mask, mask.new_ones((bsz, 1))], dim=1)
-        logits = decode_step(model, tokens, mask, next_pos, cache)
-        next_pos = next_pos + 1
+        if not ahead:
+            logits = feed()
     for row, result in enumerate(results):
+        result.text, _ = streams[row].finish(result.ids)
         if on_text:  # flush what was held back (a partial stop string that never completed)
             rest = result.text[streams[row].emitted :]
             if rest:
@@ -270,7 +333,7 @@ def _generate_beams(model, tokenizer, sequences, image_embeds, settings, stops, 
             new = new[: new.index(tokenizer.eos_id)]
             result.finish_reason = "eos"
         result.ids = [t for t in new if t != tokenizer.pad_id]
-        text, stopped, _ = _StreamState(tokenizer, stops).step(result.ids)
+        text, stopped = _StreamState(tokenizer, stops).finish(result.ids)
         result.text = text
         if stopped:
             result.finish_reason = "stop"

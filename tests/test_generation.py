@@ -119,6 +119,9 @@ def test_eos_and_min_new_tokens(tiny_loaded, monkeypatch):
 
 def test_stream_state_holds_back_partial_stop():
     class Tok:
+        def encode(self, text):
+            return [ord(c) for c in text]
+
         def decode(self, ids):
             return "".join(chr(i) for i in ids)
 
@@ -157,3 +160,33 @@ def test_beam_search_goes_through_transformers(tiny_loaded):
         return sum(logits[len(ids) - 1 + i, t].item() for i, t in enumerate(new))
 
     assert logprob(out[0].ids) >= logprob(greedy.ids) - 1e-4
+
+
+def test_incremental_stream_text_equals_decoding_everything(tiny_loaded):
+    """Streaming decodes a window per step; at every step the text must be what decoding all
+    tokens gives (waiting while a character is incomplete), deltas must add up to the final
+    text, and stop strings must be found across token boundaries."""
+    import random
+
+    tok = tiny_loaded.tokenizer
+    texts = ["The red circle is left of the blue square.### Human: next", "naïve café: 日本語 ok ##", "a#b## #x###y"]
+    sequences = [tok.encode(t) for t in texts]
+    rng = random.Random(0)
+    sequences += [[rng.randrange(tok.vocab_size + 3) for _ in range(80)] for _ in range(60)]  # byte pieces, ids past the vocabulary
+    for ids in sequences:
+        state, shown = _StreamState(tok, ("###",)), []
+        for n in range(1, len(ids) + 1):
+            text, stopped, delta = state.step(ids[:n])
+            shown.append(delta)
+            full = tok.decode(ids[:n])
+            cut = full.find("###")
+            assert stopped == (cut >= 0)
+            expected = full[:cut] if stopped else full
+            assert expected.startswith(text)
+            if not full.endswith("\ufffd"):  # no character pending: nothing held back
+                assert text == expected
+            if stopped:
+                break
+        final, stopped_at_end = state.finish(ids[:n])
+        assert final == expected and stopped_at_end == stopped
+        assert final.startswith("".join(shown))

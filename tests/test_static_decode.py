@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from minigpt4.chat import ChatSession
@@ -16,10 +17,9 @@ from minigpt4.generation import GenerationSettings, generate
 from tests.conftest import build_tiny
 
 
-def test_static_generate_equals_dynamic_with_left_padding():
-    loaded = build_tiny(["checkpoint=demo"])
+def batch_of_prompts(loaded) -> list[list[int]]:
+    """Two one-image questions and a shorter text-only one (left-padded in a batch)."""
     tok, n = loaded.tokenizer, loaded.model.num_image_tokens
-    pictures = [make_picture(s, size=loaded.image_size) for s in sample_specs(2, seed=11)]
     prompts = []
     for i, question in enumerate(["What colour are the shapes?", "How many shapes are there?"]):
         conv = loaded.conversation()
@@ -29,10 +29,16 @@ def test_static_generate_equals_dynamic_with_left_padding():
     text_only = loaded.conversation()
     text_only.ask("Hello! What can you do for me today?")
     prompts.append(encode_prompt(tok.encode, text_only.prompt(), n))
-    embeds = loaded.encode_images(pictures)
+    return prompts
+
+
+def test_static_generate_equals_dynamic_with_left_padding():
+    loaded = build_tiny(["checkpoint=demo"])
+    pictures = [make_picture(s, size=loaded.image_size) for s in sample_specs(2, seed=11)]
+    prompts, embeds = batch_of_prompts(loaded), loaded.encode_images(pictures)
     greedy = GenerationSettings(do_sample=False, max_new_tokens=20)
-    dynamic = generate(loaded.model, tok, prompts, embeds, replace(greedy, cache="dynamic"))
-    static = generate(loaded.model, tok, prompts, embeds, replace(greedy, cache="static"))
+    dynamic = generate(loaded.model, loaded.tokenizer, prompts, embeds, replace(greedy, cache="dynamic"))
+    static = generate(loaded.model, loaded.tokenizer, prompts, embeds, replace(greedy, cache="static"))
     assert [r.ids for r in static] == [r.ids for r in dynamic]
     assert all(r.text for r in static)
 
@@ -45,17 +51,18 @@ def test_static_chat_session_reuses_prefix_and_matches_dynamic():
         session = ChatSession(loaded, GenerationSettings(do_sample=False, max_new_tokens=16, cache=engine))
         session.add_images([picture])
         replies = [session.ask(q) for q in ("What colour are the shapes?", "How many shapes are there?", "Thanks!")]
+        # regenerate rewinds the cache into the last turn: crop() runs outside inference mode
+        replies.append(session.regenerate())
         answers[engine] = [r.text for r in replies]
         if engine == "static":
             assert isinstance(session._cache, StaticDecoder)
             assert replies[1].reused > 0 and replies[2].reused > replies[1].reused
     assert answers["static"] == answers["dynamic"]
     assert answers["static"][0]  # a real answer, not an empty string
+    assert answers["static"][3] == answers["static"][2]  # greedy: the same answer again
 
 
 def test_reserved_image_marker_in_a_message_is_a_clear_error():
-    import pytest
-
     from minigpt4.errors import UserError
 
     loaded = build_tiny(["checkpoint=demo"])
@@ -63,3 +70,78 @@ def test_reserved_image_marker_in_a_message_is_a_clear_error():
     with pytest.raises(UserError, match="ImageHere"):
         session.ask("what is <ImageHere> about?")
     assert session.ask("Hello!").text  # the session goes on
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graphs_match_eager_on_the_gpu(compile):
+    """On CUDA: graphed prefill (batch 1, padded to a bucket) and graphed decode steps, with and
+    without torch.compile, give the eager DynamicCache answers: chat turns, a regenerate (the
+    cache rewinds into a turn), a reset, and a left-padded batch."""
+    loaded = build_tiny(["checkpoint=demo", "gpu=0"])
+    pictures = [make_picture(s, size=loaded.image_size) for s in sample_specs(2, seed=5)]
+    questions = ("What colour are the shapes?", "How many shapes are there?", "Thanks!")
+    answers = {}
+    for engine in ("dynamic", "static"):
+        settings = GenerationSettings(do_sample=False, max_new_tokens=16, cache=engine, compile=compile)
+        session = ChatSession(loaded, settings)
+        texts = []
+        for picture in pictures:
+            session.add_images([picture])
+            texts += [session.ask(q).text for q in questions] + [session.regenerate().text]
+            session.reset()
+        answers[engine] = texts
+        if engine == "static":
+            assert session._cache is None or isinstance(session._cache, StaticDecoder)
+    assert answers["static"] == answers["dynamic"]
+    assert all(answers["static"][:3])
+
+    prompts, embeds = batch_of_prompts(loaded), loaded.encode_images(pictures)
+    greedy = GenerationSettings(do_sample=False, max_new_tokens=20, compile=compile)
+    batch = {engine: [r.ids for r in generate(loaded.model, loaded.tokenizer, prompts, embeds, replace(greedy, cache=engine))]
+             for engine in ("dynamic", "static")}
+    assert batch["static"] == batch["dynamic"]
+
+
+
+def test_padded_prefill_equals_plain_prefill():
+    """Batch-1 prefills are padded to a bucket (CUDA replays a graph per bucket): the logits, the
+    cache and the tokens decoded next must be those of the unpadded prefill, also for a turn
+    that starts after a cached prefix."""
+    loaded = build_tiny(["checkpoint=demo"])
+    llm, hidden = loaded.model.llm, loaded.model.llm.config.hidden_size
+    torch.manual_seed(3)
+    first, second = torch.randn(1, 37, hidden) * 0.02, torch.randn(1, 70, hidden) * 0.02
+    runs = []
+    for padded in (False, True):
+        dec = StaticDecoder(llm, 1, 256)
+        dec.pad_prefill = padded
+        ones = lambda e: torch.ones(1, e.shape[1], dtype=torch.long)  # noqa: E731
+        logits = [dec.prefill(first, torch.arange(37)[None], ones(first)).clone()]
+        logits.append(dec.step(logits[-1].argmax(-1), torch.tensor([37])).clone())
+        logits.append(dec.prefill(second, torch.arange(38, 108)[None], ones(second), start=38).clone())
+        tokens = []
+        for i in range(5):
+            tokens.append(int(logits[-1].argmax(-1)))
+            logits.append(dec.step(torch.tensor(tokens[-1:]), torch.tensor([108 + i])).clone())
+        runs.append((logits, tokens, dec.length))
+    (plain, plain_tokens, plain_len), (padded_logits, padded_tokens, padded_len) = runs
+    assert plain_tokens == padded_tokens and plain_len == padded_len == 113
+    for a, b in zip(plain, padded_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_failing_compile_falls_back_to_the_plain_graph(monkeypatch, caplog):
+    import minigpt4.cuda_decode as cuda_decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(cuda_decode, "_compiled_step", lambda mode: broken)
+    loaded = build_tiny(["checkpoint=demo", "gpu=0"])
+    settings = GenerationSettings(do_sample=False, max_new_tokens=8)
+    session = ChatSession(loaded, replace(settings, cache="static", compile=True))
+    reference = ChatSession(loaded, replace(settings, cache="dynamic"))
+    assert session.ask("Hello!").text == reference.ask("Hello!").text
+    assert "generation.compile=true failed here (RuntimeError: no Triton here)" in caplog.text
