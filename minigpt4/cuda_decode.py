@@ -1,4 +1,5 @@
-"""Fast decoding on CUDA: a static KV cache and one captured CUDA graph per decode step.
+"""Fast decoding on CUDA: a static KV cache and one captured CUDA graph per decode step (and,
+for batch-1 prefills such as chat turns, one per prefill length bucket).
 
 Eager decoding of a 7B Llama spends most of each token launching ~600 small kernels from
 Python; replaying a captured graph removes that overhead, so batch-1 decoding approaches the

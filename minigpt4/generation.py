@@ -196,8 +196,9 @@ def generate(
 
     `cache`/`cache_length` (batch 1 only): a KV cache that already holds the first
     cache_length positions of the sequence; only the rest is computed. The cache is extended
-    in place with the prompt and the generated tokens it was fed (all but the last sampled
-    one), so a chat can keep it for the next turn; cache.get_seq_length() says how far.
+    in place with the prompt and the generated tokens it was fed (all of them, or all but the
+    last when the answer ran to max_new_tokens or ended at its first token), so a chat can
+    keep it for the next turn; cache.get_seq_length() says how far.
     on_text(row, delta) receives streamed text as it becomes final.
     With settings.num_beams > 1 each row goes through transformers' beam search instead
     (no streaming until the row is done; the cache is left as it was).
