@@ -206,12 +206,15 @@ class ChatSession:
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the conversation as JSON (Conversation.to_json) with image paths. Images that
-        were given as PIL objects are written as PNG files next to it (<name>_images/)."""
+        """Write the conversation as JSON (Conversation.to_json) with absolute image paths, so
+        that it loads from any folder. Images that were given as PIL objects are written as PNG
+        files next to it (<name>_images/)."""
         path = Path(path)
         data = self.conversation.to_json()
         for i, image in enumerate(self.conversation.images):
-            if not isinstance(image.source, str):
+            if isinstance(image.source, str):
+                data["images"][i] = str(Path(image.source).resolve())
+            else:
                 folder = path.parent / f"{path.stem}_images"
                 folder.mkdir(parents=True, exist_ok=True)
                 image.source.save(folder / f"{i}.png")
@@ -251,10 +254,10 @@ class ChatSession:
         max_new = min(settings.max_new_tokens, room)
         if (dropped or max_new < settings.max_new_tokens) and not self._told_overflow:
             self._told_overflow = True
-            self.notify(
-                f"note: the conversation outgrew chat.max_context={self.max_context} tokens: dropped the "
-                f"oldest {dropped} turn(s) with their images (this happens from now on without notice)"
-            )
+            what = (f"dropped the oldest {dropped} turn(s) with their images" if dropped else
+                    f"the answer is limited to {max_new} new tokens")
+            self.notify(f"note: the conversation outgrew chat.max_context={self.max_context} tokens: {what} "
+                        "(this happens from now on without notice)")
         return ids, dropped, max_new
 
     def _keys(self, ids: list[int], images: list[ChatImage]) -> list[Any]:
@@ -377,11 +380,15 @@ def run_chat(cfg) -> None:
         raise UserError(f"ui={ui}: choose ui=terminal or ui=web")
     session = ChatSession.from_cfg(cfg, loaded)
     chat = cfg.get("chat") or {}
-    images = [str(i) for i in (chat.get("images") or [])]
+    images = chat.get("images") or []
+    images = [str(images)] if isinstance(images, str) else [str(i) for i in images]  # chat.images=a.png works too
     if chat.get("prompt"):
         one_shot(session, str(chat.prompt), images)
         return
     from minigpt4.terminal import run_terminal
 
-    session.add_images(images)  # chat.images without a prompt: attached to the first message
+    try:
+        session.add_images(images)  # chat.images without a prompt: attached to the first message
+    except UserError as err:  # the chat starts all the same, without them
+        _stderr(f"error: {err}")
     run_terminal(session)

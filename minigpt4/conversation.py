@@ -154,16 +154,17 @@ class Conversation:
     def from_json(cls, data: dict[str, Any], template: Template) -> "Conversation":
         try:
             messages = [[["user", "assistant"].index(m["role"]), m["text"]] for m in data["messages"]]
-            images = list(data.get("images", []))
-        except (KeyError, ValueError, TypeError) as err:
+            images = data.get("images", [])
+            if not all(isinstance(text, str) for _, text in messages):
+                raise TypeError("a message text is not a string")
+            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+                raise TypeError('"images" is not a list of file paths')
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
             raise UserError(f"conversation file: not a saved conversation ({err})") from None
         placeholders = sum(t.count(IMAGE_PLACEHOLDER) for _, t in messages)
         if placeholders != len(images):
             raise UserError(f"conversation file: {placeholders} image placeholders but {len(images)} images")
         return cls(template, messages, images)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2))
 
 
 def load_conversation(path: str | Path, template: Template) -> Conversation:

@@ -329,7 +329,8 @@ def _generate_beams(model, tokenizer, sequences, image_embeds, settings, stops, 
             **sampling,
         )
         new = out[0].tolist()  # with inputs_embeds only, generate returns only the new tokens
-        result = Generated(prefilled=len(sequence), first_token_at=time.perf_counter(), n_steps=len(new))
+        # first_token_at stays 0 (unknown): the answer comes whole, and speeds count all its time
+        result = Generated(prefilled=len(sequence), n_steps=len(new))
         if tokenizer.eos_id in new:
             new = new[: new.index(tokenizer.eos_id)]
             result.finish_reason = "eos"

@@ -76,6 +76,10 @@ def test_templates_match_the_official_strings():
     llama2.add_image("a.png")
     llama2.ask("Describe this image.")
     assert llama2.prompt() == OFFICIAL_SYSTEM + "<s>[INST] <Img><ImageHere></Img> Describe this image. [/INST] "
+    llama2.add_answer("A cat.")  # official SINGLE style, sep "": role + message, turn after turn
+    llama2.ask("What colour?")
+    assert llama2.prompt() == (OFFICIAL_SYSTEM + "<s>[INST] <Img><ImageHere></Img> Describe this image. [/INST] A cat."
+                               "<s>[INST] What colour? [/INST] ")
 
 
 def test_session_prompt_is_the_official_one(tiny_loaded, pictures, recorded):
@@ -85,7 +89,7 @@ def test_session_prompt_is_the_official_one(tiny_loaded, pictures, recorded):
     assert recorded[0]["ids"] == _ids(tiny_loaded, OFFICIAL_ONE_IMAGE)
     assert recorded[0]["ids"].count(tiny_loaded.tokenizer.bos_id) == 1 and recorded[0]["ids"][0] == tiny_loaded.tokenizer.bos_id
     assert session.conversation.messages == [[0, "<Img><ImageHere></Img> Describe this image."], [1, reply.text]]
-    assert reply.n_tokens >= 1 and reply.finish_reason in ("stop", "eos", "length")
+    assert reply.n_tokens >= 1 and reply.text == reply.text.strip()
 
 
 def test_two_images_then_a_question(tiny_loaded, pictures, recorded):
@@ -163,6 +167,14 @@ def test_overflow_drops_oldest_whole_turns_and_says_so_once(tiny_loaded, picture
     assert "question number 5" in conv.messages[-2][1]
     ids = _ids(tiny_loaded, conv.copy().prompt())
     assert len(ids) <= 150  # the last prompt (+ its answer) fitted
+
+
+def test_overflow_that_only_limits_the_answer_says_so(tiny_loaded):
+    notices = []
+    session = ChatSession(tiny_loaded, GenerationSettings(do_sample=False, max_new_tokens=50),
+                          max_context=60, notify=notices.append)
+    session.ask("Hello there, how are you doing today, my friend?")
+    assert len(notices) == 1 and "the answer is limited to" in notices[0] and "dropped" not in notices[0]
 
 
 def test_a_message_longer_than_the_context_is_a_user_error(tiny_loaded):
@@ -254,6 +266,51 @@ def test_terminal_stops_at_end_of_input(tiny_loaded):
     assert stdout.getvalue().endswith("\n") and stderr.getvalue() == ""
 
 
+def test_beam_search_in_a_session_reports_whole_answer_speed(tiny_loaded, pictures):
+    session = ChatSession(tiny_loaded, GenerationSettings(do_sample=False, num_beams=3, max_new_tokens=6, min_new_tokens=6))
+    session.add_images(pictures[:1])
+    reply = session.ask("What is this?")
+    assert reply.n_tokens == 6 and session.conversation.messages[-1] == [1, reply.text]
+    # the answer comes whole: its speed and first-token time count the whole turn
+    assert reply.first_token_s == pytest.approx(reply.seconds, rel=0.05)
+    assert reply.tokens_per_s == pytest.approx(6 / reply.seconds, rel=0.05)
+
+
+@pytest.mark.parametrize("data", ['{"messages": [{"role": "user", "text": 5}], "images": []}',
+                                  '{"messages": [], "images": [{"a": 1}]}', '[1, 2]', '{"messages": [3]}'])
+def test_a_malformed_conversation_file_is_a_user_error(tiny_loaded, tmp_path, data):
+    session = ChatSession(tiny_loaded, GREEDY)
+    session.ask("Hello")
+    (tmp_path / "bad.json").write_text(data)
+    with pytest.raises(UserError, match="not a saved conversation"):
+        session.load(tmp_path / "bad.json")
+    assert len(session.conversation.messages) == 2  # the conversation goes on
+
+
+def test_saved_conversation_loads_from_another_folder(tiny_loaded, pictures, tmp_path, monkeypatch):
+    session = ChatSession(tiny_loaded, GREEDY)
+    monkeypatch.chdir(Path(pictures[0]).parent)
+    session.add_images([Path(pictures[0]).name])  # a path relative to the current folder
+    session.ask("What is this?")
+    session.save(tmp_path / "conv.json")
+    monkeypatch.chdir(tmp_path)
+    other = ChatSession(tiny_loaded, GREEDY)
+    other.load("conv.json")
+    assert other.conversation.prompt() == session.conversation.prompt()
+
+
+def test_run_chat_images_without_a_prompt(tiny_loaded, pictures, monkeypatch, capsys):
+    """chat.images=a.png (no brackets) is one image; a bad one is an error and the chat starts."""
+    from minigpt4.config import compose
+
+    started = []
+    monkeypatch.setattr("minigpt4.terminal.run_terminal", lambda session: started.append(len(session.conversation.images)))
+    run_chat(compose("chat", ["gpu=cpu", "checkpoint=random", f"chat.images={pictures[0]}"]))
+    run_chat(compose("chat", ["gpu=cpu", "checkpoint=random", "chat.images=[missing.png]"]))
+    assert started == [1, 0]
+    assert "error: image missing.png: no such file" in capsys.readouterr().err
+
+
 def test_run_chat_one_shot_in_process(pictures, capsys):
     from minigpt4.config import compose
 
@@ -271,12 +328,25 @@ def _chat_py(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_piped_session_subprocess():
-    proc = _chat_py(["generation.max_new_tokens=8"], "Hello\n/image missing.png\nHow are you?\n/quit\n")
+def test_piped_session_subprocess(tmp_path):
+    """A whole session through a pipe on the shipped demo model: text-only, a bad image (the
+    chat goes on), then a picture and questions whose answers are checked."""
+    from minigpt4.data.synthetic import make_picture, questions, sample_specs
+
+    spec = sample_specs(1, seed=321)[0]
+    make_picture(spec).save(tmp_path / "shapes.png")
+    asked = {kind: (q, a) for q, a, kind in questions(spec)}
+    (colour_q, colour_a), (count_q, count_a) = asked["colour"], asked["count"]
+    proc = _chat_py(["generation=greedy", "generation.max_new_tokens=20"],
+                    f"Hello\n/image missing.png\n/image {tmp_path / 'shapes.png'}\n{colour_q}\n{count_q}\n/quit\n")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() and "tok/s" not in proc.stdout and "error" not in proc.stdout
-    assert "error: image missing.png: no such file" in proc.stderr and proc.stderr.count("tok/s") == 2
+    answers = proc.stdout.strip().splitlines()
+    assert len(answers) == 3 and "tok/s" not in proc.stdout and "error" not in proc.stdout
+    assert "error: image missing.png: no such file" in proc.stderr and proc.stderr.count("tok/s") == 3
     assert "Traceback" not in proc.stderr
+    assert "UNTRAINED" not in proc.stderr  # the default checkpoint is the trained demo model
+    assert answers[0].startswith("Hello")
+    assert answers[1:] == [colour_a, count_a]
 
 
 @pytest.mark.slow
