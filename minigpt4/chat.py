@@ -97,11 +97,13 @@ def _stderr(message: str) -> None:
 class ChatSession:
     """A conversation with one loaded model (batch 1).
 
-    ChatSession(loaded, settings, max_context=2000, system=None, reuse_cache=True, seed=None)
+    ChatSession(loaded, settings, max_context=2000, system=None, system_text_only=None, reuse_cache=True, seed=None)
       settings     GenerationSettings for every answer (ask/regenerate may pass others)
       max_context  prompt + max_new_tokens stay within this many positions; the oldest whole
                    turns are dropped to fit (said once per conversation through `notify`)
-      system       replaces the template's system text (with and without images)
+      system       replaces the template's system text (with images; without too, unless
+                   system_text_only is given)
+      system_text_only  replaces the system text of a conversation that holds no image
       reuse_cache  keep the KV cache across turns (False: recompute everything, as officially)
       seed         seeds the sampling generator (None: random)
       notify       where notices go (default: stderr)
@@ -113,6 +115,7 @@ class ChatSession:
         settings: GenerationSettings,
         max_context: int = 2000,
         system: str | None = None,
+        system_text_only: str | None = None,
         reuse_cache: bool = True,
         seed: int | None = None,
         notify: Callable[[str], None] = _stderr,
@@ -120,7 +123,7 @@ class ChatSession:
         self.loaded = loaded
         self.settings = settings
         self.max_context = int(max_context)
-        self.template = loaded.template.with_overrides(system=system, system_text_only=system) if system else loaded.template
+        self.template = loaded.template.with_overrides(system=system, system_text_only=system_text_only or system)
         self.reuse_cache = reuse_cache
         self.notify = notify
         self.generator = torch.Generator(device=loaded.device)
@@ -140,6 +143,7 @@ class ChatSession:
             GenerationSettings.from_cfg(cfg.get("generation")),
             max_context=chat.get("max_context", 2000),
             system=chat.get("system"),
+            system_text_only=chat.get("system_text_only"),
             reuse_cache=chat.get("reuse_cache", True),
             seed=cfg.get("seed"),
             **kwargs,

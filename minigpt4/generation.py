@@ -20,6 +20,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from minigpt4.conversation import pad_batch
 from minigpt4.cuda_decode import StaticDecoder, decoder_for
+from minigpt4.errors import UserError
 from minigpt4.model import IMAGE_TOKEN, MiniGPT4
 from minigpt4.tokenizer import Tokenizer
 
@@ -37,6 +38,23 @@ class GenerationSettings:
     # (minigpt4/cuda_decode.py), "dynamic" = eager transformers DynamicCache. "auto": static on CUDA.
     cache: str = "auto"
     compile: bool | str = False  # torch.compile the static decode step (slower start, faster tokens)
+
+    def __post_init__(self) -> None:
+        """Bad values are one UserError naming the key (before any model loads)."""
+        whole = lambda low: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low)  # noqa: E731
+        number = lambda ok: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v))  # noqa: E731
+        checks = {
+            "max_new_tokens": (whole(1), "a whole number of 1 or more"),
+            "min_new_tokens": (whole(0), "a whole number of 0 or more"),
+            "num_beams": (whole(1), "a whole number of 1 or more"),
+            "temperature": (number(lambda v: v >= 0), "a number of 0 or more"),
+            "top_p": (number(lambda v: 0 < v <= 1), "a number above 0 and at most 1"),
+            "repetition_penalty": (number(lambda v: v > 0), "a number above 0"),
+            "cache": (lambda v: v in ("auto", "static", "dynamic"), "auto, static or dynamic"),
+        }
+        for name, (ok, what) in checks.items():
+            if not ok(getattr(self, name)):
+                raise UserError(f"generation.{name}={getattr(self, name)!r}: use {what}")
 
     def use_static(self, device: torch.device) -> bool:
         return self.cache == "static" or (self.cache == "auto" and device.type == "cuda")

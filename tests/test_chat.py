@@ -125,6 +125,16 @@ def test_system_override(tiny_loaded, recorded):
     assert recorded[0]["ids"] == _ids(tiny_loaded, "You are terse.###Human: Hi###Assistant:")
 
 
+def test_text_only_system_override_keeps_the_official_image_prompt(tiny_loaded, pictures, recorded):
+    session = ChatSession(tiny_loaded, GREEDY, system_text_only="You are terse.")
+    session.ask("Hi")
+    assert recorded[0]["ids"] == _ids(tiny_loaded, "You are terse.###Human: Hi###Assistant:")
+    session.reset()
+    session.add_images(pictures[:1])
+    session.ask("Describe this image.")
+    assert recorded[1]["ids"] == _ids(tiny_loaded, OFFICIAL_ONE_IMAGE)
+
+
 def test_each_image_is_encoded_once(tiny_loaded, pictures, monkeypatch):
     encoded = []
     real = tiny_loaded.model.encode_images

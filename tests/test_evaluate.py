@@ -235,6 +235,67 @@ def test_score_only_rescores_without_loading_a_model(prompt_set, tmp_path, monke
         run_evaluation(compose("evaluate", [*FAST, f"score_only={tmp_path}"]), tmp_path / "x")
 
 
+def test_resume_retries_failed_rows_only_when_asked(prompt_set, tmp_path):
+    run_dir = run_evaluation(cfg_for(prompt_set), tmp_path / "run")
+    failed = lambda: {r["id"] for r in read_predictions(run_dir) if r["error"]}  # noqa: E731
+    assert failed() == {"f", "g"}
+    picture(prompt_set.parent / "missing.png")  # the user fixes one image
+    run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "x")
+    assert failed() == {"f", "g"}  # a plain resume redoes nothing
+    before = {r["id"]: r for r in read_predictions(run_dir)}
+    run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}", "evaluate.retry_failed=true"]), tmp_path / "x")
+    after = {r["id"]: r for r in read_predictions(run_dir)}
+    assert failed() == {"g"} and after["f"]["answer"] and len(after) == 8
+    assert all(after[k] == before[k] for k in after if k not in ("f", "g"))  # finished rows untouched
+    assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 8  # merged: one line a row
+
+
+def test_score_only_metrics_replace_every_files_own_choice(prompt_set, tmp_path):
+    cfg = compose("evaluate", [*FAST, "generation.max_new_tokens=6",
+                               f"evaluate.prompts=[{{path: {prompt_set}, metrics: [bleu, exact_match]}}]"])
+    run_dir = run_evaluation(cfg, tmp_path / "run")
+    assert list(json.loads((run_dir / "summary.json").read_text())["metrics"]) == ["exact_match", "bleu"]
+    run_evaluation(compose("evaluate", [*FAST, f"score_only={run_dir}", "evaluate.metrics=[contains]"]), tmp_path / "x")
+    assert list(json.loads((run_dir / "summary.json").read_text())["metrics"]) == ["contains"]
+
+
+def test_resume_says_which_overrides_it_ignores_and_logs_into_the_run(prompt_set, tmp_path, monkeypatch, caplog):
+    import minigpt4.evaluation.runner as runner
+
+    run_dir = run_evaluation(cfg_for(prompt_set), tmp_path / "run")
+    monkeypatch.setattr(runner, "_command_line_overrides", lambda: [
+        f"resume={run_dir}", "generation.max_new_tokens=1", "evaluate.batch_size=2", "gpu=cpu", "+hydra.x=1"])
+    run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "ignored")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("ignored generation.max_new_tokens=1 (only gpu" in w for w in warnings), warnings
+    assert not any("evaluate.batch_size=2" in w for w in warnings)
+    assert "ignored generation.max_new_tokens=1" in (run_dir / "evaluate.log").read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("evaluate.max_context=abc", "evaluate.max_context=abc: use a whole number"),
+    ("evaluate.batch_size=0", "evaluate.batch_size=0: use a whole number of 1 or more"),
+    ("generation.max_new_tokens=0", "generation.max_new_tokens=0: use a whole number of 1 or more"),
+    ("generation.top_p=1.5", "generation.top_p=1.5: use a number above 0 and at most 1"),
+])
+def test_bad_settings_fail_before_any_model(prompt_set, tmp_path, monkeypatch, override, message):
+    import minigpt4.build
+
+    monkeypatch.setattr(minigpt4.build, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError) as err:
+        run_evaluation(cfg_for(prompt_set, override), tmp_path / "run")
+    assert message in str(err.value)
+
+
+def test_columns_named_like_output_columns_are_refused(tmp_path, caplog):
+    path = write_csv(tmp_path / "clash.csv", ["prompt", "answer", "error"], [["hi", "a", "b"]])
+    with pytest.raises(UserError, match=r"clash.csv:1: column\(s\) \['answer', 'error'\] would be overwritten"):
+        read_prompt_file(parse_files([str(path)])[0])
+    near = write_csv(tmp_path / "near.csv", ["prompt", "images"], [["hi", "a.png"]])
+    read_prompt_file(parse_files([str(near)])[0])
+    assert "column 'images' is carried through unused; did you mean 'image'?" in caplog.text
+
+
 def test_example_set_end_to_end():
     """The shipped example set on the default checkpoint (`python evaluate.py gpu=cpu`). Without
     the demo model: structure only, on random weights. With it: held-out accuracy (thresholds
@@ -278,6 +339,8 @@ def test_wandb_logs_summary_and_predictions_offline_and_is_imported_only_when_en
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
     table = json.loads(next(offline[0].glob("files/media/table/predictions_*.table.json")).read_text())
     assert len(table["data"]) == 8 and "answer" in table["columns"]
+    n_tokens = table["columns"].index("n_tokens")
+    assert all(isinstance(row[n_tokens], (int, float)) for row in table["data"])
 
 
 def test_process_settings_come_from_gpu_or_trainer_keys():

@@ -155,11 +155,16 @@ def _phrasings(spec: Spec, rng: random.Random | None = None) -> dict[str, list[t
     # yes/no: one true and one false claim about colour and shape
     other_colour = next(c for c in COLOURS if c != spec.colour) if rng is None else rng.choice([c for c in COLOURS if c != spec.colour])
     other_shape = next(s for s in SHAPES if s != spec.shape) if rng is None else rng.choice([s for s in SHAPES if s != spec.shape])
-    out["yesno"] = [(f"Is there a {spec.colour} {spec.shape}?", "yes"), (f"Is there a {other_colour} {spec.shape}?", "no"),
-                    (f"Is there a {spec.colour} {other_shape}?", "no"), (f"Are there any {PLURALS[spec.shape]}?", "yes")]
+    out["yesno"] = [(f"Is there {_a(spec.colour)} {spec.shape}?", "yes"), (f"Is there {_a(other_colour)} {spec.shape}?", "no"),
+                    (f"Is there {_a(spec.colour)} {other_shape}?", "no"), (f"Are there any {PLURALS[spec.shape]}?", "yes")]
     out["description"] = [("Describe this image.", describe(spec)), ("What is in the picture?", describe(spec)),
                           ("What do you see?", describe(spec)), ("Describe the picture.", describe(spec))]
     return out
+
+
+def _a(word: str) -> str:
+    """'a red', 'an orange'."""
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def questions(spec: Spec, all_phrasings: bool = False, rng: random.Random | None = None) -> list[tuple[str, str, str]]:

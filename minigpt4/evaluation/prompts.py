@@ -6,7 +6,8 @@ A prompt set is one or more CSV files. Columns:
     image      optional; zero or more paths separated by ";", relative to the CSV's folder
     reference  optional expected answer; alternatives separated by "|"
     category   optional; results are also reported per category
-    any other column is carried through to predictions.csv.
+    any other column is carried through to predictions.csv, except the names of its own
+    columns (csv, answer, finish_reason, n_tokens, error and the metrics), which are refused.
 
 Structural problems (no `prompt` column, empty file, not UTF-8, a duplicated id, a ragged row,
 marker/image count mismatch) are one UserError naming file and line: they would make every
@@ -17,15 +18,20 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from minigpt4.errors import UserError
+from minigpt4.evaluation.metrics import ALL_METRICS
+
+log = logging.getLogger(__name__)
 
 IMAGE_SEP = ";"
 REFERENCE_SEP = "|"
 MARKER = "<image>"
 KNOWN_COLUMNS = ("id", "prompt", "image", "reference", "category")
+OUTPUT_COLUMNS = ("csv", "answer", "finish_reason", "n_tokens", "error", *ALL_METRICS)  # predictions.csv's own
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,14 @@ def read_prompt_file(pf: PromptFile) -> list[PromptRow]:
     blank = [i + 1 for i, h in enumerate(header) if not h]
     if blank or len(set(header)) != len(header):
         raise UserError(f"{path}:1: header has empty or repeated column names {header}")
+    clash = [h for h in header if h in OUTPUT_COLUMNS]
+    if clash:
+        raise UserError(f"{path}:1: column(s) {clash} would be overwritten by predictions.csv's own; rename them "
+                        f"(e.g. reference for expected answers)")
+    for h in header:  # a near miss is carried through as a plain column: the row would lose its meaning
+        known = next((k for k in KNOWN_COLUMNS if h != k and h.lower().rstrip("s") == k), None)
+        if known:
+            log.warning("%s: column %r is carried through unused; did you mean %r?", path, h, known)
 
     rows: list[PromptRow] = []
     seen: dict[str, int] = {}

@@ -147,7 +147,9 @@ def _log_wandb(run_dir: Path, w: dict, summary: dict, predictions_csv: Path) -> 
     run.summary.update(flat)
     with open(predictions_csv, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    run.log({"predictions": wandb.Table(columns=rows[0], data=rows[1:])})
+    numeric = [c in ("n_tokens", *ALL_METRICS) for c in rows[0]]  # numbers, so the table sorts and plots
+    data = [[(float(v) if v else None) if is_number else v for v, is_number in zip(row, numeric)] for row in rows[1:]]
+    run.log({"predictions": wandb.Table(columns=rows[0], data=data)})
     run.finish()
 
 

@@ -12,6 +12,7 @@ processes go through Lightning Fabric: `gpu=[0,1]`, or trainer.* for anything el
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 # On resume everything comes from the run's saved config except how it is run:
-RESUME_KEEPS_CURRENT = ("gpu", "trainer", "evaluate.batch_size", "evaluate.progress", "logger")
+RESUME_KEEPS_CURRENT = ("gpu", "trainer", "evaluate.batch_size", "evaluate.progress", "evaluate.retry_failed", "logger")
 
 
 @dataclass
@@ -79,13 +80,22 @@ def _locate(path: Path) -> Path:
 def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Evaluate (or resume, or re-score) and return the directory that holds the results."""
     if cfg.get("score_only"):
-        return score_only(cfg)
+        with _log_into(Path(str(cfg.score_only))):
+            return score_only(cfg)
     if cfg.get("resume"):
-        cfg, run_dir = _resumed_config(cfg)
-    run_dir = Path(run_dir)
-    plan = Plan.from_cfg(cfg)  # every CSV is validated before a model loads
-    if int(cfg.evaluate.batch_size) < 1:
-        raise UserError(f"evaluate.batch_size={cfg.evaluate.batch_size}: use 1 or more")
+        with _log_into(Path(str(cfg.resume))):
+            cfg, run_dir = _resumed_config(cfg)
+            return _evaluate(cfg, run_dir)
+    return _evaluate(cfg, Path(run_dir))
+
+
+def _evaluate(cfg: DictConfig, run_dir: Path) -> Path:
+    plan = Plan.from_cfg(cfg)  # every CSV and setting is validated before a model loads
+    for key in ("evaluate.batch_size", "evaluate.max_context"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{key}={value}: use a whole number of 1 or more")
+    GenerationSettings.from_cfg(cfg.generation)
     cfg = copy.deepcopy(cfg)  # save absolute prompt paths, so resume works from any directory
     cfg.evaluate.prompts = [{"path": str(f.path), "metrics": list(f.metrics) if f.metrics else None} for f in plan.files]
     launch = _fabric_settings(cfg)
@@ -127,8 +137,41 @@ def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     for key in RESUME_KEEPS_CURRENT:
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
     saved.resume = str(run_dir)
+    ignored = [o for o in _command_line_overrides() if not _applies_on_resume(o.lstrip("+~").split("=")[0])]
+    if ignored:
+        log.warning("resume keeps the run's own settings: ignored %s (only %s apply when resuming)",
+                    " ".join(ignored), ", ".join(RESUME_KEEPS_CURRENT))
     log.info("resuming %s", run_dir)
     return saved, run_dir
+
+
+def _applies_on_resume(key: str) -> bool:
+    return key == "resume" or key.startswith("hydra.") or any(
+        key == k or key.startswith(k + ".") for k in RESUME_KEEPS_CURRENT)
+
+
+def _command_line_overrides() -> list[str]:
+    """What the user typed after evaluate.py (empty when composed in-process, e.g. by a test)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+@contextlib.contextmanager
+def _log_into(run_dir: Path):
+    """While resuming or re-scoring a run, its own evaluate.log gets the log too (Hydra writes
+    this invocation's log into a new folder)."""
+    if not run_dir.is_dir():
+        yield
+        return
+    handler = logging.FileHandler(run_dir / "evaluate.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def _saved_config(run_dir: Path, key: str) -> DictConfig:
@@ -150,7 +193,8 @@ def evaluate_shard(cfg: DictConfig, run_dir: Path, rank: int, world_size: int, d
             OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
     barrier()
     done = store.collect(run_dir)
-    pending = [row for row in plan.rows if row.key not in done]
+    retry = bool(cfg.evaluate.get("retry_failed"))  # failed rows are answered again
+    pending = [row for row in plan.rows if row.key not in done or (retry and done[row.key].get("error") is not None)]
     barrier()  # nobody appends before every process has read what is already done
     shard = pending[rank::world_size]
     stats = {"rows": 0, "generated_tokens": 0, "seconds": 0.0, "model": None}
@@ -277,8 +321,11 @@ def score_only(cfg: DictConfig) -> Path:
     evaluate.metrics when given on this command line."""
     run_dir = Path(str(cfg.score_only))
     saved = _saved_config(run_dir, "score_only")
-    if cfg.evaluate.get("metrics") is not None:
+    if cfg.evaluate.get("metrics") is not None:  # this command line's choice, for every file
         saved.evaluate.metrics = cfg.evaluate.metrics
+        for entry in saved.evaluate.prompts:
+            if isinstance(entry, DictConfig):
+                entry.metrics = None
     OmegaConf.update(saved, "logger", OmegaConf.select(cfg, "logger"), merge=False, force_add=True)
     plan = Plan.from_cfg(saved, read_rows=False)
     records = sorted(store.collect(run_dir).values(), key=plan.order)

@@ -70,11 +70,14 @@ def prediction_files(run_dir: Path) -> list[Path]:
 
 
 def collect(run_dir: Path) -> dict[str, dict]:
-    """key -> record over every predictions file of a run (the first record of a key wins)."""
+    """key -> record over every predictions file of a run: a row's first answer, or, while it
+    has none, its latest error (evaluate.retry_failed appends new tries)."""
     records: dict[str, dict] = {}
     for path in prediction_files(run_dir):
         for record in read_records(path):
-            records.setdefault(record["key"], record)
+            seen = records.get(record["key"])
+            if seen is None or seen.get("error") is not None:
+                records[record["key"]] = record
     return records
 
 
