@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything the GPU benchmarks and GPU tests need, in one device call of under 10 minutes:
+#     bash bench/gpu_checks.sh     # $OUT (or outputs/gpu_checks): gpu_checks.log + each bench's JSON
+# (five files: the device tool brings back at most eight).
+# On the lent GPU machine (no hydra-core/omegaconf there) carry the wheels first, as
+# docs/BENCHMARKS.md says: .whl/{hydra_core,omegaconf,antlr4_python3_runtime}-*.whl.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_checks}
+mkdir -p "$OUT"
+export OUT PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import hydra" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+LOG="$OUT/gpu_checks.log"
+{ date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git log -1 --oneline 2>/dev/null; } | tee "$LOG"
+step() {  # step SECONDS COMMAND...: time-limited, logged; a failing step does not stop the others
+  local limit=$1
+  shift
+  echo "== $*" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | grep -v -i "warn" > "$OUT/step.log"
+  local rc=${PIPESTATUS[0]}
+  cat "$OUT/step.log" >> "$LOG"
+  tail -12 "$OUT/step.log"
+  rm -f "$OUT/step.log"
+  echo "== exit $rc" | tee -a "$LOG"
+}
+step 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static_decode.py tests/test_gpu_foundation.py
+step 110 python3 bench/bench_chat.py
+step 170 python3 bench/bench_chat.py --compile
+step 150 python3 bench/bench_evaluate.py --compile
