@@ -106,11 +106,8 @@ class _StreamState:
         if not new.endswith("\ufffd"):  # else: a character still incomplete, wait for its bytes
             self.text += new
             self.read = len(ids)
-        text, stopped = self.text, False
-        for stop in self.stops:
-            cut = text.find(stop, max(0, before - len(stop) + 1))
-            if cut >= 0:
-                text, stopped = text[:cut], True
+        # a stop string can only begin in the new text or end in it
+        text, stopped = self._cut(self.text, max(0, before - max(map(len, self.stops), default=1) + 1))
         safe = len(text)
         if not stopped:
             for stop in self.stops:  # hold back a suffix that may grow into a stop string
@@ -124,9 +121,12 @@ class _StreamState:
 
     def finish(self, ids: list[int]) -> tuple[str, bool]:
         """The whole answer decoded at once, cut before the first stop string -> (text, stopped?)."""
-        text = self.tokenizer.decode(ids)
-        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
+        return self._cut(self.tokenizer.decode(ids))
+
+    def _cut(self, text: str, start: int = 0) -> tuple[str, bool]:
+        """text cut before its first stop string found from `start` on -> (text, stopped?)."""
+        cuts = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 class _HostCopy:
