@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything the GPU benchmarks and GPU tests need, in one device call of under 10 minutes:
-#     bash bench/gpu_checks.sh     # $OUT (or outputs/gpu_checks): gpu_checks.log + each bench's JSON
-# (five files: the device tool brings back at most eight).
+#     bash bench/gpu_checks.sh                    # all steps (over 10 minutes: split it in two calls)
+#     bash bench/gpu_checks.sh profile evaluate   # only the steps named (see `pick` below)
+# $OUT (or outputs/gpu_checks) gets gpu_checks.log and each step's JSON (the device tool brings
+# back at most eight files).
 # On the lent GPU machine (no hydra-core/omegaconf there) carry the wheels first, as
 # docs/BENCHMARKS.md says: .whl/{hydra_core,omegaconf,antlr4_python3_runtime}-*.whl.
 set -u
@@ -26,7 +28,14 @@ step() {  # step SECONDS COMMAND...: time-limited, logged; a failing step does n
   rm -f "$OUT/step.log"
   echo "== exit $rc" | tee -a "$LOG"
 }
-step 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static_decode.py tests/test_gpu_foundation.py
-step 110 python3 bench/bench_chat.py
-step 170 python3 bench/bench_chat.py --compile
-step 150 python3 bench/bench_evaluate.py --compile
+# name steps to run only those (bash bench/gpu_checks.sh chat_compile evaluate); none: all
+SELECTED="$*"
+run_all=$([ $# -eq 0 ] && echo 1)
+pick() { [ -n "$run_all" ] || [[ " $SELECTED " == *" $1 "* ]]; }
+pick tests && step 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static_decode.py tests/test_gpu_foundation.py
+pick evaluate && step 240 python3 bench/bench_evaluate.py --compile
+pick chat_compile && step 180 python3 bench/bench_chat.py --compile
+pick chat && step 110 python3 bench/bench_chat.py
+pick profile && step 60 python3 bench/profile_step.py
+pick profile_compile && step 90 python3 bench/profile_step.py --compile
+exit 0
