@@ -38,4 +38,8 @@ pick chat_compile && step 180 python3 bench/bench_chat.py --compile
 pick chat && step 110 python3 bench/bench_chat.py
 pick profile && step 60 python3 bench/profile_step.py
 pick profile_compile && step 90 python3 bench/profile_step.py --compile
+# experiment: Inductor's max-autotune (Triton matmul templates benchmarked against cuBLAS) with
+# coordinate-descent tuning, on the bare decode step; a separate process per batch size
+pick autotune1 && step 270 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 python3 bench/bench_decode.py --batches 1 --compile max-autotune-no-cudagraphs
+pick autotune32 && step 270 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 python3 bench/bench_decode.py --batches 32 --compile max-autotune-no-cudagraphs
 exit 0
