@@ -285,7 +285,7 @@ class ChatSession:
         if self.settings.use_static(self.loaded.device):
             if not isinstance(self._cache, StaticDecoder):
                 max_len = -(-(self.max_context + 1) // 32) * 32
-                return StaticDecoder(self.loaded.model.llm, 1, max_len, compile=self.settings.compile)
+                return StaticDecoder(self.loaded.model.llm, 1, max_len, compile=self.settings.compile_for(None))
             self._cache.crop(0)
             return self._cache
         return DynamicCache()

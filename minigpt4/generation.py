@@ -25,6 +25,10 @@ from minigpt4.model import IMAGE_TOKEN, MiniGPT4
 from minigpt4.tokenizer import Tokenizer
 
 
+INDUCTOR_MODES = ("default", "max-autotune-no-cudagraphs")  # not the ones with their own CUDA graphs
+COMPILE_PAYS_FROM_TOKENS = 200_000  # generation.compile=auto: compile jobs at least this long
+
+
 @dataclass
 class GenerationSettings:
     do_sample: bool = True
@@ -37,7 +41,9 @@ class GenerationSettings:
     # Decoding engine on CUDA: "static" = static KV cache + one CUDA graph per step
     # (minigpt4/cuda_decode.py), "dynamic" = eager transformers DynamicCache. "auto": static on CUDA.
     cache: str = "auto"
-    compile: bool | str = False  # torch.compile the static decode step (slower start, faster tokens)
+    # torch.compile the static decode step (slower start, faster tokens): true, false, "auto"
+    # (only jobs long enough to pay the compilation back: compile_for) or an Inductor mode
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         """Bad values are one UserError naming the key (before any model loads)."""
@@ -51,10 +57,21 @@ class GenerationSettings:
             "top_p": (number(lambda v: 0 < v <= 1), "a number above 0 and at most 1"),
             "repetition_penalty": (number(lambda v: v > 0), "a number above 0"),
             "cache": (lambda v: v in ("auto", "static", "dynamic"), "auto, static or dynamic"),
+            "compile": (lambda v: isinstance(v, bool) or v in ("auto", *INDUCTOR_MODES),
+                        "true, false, auto or an Inductor mode without CUDA graphs: " + ", ".join(INDUCTOR_MODES)),
         }
         for name, (ok, what) in checks.items():
             if not ok(getattr(self, name)):
                 raise UserError(f"generation.{name}={getattr(self, name)!r}: use {what}")
+
+    def compile_for(self, expected_tokens: int | None) -> bool | str:
+        """The compile choice for a job of about expected_tokens generated tokens (None: open-ended,
+        a chat). "auto" compiles only jobs long enough to win back the compilation: on an H200 it
+        took ~1.5 min per evaluation run and saved ~0.5 ms per token at batch 8
+        (docs/BENCHMARKS.md), so it pays from about COMPILE_PAYS_FROM_TOKENS tokens."""
+        if self.compile != "auto":
+            return self.compile
+        return expected_tokens is not None and expected_tokens >= COMPILE_PAYS_FROM_TOKENS
 
     def use_static(self, device: torch.device) -> bool:
         return self.cache == "static" or (self.cache == "auto" and device.type == "cuda")
@@ -231,7 +248,7 @@ def generate(
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     if cache is None:
         cache = (
-            decoder_for(model.llm, ids.shape[0], ids.shape[1] + settings.max_new_tokens, compile=settings.compile)
+            decoder_for(model.llm, ids.shape[0], ids.shape[1] + settings.max_new_tokens, compile=settings.compile_for(None))
             if settings.use_static(device)
             else DynamicCache()
         )

@@ -153,6 +153,29 @@ def test_greedy_answers_do_not_depend_on_the_batch_size(prompt_set):
     assert len(good) == 6 and len(set(good)) >= 4  # the rows really got different answers
 
 
+def test_compile_auto_compiles_only_jobs_long_enough_to_pay_it_back(prompt_set, monkeypatch):
+    """evaluate.py's default (generation.compile=auto) is decided once per job from rows x
+    max_new_tokens; a chat (no length known) never compiles on "auto"."""
+    from minigpt4 import generation
+    from minigpt4.evaluation import runner
+
+    cfg = cfg_for(prompt_set)
+    assert compose("evaluate", []).generation.compile == "auto"
+    lm = diverse_tiny_model(cfg)
+    rows = Plan.from_cfg(cfg).rows
+    seen = []
+    monkeypatch.setattr(runner, "_generate_batch", lambda lm, batch, settings: seen.append(settings.compile) or [])
+    settings = GenerationSettings(do_sample=False, max_new_tokens=10, compile="auto")
+    answer_rows(lm, rows, settings, 4, lambda record: None)
+    assert seen and set(seen) == {False}  # 6 answerable rows x 10 tokens: far too short
+    seen.clear()
+    monkeypatch.setattr(generation, "COMPILE_PAYS_FROM_TOKENS", 60)
+    answer_rows(lm, rows, settings, 4, lambda record: None)
+    assert set(seen) == {True}
+    assert settings.compile_for(None) is False and settings.compile_for(10**9) is True
+    assert GenerationSettings(compile="max-autotune-no-cudagraphs").compile_for(None) == "max-autotune-no-cudagraphs"
+
+
 @pytest.mark.skipif(not DEMO.is_file(), reason="the demo model is not shipped yet")
 def test_demo_model_answers_the_example_set_identically_at_batch_1_and_16():
     from minigpt4.build import load_model
@@ -277,6 +300,7 @@ def test_resume_says_which_overrides_it_ignores_and_logs_into_the_run(prompt_set
     ("evaluate.batch_size=0", "evaluate.batch_size=0: use a whole number of 1 or more"),
     ("generation.max_new_tokens=0", "generation.max_new_tokens=0: use a whole number of 1 or more"),
     ("generation.top_p=1.5", "generation.top_p=1.5: use a number above 0 and at most 1"),
+    ("generation.compile=fast", "generation.compile='fast': use true, false, auto or an Inductor mode"),
 ])
 def test_bad_settings_fail_before_any_model(prompt_set, tmp_path, monkeypatch, override, message):
     import minigpt4.build

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,7 @@ from minigpt4.evaluation import store
 from minigpt4.evaluation.metrics import DEFAULT_METRICS, check_metrics
 from minigpt4.evaluation.prompts import PromptFile, PromptRow, load_prompt_set, parse_files
 from minigpt4.evaluation.report import write_report
-from minigpt4.generation import GenerationSettings, generate
+from minigpt4.generation import COMPILE_PAYS_FROM_TOKENS, GenerationSettings, generate
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,12 @@ def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_s
             continue
         encoded.append((row, ids))
     encoded.sort(key=lambda item: len(item[1]))  # stable: equal lengths keep prompt order
+    if settings.compile == "auto":  # decided once for the whole job, by its length
+        settings = replace(settings, compile=settings.compile_for(len(encoded) * settings.max_new_tokens))
+        if lm.device.type == "cuda":
+            log.info("generation.compile=auto: %s for up to %d new tokens (compiling pays from %d)",
+                     "compiling the decode step" if settings.compile else "not compiling",
+                     len(encoded) * settings.max_new_tokens, COMPILE_PAYS_FROM_TOKENS)
 
     for i in range(0, len(encoded), batch_size):
         batch = []
