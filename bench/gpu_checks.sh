@@ -32,7 +32,10 @@ step() {  # step SECONDS COMMAND...: time-limited, logged; a failing step does n
 SELECTED="$*"
 run_all=$([ $# -eq 0 ] && echo 1)
 pick() { [ -n "$run_all" ] || [[ " $SELECTED " == *" $1 "* ]]; }
-pick tests && step 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_static_decode.py tests/test_gpu_foundation.py
+pick tests && step 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/
+# the first chat turn with compile, twice: a cold Inductor cache, then the on-disk one warm
+pick first_turn && step 90 python3 bench/bench_chat.py --compile --first-turn-only
+pick first_turn && step 90 python3 bench/bench_chat.py --compile --first-turn-only
 pick evaluate && step 240 python3 bench/bench_evaluate.py --compile
 pick chat_compile && step 180 python3 bench/bench_chat.py --compile
 pick chat && step 110 python3 bench/bench_chat.py
