@@ -226,9 +226,15 @@ def test_resume_after_a_torn_write_loses_and_duplicates_nothing(prompt_set, tmp_
     lines = (full / "predictions.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "predictions.jsonl").write_text("".join(lines[:5]) + lines[5][:30])
     assert len(store.collect(run_dir)) == 5
+    partial = run_evaluation(compose("evaluate", [*FAST, f"score_only={run_dir}"]), tmp_path / "ignored")
+    assert json.loads((partial / "summary.json").read_text())["pending_rows"] == len(expected) - 5
     resumed = run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "ignored")
     assert resumed == run_dir and not (tmp_path / "ignored").exists()
     assert read_predictions(run_dir) == expected
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["pending_rows"] == 0
+    assert summary["throughput"]["rows"] == len(expected) - 5  # this invocation's share
+    assert summary["throughput"]["rows_done_before"] == 5
     keys = [json.loads(line)["key"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert sorted(keys) == sorted(r["csv"] + "#" + r["id"] for r in expected)
     # resuming a finished run loads no model and changes nothing

@@ -27,8 +27,9 @@ PACKAGES = ("torch", "transformers", "pytorch-lightning", "sentencepiece", "sacr
 
 
 def write_report(run_dir: Path, cfg: DictConfig, plan, records: list[dict], throughput: dict | None,
-                 score_only: bool = False) -> dict:
-    """Score every record with its file's metrics, write the three result files, return the summary."""
+                 score_only: bool = False, pending: int | None = 0) -> dict:
+    """Score every record with its file's metrics, write the three result files, return the summary.
+    pending: rows of the prompt set not answered yet (a re-scored partial run; None: unknown)."""
     scored = []  # (record, row, scores)
     for record in records:
         row = row_from_record(record)
@@ -45,6 +46,7 @@ def write_report(run_dir: Path, cfg: DictConfig, plan, records: list[dict], thro
         "per_category": {cat: _group(group) for cat, group in _by_category(scored).items()},
         "metrics_chosen": {label: list(m) for label, m in plan.metrics.items()},
         "failures": [{"key": r["key"], "error": r["error"]} for r, _, _ in scored if r.get("error") is not None],
+        "pending_rows": pending,
         "throughput": throughput,
         "score_only": score_only,
         "seed": cfg.get("seed"),

@@ -219,6 +219,7 @@ def evaluate_shard(cfg: DictConfig, run_dir: Path, rank: int, world_size: int, d
             store.read_json(run_dir / store.SHARDS / f"stats.rank{r}.json") for r in range(world_size)]
         records = store.merge(run_dir, [row.key for row in plan.rows])  # also removes the shards
         throughput = _throughput(all_stats, cfg)
+        throughput["rows_done_before"] = len(plan.rows) - len(pending)  # by earlier invocations
         if not throughput["rows"] and (run_dir / "summary.json").is_file():  # resumed a finished run
             throughput = store.read_json(run_dir / "summary.json").get("throughput") or throughput
         write_report(run_dir, cfg, plan, list(records.values()), throughput)
@@ -334,10 +335,25 @@ def score_only(cfg: DictConfig) -> Path:
                 entry.metrics = None
     OmegaConf.update(saved, "logger", OmegaConf.select(cfg, "logger"), merge=False, force_add=True)
     plan = Plan.from_cfg(saved, read_rows=False)
-    records = sorted(store.collect(run_dir).values(), key=plan.order)
+    saved_records = store.collect(run_dir)
+    records = sorted(saved_records.values(), key=plan.order)
     if not records:
         raise UserError(f"score_only={run_dir}: no saved predictions ({store.PREDICTIONS}) to score")
+    pending = _pending_rows(plan, saved_records)
+    if pending:
+        log.warning("score_only=%s: %d row(s) of the prompt set have no saved answer yet (resume=%s "
+                    "answers them); the scores cover the %d saved", run_dir, pending, run_dir, len(records))
     previous = store.read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
-    write_report(run_dir, saved, plan, records, previous.get("throughput"), score_only=True)
+    write_report(run_dir, saved, plan, records, previous.get("throughput"), score_only=True, pending=pending)
     return run_dir
+
+
+def _pending_rows(plan: Plan, saved: dict) -> int | None:
+    """Rows of the run's prompt files with no saved record; None when the files cannot be read
+    any more (re-scoring needs only the saved predictions)."""
+    try:
+        rows = load_prompt_set(plan.files)
+    except (UserError, OSError):
+        return None
+    return sum(row.key not in saved for row in rows)
 
