@@ -356,4 +356,3 @@ def _pending_rows(plan: Plan, saved: dict) -> int | None:
     except (UserError, OSError):
         return None
     return sum(row.key not in saved for row in rows)
-
