@@ -26,6 +26,17 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=4, vocab_size=1000, max_position_embeddings=2048)
 
 
+def build_llm(tiny: bool) -> LlamaForCausalLM:
+    """The bare language model, random weights: 7B shape in fp16 on GPU 0, or tiny in fp32 on the CPU."""
+    device = torch.device("cpu" if tiny else "cuda")
+    torch.manual_seed(0)
+    with torch.device(device):
+        torch.set_default_dtype(torch.float32 if tiny else torch.float16)
+        llm = LlamaForCausalLM(LlamaConfig(**(TINY if tiny else SEVEN_B))).eval()
+        torch.set_default_dtype(torch.float32)
+    return llm
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -80,13 +91,8 @@ def main():
     ap.add_argument("--compile", nargs="?", const=True, default=False,
                     help="torch.compile the decode step before capture (optionally: an Inductor mode)")
     args = ap.parse_args()
-    device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.float16
-    torch.manual_seed(0)
-    with torch.device(device):
-        torch.set_default_dtype(dtype)
-        llm = LlamaForCausalLM(LlamaConfig(**(TINY if args.tiny else SEVEN_B))).eval()
-        torch.set_default_dtype(torch.float32)
+    llm = build_llm(args.tiny)
+    device, dtype = llm.device, llm.dtype
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
         embeds = torch.randn(b, args.prompt, llm.config.hidden_size, device=device, dtype=dtype) * 0.02

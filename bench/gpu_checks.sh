@@ -31,7 +31,8 @@ step() {  # step SECONDS COMMAND...: time-limited, logged; a failing step does n
 # name steps to run only those (bash bench/gpu_checks.sh chat_compile evaluate); none: all
 SELECTED="$*"
 run_all=$([ $# -eq 0 ] && echo 1)
-pick() { [ -n "$run_all" ] || [[ " $SELECTED " == *" $1 "* ]]; }
+named() { [[ " $SELECTED " == *" $1 "* ]]; }
+pick() { [ -n "$run_all" ] || named "$1"; }
 pick tests && step 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/
 # the first chat turn with compile, twice: a cold Inductor cache, then the on-disk one warm
 pick first_turn && step 90 python3 bench/bench_chat.py --compile --first-turn-only
@@ -44,7 +45,6 @@ pick profile_compile && step 90 python3 bench/profile_step.py --compile
 # Experiments, run only when named: Inductor's max-autotune (Triton matmuls benchmarked against
 # cuBLAS) with coordinate-descent tuning, on the bare decode step, one process per batch size.
 # H200, 2026-12-01: no faster (198 / 3978 tok/s) and wrong tokens at batch 1 (docs/BENCHMARKS.md).
-named() { [[ " $SELECTED " == *" $1 "* ]]; }
 named autotune1 && step 270 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 python3 bench/bench_decode.py --batches 1 --compile max-autotune-no-cudagraphs
 named autotune32 && step 270 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 python3 bench/bench_decode.py --batches 32 --compile max-autotune-no-cudagraphs
 exit 0

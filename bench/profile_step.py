@@ -25,9 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_decode import SEVEN_B, TINY  # noqa: E402
+from bench.bench_decode import build_llm  # noqa: E402
 from minigpt4.cuda_decode import StaticDecoder  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 KINDS = (("matmul", ("gemm", "gemv", "cutlass", "sm90", "splitk", "mm_")), ("attention", ("fmha", "flash", "attention", "sdpa", "efficient")))
 
@@ -95,13 +94,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=132)
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
-    device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.float16
-    torch.manual_seed(0)
-    with torch.device(device):
-        torch.set_default_dtype(dtype)
-        llm = LlamaForCausalLM(LlamaConfig(**(TINY if args.tiny else SEVEN_B))).eval()
-        torch.set_default_dtype(torch.float32)
+    llm = build_llm(args.tiny)
+    device = llm.device
     results = []
     for batch in args.batches or ([1] if args.compile else [1, 32]):
         results.append(profile_step(llm, batch, args.prompt, args.compile, device))

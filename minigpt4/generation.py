@@ -104,6 +104,7 @@ class _StreamState:
 
     def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
         self.tokenizer, self.stops = tokenizer, tuple(s for s in stops if s)
+        self.longest_stop = max(map(len, self.stops), default=1)
         self.text = ""  # decoded so far: whole characters only
         self.emitted = 0  # characters of the text already given out
         self.read = 0  # ids[:read] are in the text
@@ -124,7 +125,7 @@ class _StreamState:
             self.text += new
             self.read = len(ids)
         # a stop string can only begin in the new text or end in it
-        text, stopped = self._cut(self.text, max(0, before - max(map(len, self.stops), default=1) + 1))
+        text, stopped = self._cut(self.text, max(0, before - self.longest_stop + 1))
         safe = len(text)
         if not stopped:
             for stop in self.stops:  # hold back a suffix that may grow into a stop string

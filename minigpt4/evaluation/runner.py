@@ -276,11 +276,12 @@ def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_s
         encoded.append((row, ids))
     encoded.sort(key=lambda item: len(item[1]))  # stable: equal lengths keep prompt order
     if settings.compile == "auto":  # decided once for the whole job, by its length
-        settings = replace(settings, compile=settings.compile_for(len(encoded) * settings.max_new_tokens))
+        budget = len(encoded) * settings.max_new_tokens
+        settings = replace(settings, compile=settings.compile_for(budget))
         if lm.device.type == "cuda":
             log.info("generation.compile=auto: %s for up to %d new tokens (compiling pays from %d)",
-                     "compiling the decode step" if settings.compile else "not compiling",
-                     len(encoded) * settings.max_new_tokens, COMPILE_PAYS_FROM_TOKENS)
+                     "compiling the decode step" if settings.compile else "not compiling", budget,
+                     COMPILE_PAYS_FROM_TOKENS)
 
     for i in range(0, len(encoded), batch_size):
         batch = []
