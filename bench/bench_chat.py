@@ -99,21 +99,23 @@ def timed(fn, device: torch.device) -> float:
 
 
 def diagnose(loaded: LoadedModel, picture, n: int = 64) -> None:
-    """Per decode step: CPU time to launch decode_step, time waiting for the GPU, and time spent
+    """Per decode step: CPU time to launch a step, time waiting for the GPU, and time spent
     between steps (sampling, streaming, bookkeeping), for ChatSession turns and plain generate()."""
-    import minigpt4.generation as generation
+    from minigpt4 import generation
+    from minigpt4.decoding import DynamicDecoder, StaticDecoder
 
-    real, log = generation.decode_step, []
+    reals, log = {cls: cls.step for cls in (StaticDecoder, DynamicDecoder)}, []
 
-    def timed_step(*args):
+    def timed_step(self, *args):
         t0 = time.perf_counter()
-        out = real(*args)
+        out = reals[type(self)](self, *args)
         t1 = time.perf_counter()
         out.sum().item()
         log.append((t0, t1, time.perf_counter()))
         return out
 
-    generation.decode_step = timed_step
+    for cls in reals:
+        cls.step = timed_step
     settings = GenerationSettings(do_sample=False, max_new_tokens=n, min_new_tokens=n)
     try:
         for with_image in (True, False, True):
@@ -127,7 +129,8 @@ def diagnose(loaded: LoadedModel, picture, n: int = 64) -> None:
             generation.generate(loaded.model, loaded.tokenizer, [[1] + list(range(100, 200))], None, settings, stops=())
             _print_steps("plain generate()", log)
     finally:
-        generation.decode_step = real
+        for cls, real in reals.items():
+            cls.step = real
 
 
 def _print_steps(name: str, log: list[tuple[float, float, float]]) -> None:

@@ -1,11 +1,19 @@
-"""Decode-step microbenchmark: stock transformers generate vs our static-cache CUDA-graph decoder.
+"""Decoding speed of every path beside transformers' own, behind the correctness gate.
 
-    python bench/bench_decode.py                 # 7B shape, random fp16 weights, needs a GPU
-    python bench/bench_decode.py --tiny          # CPU smoke test
+    python bench/bench_decode.py                      # 7B shape, random fp16 weights, GPU 0: gate + speed
+    python bench/bench_decode.py --paths static "hf static" --batches 1 32
+    python bench/bench_decode.py --no-gate            # speed only
+    python bench/bench_decode.py --tiny               # CPU smoke test
 
-Measures generated tokens/s at several batch sizes for a fixed prompt length and a fixed
-number of new tokens (random weights never stop, so lengths are forced), and checks that the
-greedy tokens of both paths agree.
+Speed: generated tokens/s at each batch size for a fixed prompt (32 image + 100 text positions,
+half the rows left-padded) and a fixed number of new tokens (random weights never stop), prefill
+included. Paths: ours as chat and evaluate.py run by default ("static": static cache, fused step,
+CUDA graphs), ours compiled, the eager DynamicCache loop, and transformers' generate with its
+dynamic cache ("hf") and with cache_implementation="static" ("hf static", which compiles the
+decode step). "limit" is the bytes a step must read (weights + the valid KV cache) over the
+device-to-device copy bandwidth measured in the same run.
+Gate (minigpt4/decoding/gate.py): each of our paths teacher-forced against an eager forward on
+the shapes users produce; the script exits 1 when any falls below 0.9 agreement.
 """
 
 from __future__ import annotations
@@ -13,12 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minigpt4.cuda_decode import StaticDecoder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minigpt4.decoding import DynamicDecoder, make_decoder  # noqa: E402
+from minigpt4.decoding.gate import run_gate, table  # noqa: E402
 
 SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32001, max_position_embeddings=2048, rms_norm_eps=1e-6)
@@ -37,86 +50,147 @@ def build_llm(tiny: bool) -> LlamaForCausalLM:
     return llm
 
 
+def gate_paths(llm) -> dict:
+    """Our decode paths a user can select (generation.cache / generation.compile), as decoder
+    factories for the gate: (batch, positions) -> an empty decoder."""
+    paths = {"dynamic": lambda b, n: DynamicDecoder(llm, b),
+             "static": lambda b, n: make_decoder(llm, b, n, static=True)}
+    if llm.device.type == "cuda":
+        paths["static compile"] = lambda b, n: make_decoder(llm, b, n, static=True, compile=True)
+        paths["static max-autotune-no-cudagraphs"] = lambda b, n: make_decoder(
+            llm, b, n, static=True, compile="max-autotune-no-cudagraphs")
+    return paths
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def stock(llm, embeds, mask, new_tokens):
-    out = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return out[:, -new_tokens:]
+def hf_generate(llm, embeds, mask, new_tokens, static: bool):
+    extra = dict(cache_implementation="static") if static else {}
+    return llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)[:, -new_tokens:]
 
 
 @torch.inference_mode()
-def ours(llm, embeds, mask, new_tokens, compile=False, forced=None):
-    """Greedy tokens [B,new]; with `forced` [B,new] feed those tokens instead and return the
-    argmax predictions (teacher-forced agreement with the stock path)."""
-    b, t, _ = embeds.shape
-    from minigpt4.cuda_decode import decoder_for
-
-    dec = decoder_for(llm, b, t + new_tokens, compile=compile)
+def ours(decoder, embeds, mask, new_tokens):
+    """Greedy decoding on one of our decoders -> tokens [B,new]."""
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = dec.prefill(embeds, pos, mask)
-    nxt = pos[:, -1]
-    out = []
-    for i in range(new_tokens):
+    logits = decoder.prefill(embeds, pos, mask)
+    nxt, out = pos[:, -1], []
+    for _ in range(new_tokens):
         tok = logits.argmax(-1)
         out.append(tok)
-        if forced is not None:
-            tok = forced[:, i]
         nxt = nxt + 1
-        logits = dec.step(tok, nxt)
+        logits = decoder.step(tok, nxt)
     return torch.stack(out, 1)
 
 
 def timed(fn, device, repeats=3):
-    fn()  # warm-up (captures graphs)
+    first = time.perf_counter()
+    fn()  # warm-up (captures graphs, compiles)
+    sync(device)
+    first = time.perf_counter() - first
     times = []
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        result = fn()
+        fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], result
+    return sorted(times)[len(times) // 2], first
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync(device)
+    t0, n = time.perf_counter(), 20
+    for _ in range(n):
+        b.copy_(a)
+    sync(device)
+    return 2 * a.numel() * n / (time.perf_counter() - t0)
+
+
+def speed_paths(llm, batch: int, length: int, new: int) -> dict:
+    held = {}
+
+    def decoder(compile):  # one decoder per path, kept across repeats (as chat and evaluate keep theirs)
+        if compile not in held:
+            held[compile] = make_decoder(llm, batch, length + new, static=True, compile=compile)
+        held[compile].crop(0)
+        return held[compile]
+
+    return {
+        "static": lambda e, m: ours(decoder(False), e, m, new),
+        "static compile": lambda e, m: ours(decoder(True), e, m, new),
+        "dynamic": lambda e, m: ours(DynamicDecoder(llm, batch), e, m, new),
+        "hf": lambda e, m: hf_generate(llm, e, m, new, static=False),
+        "hf static": lambda e, m: hf_generate(llm, e, m, new, static=True),
+    }
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--prompt", type=int, default=132, help="prompt positions (32 image + 100 text)")
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--compile", nargs="?", const=True, default=False,
-                    help="torch.compile the decode step before capture (optionally: an Inductor mode)")
+    ap.add_argument("--paths", nargs="+", default=["static", "static compile", "hf static", "hf"])
+    ap.add_argument("--no-gate", action="store_true")
+    ap.add_argument("--gate-only", action="store_true")
+    ap.add_argument("--gate-paths", nargs="+", default=None, help="default: every path of gate_paths()")
+    ap.add_argument("--gate-batches", type=int, nargs="+", default=None, help="default: --batches")
     args = ap.parse_args()
     llm = build_llm(args.tiny)
     device, dtype = llm.device, llm.dtype
-    rows = []
-    for b in [int(x) for x in args.batches.split(",")]:
-        embeds = torch.randn(b, args.prompt, llm.config.hidden_size, device=device, dtype=dtype) * 0.02
-        mask = torch.ones(b, args.prompt, dtype=torch.long, device=device)
-        mask[b // 2 :, : args.prompt // 4] = 0  # half the rows left-padded
-        t_stock, out_stock = timed(lambda: stock(llm, embeds, mask, args.new), device)
-        t_ours, out_ours = timed(lambda: ours(llm, embeds, mask, args.new, args.compile), device)
-        agree = float((out_stock == out_ours).float().mean())
-        # near-uniform random-weight logits make free-running greedy paths diverge at the first
-        # fp16 near-tie; teacher forcing compares the two implementations position by position
-        forced = ours(llm, embeds, mask, args.new, args.compile, forced=out_stock)
-        forced_agree = float((forced == out_stock).float().mean())
-        rows.append(dict(batch=b, stock_tok_s=b * args.new / t_stock, ours_tok_s=b * args.new / t_ours,
-                         stock_s=t_stock, ours_s=t_ours, greedy_agreement=agree,
-                         teacher_forced_agreement=forced_agree))
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    print(f"{'batch':>5} {'stock tok/s':>12} {'ours tok/s':>11} {'speed-up':>8} {'free agree':>10} {'forced agree':>12}")
-    for r in rows:
-        print(f"{r['batch']:>5} {r['stock_tok_s']:>12.1f} {r['ours_tok_s']:>11.1f} "
-              f"{r['ours_tok_s'] / r['stock_tok_s']:>8.2f} {r['greedy_agreement']:>10.3f} {r['teacher_forced_agreement']:>12.3f}")
-    print(f"peak GPU memory {peak:.1f} GiB; device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    out = {"args": vars(args), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    failed = False
+    if not args.no_gate:
+        paths = gate_paths(llm)
+        paths = {k: v for k, v in paths.items() if args.gate_paths is None or k in args.gate_paths}
+        results = run_gate(llm, paths, batches=tuple(args.gate_batches or args.batches))
+        print(table(results), flush=True)
+        out["gate"] = [r.row() for r in results]
+        failed = not all(r.ok() for r in results)
+    if not args.gate_only:
+        bandwidth = copy_bandwidth(device)
+        weight_bytes = sum(p.nbytes for p in llm.parameters()) - llm.get_input_embeddings().weight.nbytes
+        kv_per_position = 2 * llm.config.num_hidden_layers * llm.config.hidden_size * dtype.itemsize
+        rows = []
+        for b in args.batches:
+            embeds = torch.randn(b, args.prompt, llm.config.hidden_size, device=device, dtype=dtype) * 0.02
+            mask = torch.ones(b, args.prompt, dtype=torch.long, device=device)
+            mask[b // 2 :, : args.prompt // 4] = 0  # half the rows left-padded (the first row of a batch of 1 is not)
+            average_len = args.prompt + args.new / 2
+            step_bytes = weight_bytes + b * average_len * kv_per_position
+            row = {"batch": b, "limit_tok_s": b * bandwidth / step_bytes}
+            for name, fn in speed_paths(llm, b, args.prompt, args.new).items():
+                if name not in args.paths:
+                    continue
+                t, first = timed(lambda: fn(embeds, mask), device)
+                row[name] = b * args.new / t
+                row[name + " first_s"] = first
+                print(f"batch {b:>3} {name:<16} {row[name]:>9.1f} tok/s (first call {first:.1f} s)", flush=True)
+            rows.append(row)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+        names = args.paths
+        print(f"\n{'batch':>5} " + " ".join(f"{n:>14}" for n in names) + f" {'limit':>9}")
+        for r in rows:
+            print(f"{r['batch']:>5} " + " ".join(f"{r.get(n, float('nan')):>14.1f}" for n in names) + f" {r['limit_tok_s']:>9.1f}")
+        print(f"tok/s; copy bandwidth {bandwidth / 1e12:.2f} TB/s; peak GPU memory {peak:.1f} GiB; {out['device']}")
+        out.update(rows=rows, bandwidth_tb_s=bandwidth / 1e12, peak_gib=peak)
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_decode.json"), "w") as f:
-            json.dump(dict(rows=rows, peak_gib=peak, args=vars(args)), f, indent=2)
+        Path(os.environ["OUT"], "bench_decode.json").write_text(json.dumps(out, indent=2))
+    if failed:
+        print("FAILED: a decode path is below the correctness gate (agreement < 0.9)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -33,18 +33,19 @@ SELECTED="$*"
 run_all=$([ $# -eq 0 ] && echo 1)
 named() { [[ " $SELECTED " == *" $1 "* ]]; }
 pick() { [ -n "$run_all" ] || named "$1"; }
-pick tests && step 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/
-# the first chat turn with compile, twice: a cold Inductor cache, then the on-disk one warm
-pick first_turn && step 90 python3 bench/bench_chat.py --compile --first-turn-only
-pick first_turn && step 90 python3 bench/bench_chat.py --compile --first-turn-only
-pick evaluate && step 240 python3 bench/bench_evaluate.py --compile
+pick tests && step 330 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "not max-autotune"
+# the GPU tests without the 7B gate (the decode step runs it)
+named tests_fast && step 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "not 7b_paths"
+# the gate on the 7B shape (every path but max-autotune, batch 1, 8, 32) and the speed of ours,
+# ours compiled and transformers' static cache at batch 1 and 32
+pick decode && step 330 python3 bench/bench_decode.py --batches 1 32 --gate-batches 1 8 32 --gate-paths dynamic static "static compile" --paths static "static compile" "hf static"
+pick first_turn && step 90 python3 bench/bench_chat.py --first-turn-only
+pick chat && step 120 python3 bench/bench_chat.py --repeats 3 --turns 6
+pick profile && step 90 python3 bench/profile_step.py
+named profile32 && step 60 python3 bench/profile_step.py --batches 32
+pick profile_unfused && step 90 python3 bench/profile_step.py --unfused --batches 1
+pick evaluate && step 240 python3 bench/bench_evaluate.py --batches 1 32
 pick chat_compile && step 180 python3 bench/bench_chat.py --compile
-pick chat && step 110 python3 bench/bench_chat.py
-pick profile && step 60 python3 bench/profile_step.py
-pick profile_compile && step 90 python3 bench/profile_step.py --compile
-# Experiments, run only when named: Inductor's max-autotune (Triton matmuls benchmarked against
-# cuBLAS) with coordinate-descent tuning, on the bare decode step, one process per batch size.
-# H200, 2026-12-01: no faster (198 / 3978 tok/s) and wrong tokens at batch 1 (docs/BENCHMARKS.md).
-named autotune1 && step 270 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 python3 bench/bench_decode.py --batches 1 --compile max-autotune-no-cudagraphs
-named autotune32 && step 270 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 python3 bench/bench_decode.py --batches 32 --compile max-autotune-no-cudagraphs
+# the gate on the 7B shape for the max-autotune path (compiles for minutes)
+named gate_autotune && step 420 python3 bench/bench_decode.py --gate-only --gate-paths "static max-autotune-no-cudagraphs"
 exit 0

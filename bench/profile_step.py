@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_decode import build_llm  # noqa: E402
-from minigpt4.cuda_decode import StaticDecoder  # noqa: E402
+from minigpt4.decoding import StaticDecoder  # noqa: E402
 
 KINDS = (("matmul", ("gemm", "gemv", "cutlass", "sm90", "splitk", "mm_")), ("attention", ("fmha", "flash", "attention", "sdpa", "efficient")))
 
@@ -37,16 +37,18 @@ def kind_of(kernel: str) -> str:
 
 
 @torch.inference_mode()
-def profile_step(llm, batch: int, prompt: int, compile: bool, device: torch.device) -> dict:
-    dec = StaticDecoder(llm, batch, prompt + 64, compile=compile)
+def profile_step(llm, batch: int, prompt: int, compile: bool, device: torch.device, fused: bool = True) -> dict:
+    dec = StaticDecoder(llm, batch, prompt + 64, compile=compile, use_fused=fused)
     embeds = torch.randn(batch, prompt, llm.config.hidden_size, device=device, dtype=llm.dtype) * 0.02
     ones = torch.ones(batch, prompt, dtype=torch.long, device=device)
     dec.prefill(embeds, (ones.cumsum(1) - 1), ones)
     tokens, pos = torch.ones(batch, dtype=torch.long, device=device), torch.full((batch,), prompt, device=device)
-    forward = lambda: dec._step_forward(dec.llm, dec.cache, input_ids=tokens.view(-1, 1),  # noqa: E731
-                                        attention_mask=dec.valid[:, None, None, :], position_ids=pos.view(-1, 1))
     start = dec.length
     dec.valid[:, start] = True
+    dec.tokens.copy_(tokens)
+    dec.positions.copy_(pos)
+    dec.slot.fill_(start)
+    forward = lambda: dec._run_step(dec.max_len)  # noqa: E731
     for _ in range(3):  # warm-up (and compilation)
         forward()
         dec._rewind(start)
@@ -64,7 +66,7 @@ def profile_step(llm, batch: int, prompt: int, compile: bool, device: torch.devi
         if device.type == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA and us > 0:
             by_kind[kind_of(event.key)] += us / steps / 1e3
             n_kernels += event.count
-    result = {"batch": batch, "compile": compile, "kernels_per_step": n_kernels // steps,
+    result = {"batch": batch, "compile": compile, "fused": fused, "kernels_per_step": n_kernels // steps,
               "kernel_ms": {k: round(v, 3) for k, v in sorted(by_kind.items())},
               "kernel_total_ms": round(sum(by_kind.values()), 3)}
     if device.type == "cuda":  # the step as decoding runs it: a captured graph, replayed
@@ -72,8 +74,9 @@ def profile_step(llm, batch: int, prompt: int, compile: bool, device: torch.devi
         dec._rewind(start)
         torch.cuda.synchronize()
         t0, n = time.perf_counter(), 50
+        graph = next(iter(dec.step_graphs.values()))[0]
         for _ in range(n):
-            dec.graph.replay()
+            graph.replay()
         torch.cuda.synchronize()
         replay = (time.perf_counter() - t0) / n * 1e3
         weight_bytes = sum(p.numel() * p.element_size() for p in llm.parameters()) - llm.get_input_embeddings().weight.nbytes
@@ -93,15 +96,16 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 32 (1 with --compile)")
     ap.add_argument("--prompt", type=int, default=132)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--unfused", action="store_true", help="transformers' forward as the step (the old path)")
     args = ap.parse_args()
     llm = build_llm(args.tiny)
     device = llm.device
     results = []
     for batch in args.batches or ([1] if args.compile else [1, 32]):
-        results.append(profile_step(llm, batch, args.prompt, args.compile, device))
+        results.append(profile_step(llm, batch, args.prompt, args.compile, device, fused=not args.unfused))
         print(json.dumps(results[-1], indent=1), flush=True)
     if os.environ.get("OUT"):
-        name = "profile_step_compile.json" if args.compile else "profile_step.json"
+        name = f"profile_step{'_compile' if args.compile else ''}{'_unfused' if args.unfused else ''}.json"
         Path(os.environ["OUT"], name).write_text(json.dumps(results, indent=2))
 
 

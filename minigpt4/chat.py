@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
 from minigpt4.build import LoadedModel, load_model
 from minigpt4.conversation import (
@@ -38,7 +37,7 @@ from minigpt4.conversation import (
     encode_prompt,
     load_conversation,
 )
-from minigpt4.cuda_decode import StaticDecoder
+from minigpt4.decoding import Decoder, make_decoder
 from minigpt4.errors import UserError
 from minigpt4.generation import GenerationSettings, generate
 from minigpt4.model import IMAGE_TOKEN
@@ -131,7 +130,7 @@ class ChatSession:
             self.generator.seed()
         else:
             self.generator.manual_seed(int(seed))
-        self._cache: DynamicCache | StaticDecoder | None = None
+        self._decoder: Decoder | None = None  # this conversation's KV cache (kept across /reset)
         self.reset()
 
     @classmethod
@@ -279,22 +278,18 @@ class ChatSession:
                 keys.append(token)
         return keys
 
-    def _new_cache(self):
-        """On CUDA a static cache sized for max_context (one CUDA graph per decode step). Each
-        session owns its decoder: sessions of the web page must not share cache slots."""
-        if self.settings.use_static(self.loaded.device):
-            if not isinstance(self._cache, StaticDecoder):
-                max_len = -(-(self.max_context + 1) // 32) * 32
-                return StaticDecoder(self.loaded.model.llm, 1, max_len, compile=self.settings.compile_for(None))
-            self._cache.crop(0)
-            return self._cache
-        return DynamicCache()
+    def _new_decoder(self) -> Decoder:
+        """An empty decoder sized for max_context (on CUDA a static cache and CUDA graphs, which
+        are kept for the next conversation). Each session owns its decoder: sessions of the web
+        page must not share cache slots."""
+        return make_decoder(self.loaded.model.llm, 1, self.max_context + 1, static=self.settings.use_static(self.loaded.device),
+                            compile=self.settings.compile_for(None), reuse=self._decoder)
 
     def _reusable(self, keys: list[Any]) -> int:
         """Crop the cache to the longest common prefix with `keys` (leaving >= 1 position to
         compute, never ending inside an image) and return its length."""
-        if not self.reuse_cache or self._cache is None:
-            self._cache, self._cache_keys = self._new_cache(), []
+        if not self.reuse_cache or self._decoder is None:
+            self._decoder, self._cache_keys = self._new_decoder(), []
             return 0
         n = 0
         for a, b in zip(self._cache_keys, keys[:-1]):
@@ -305,9 +300,9 @@ class ChatSession:
                 and keys[n][0] == keys[n - 1][0]:
             n -= 1  # back to the start of an image that is only partly cached
         if n == 0:
-            self._cache = self._new_cache()
-        elif self._cache.get_seq_length() > n:
-            self._cache.crop(n - self._cache.get_seq_length())
+            self._decoder = self._new_decoder()
+        else:
+            self._decoder.crop(n)
         self._cache_keys = self._cache_keys[:n]
         return n
 
@@ -334,13 +329,13 @@ class ChatSession:
             result = generate(
                 self.loaded.model, self.loaded.tokenizer, [ids], embeds,
                 replace(settings, max_new_tokens=max_new), stops=self.template.stop,
-                on_text=stream, cache=self._cache, cache_length=reused, generator=self.generator,
+                on_text=stream, decoder=self._decoder, cache_length=reused, generator=self.generator,
             )[0]
         except BaseException:  # interrupted mid-answer: the cache no longer matches its keys
             self._cache_keys = []
             raise
         sampled = result.ids + ([self.loaded.tokenizer.eos_id] if result.finish_reason == "eos" else [])
-        self._cache_keys = (keys + sampled)[: self._cache.get_seq_length()]
+        self._cache_keys = (keys + sampled)[: self._decoder.length]
         answer = clean_answer(result.text, self.template)
         conv.add_answer(answer)
         self.conversation = conv

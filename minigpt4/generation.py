@@ -3,9 +3,9 @@
 One loop serves chat (batch 1, cache kept across turns) and evaluation (batches). Rows finish
 on EOS or a stop string ("###"); the official answer clean-up lives in conversation.py.
 
-The loop is prefill() once, then decode_step() per token: decode_step is the one function a
-faster decoder (static cache + CUDA graphs) replaces. Beam search (num_beams > 1) goes through
-transformers' own generate on inputs_embeds, without cache reuse.
+The loop is decoder.prefill() once, then decoder.step() per token, on any Decoder
+(minigpt4/decoding: eager DynamicCache, or static cache + CUDA graphs + fused step). Beam search
+(num_beams > 1) goes through transformers' own generate on inputs_embeds, without cache reuse.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Callable
 import time
 
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from minigpt4.conversation import pad_batch
-from minigpt4.cuda_decode import StaticDecoder, decoder_for
+from minigpt4.decoding import Decoder, make_decoder
 from minigpt4.errors import UserError
 from minigpt4.model import IMAGE_TOKEN, MiniGPT4
 from minigpt4.tokenizer import Tokenizer
@@ -33,13 +33,14 @@ COMPILE_PAYS_FROM_TOKENS = 200_000  # generation.compile=auto: compile jobs at l
 class GenerationSettings:
     do_sample: bool = True
     temperature: float = 1.0
+    top_k: int = 50  # 0 = off; the official call leaves transformers' default of 50 in force
     top_p: float = 0.9
     num_beams: int = 1
     max_new_tokens: int = 300
     min_new_tokens: int = 1
     repetition_penalty: float = 1.0
-    # Decoding engine on CUDA: "static" = static KV cache + one CUDA graph per step
-    # (minigpt4/cuda_decode.py), "dynamic" = eager transformers DynamicCache. "auto": static on CUDA.
+    # Decoding engine: "static" = static KV cache + CUDA graphs + fused step (minigpt4/decoding),
+    # "dynamic" = eager transformers DynamicCache. "auto": static on CUDA, dynamic elsewhere.
     cache: str = "auto"
     # torch.compile the static decode step (slower start, faster tokens): true, false, "auto"
     # (only jobs long enough to pay the compilation back: compile_for) or an Inductor mode
@@ -54,6 +55,7 @@ class GenerationSettings:
             "min_new_tokens": (whole(0), "a whole number of 0 or more"),
             "num_beams": (whole(1), "a whole number of 1 or more"),
             "temperature": (number(lambda v: v >= 0), "a number of 0 or more"),
+            "top_k": (whole(0), "a whole number of 0 (off) or more"),
             "top_p": (number(lambda v: 0 < v <= 1), "a number above 0 and at most 1"),
             "repetition_penalty": (number(lambda v: v > 0), "a number above 0"),
             "cache": (lambda v: v in ("auto", "static", "dynamic"), "auto, static or dynamic"),
@@ -171,7 +173,9 @@ class _HostCopy:
 
 def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generated: torch.Tensor,
                  step: int, eos_id: int, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B,V] (float32) -> token ids [B]."""
+    """logits [B,V] (float32) -> token ids [B]. The filters apply in transformers' order
+    (repetition penalty, min length, then temperature, top-k, top-p), each as transformers
+    computes it, so a seeded generator samples what transformers' warpers would give."""
     if settings.repetition_penalty != 1.0 and generated.shape[1]:
         scores = logits.gather(1, generated)
         scores = torch.where(scores < 0, scores * settings.repetition_penalty, scores / settings.repetition_penalty)
@@ -180,39 +184,24 @@ def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generated: 
         logits[:, eos_id] = float("-inf")
     if settings.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / settings.temperature
-    if settings.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > settings.top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    logits = sampling_filter(logits, settings.temperature, settings.top_k, settings.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def prefill(model: MiniGPT4, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-            cache: DynamicCache) -> torch.Tensor:
-    """Run the uncached prompt part embeds [B,T,H] into the cache -> last logits [B,V] (float32)."""
-    if isinstance(cache, StaticDecoder):
-        start = cache.get_seq_length()
-        return cache.prefill(embeds, positions, mask[:, start:], start=start).float()
-    out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :].float()
-
-
-def decode_step(model: MiniGPT4, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                cache: DynamicCache) -> torch.Tensor:
-    """One token per row: tokens [B], positions [B,1], mask [B,T] (1 = real token) -> logits [B,V].
-
-    Always pass the mask: with attention_mask=None transformers 5.17 decoded 3.5x slower on an
-    H100 (7B, batch 1: 7.4 vs 26.4 tok/s), although it is equally correct."""
-    if isinstance(cache, StaticDecoder):
-        return cache.step(tokens, positions.view(-1)).float()
-    out = model.llm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
-    return out.logits[:, -1, :].float()
+def sampling_filter(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k (0 = off), then top-p (the smallest set of most likely tokens
+    whose probability reaches top_p; at least one token kept): filtered logits [B,V]."""
+    logits = logits / temperature if temperature != 1.0 else logits
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
 
 
 @torch.inference_mode()
@@ -224,37 +213,33 @@ def generate(
     settings: GenerationSettings,
     stops: tuple[str, ...] = ("###",),
     on_text: Callable[[int, str], None] | None = None,
-    cache: DynamicCache | None = None,
+    decoder: Decoder | None = None,
     cache_length: int = 0,
     generator: torch.Generator | None = None,
 ) -> list[Generated]:
     """Continue each sequence (token ids with IMAGE_TOKEN slots; images in row order).
 
-    `cache`/`cache_length` (batch 1 only): a KV cache that already holds the first
-    cache_length positions of the sequence; only the rest is computed. The cache is extended
-    in place with the prompt and the generated tokens it was fed (all of them, or all but the
-    last when the answer ran to max_new_tokens or ended at its first token), so a chat can
-    keep it for the next turn; cache.get_seq_length() says how far.
+    `decoder`: the caller's Decoder for this batch (make_decoder; None: a new one, used once).
+    `cache_length` (batch 1): the decoder already holds the first cache_length positions of
+    the sequence; only the rest is computed. The decoder is left holding the prompt and the
+    generated tokens it was fed (all of them, or all but the last when the answer ran to
+    max_new_tokens or ended at its first token), so a chat can keep it for the next turn;
+    decoder.length says how far.
     on_text(row, delta) receives streamed text as it becomes final.
     With settings.num_beams > 1 each row goes through transformers' beam search instead
     (no streaming until the row is done; the cache is left as it was).
     """
     if cache_length and len(sequences) != 1:
-        raise ValueError("a reused cache needs batch size 1")
+        raise ValueError("a reused prefix needs batch size 1")
     if settings.num_beams > 1:
         return _generate_beams(model, tokenizer, sequences, image_embeds, settings, stops, on_text, generator)
     device = model.device
     batch = pad_batch(sequences, tokenizer.pad_id, side="left")
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    if cache is None:
-        cache = (
-            decoder_for(model.llm, ids.shape[0], ids.shape[1] + settings.max_new_tokens, compile=settings.compile_for(None))
-            if settings.use_static(device)
-            else DynamicCache()
-        )
-        if isinstance(cache, StaticDecoder):
-            cache.crop(0)  # a reused decoder starts empty
+    if decoder is None:
+        decoder = make_decoder(model.llm, ids.shape[0], ids.shape[1] + settings.max_new_tokens,
+                               static=settings.use_static(device), compile=settings.compile_for(None))
     # only the part not in the cache is embedded; images inside the cached part are skipped
     if cache_length:
         n_cached_images = int((ids[:, :cache_length] == IMAGE_TOKEN).sum()) // max(model.num_image_tokens, 1)
@@ -262,21 +247,19 @@ def generate(
             image_embeds = image_embeds[n_cached_images:]
             image_embeds = image_embeds if len(image_embeds) else None
     embeds = model.embed(ids[:, cache_length:], image_embeds)
-    logits = prefill(model, embeds, mask, positions[:, cache_length:], cache)
+    logits = decoder.prefill(embeds, positions[:, cache_length:], mask[:, cache_length:], start=cache_length).float()
     bsz = ids.shape[0]
     results = [Generated(prefilled=ids.shape[1] - cache_length) for _ in range(bsz)]
     streams = [_StreamState(tokenizer, stops) for _ in range(bsz)]
     done = [False] * bsz
     done_rows, n_done = None, 0  # [B] bool on the device, once some row has finished
     generated = torch.zeros((bsz, 0), dtype=torch.long, device=device)
-    next_pos = positions[:, -1:] + 1
+    next_pos = positions[:, -1] + 1  # [B]
     to_host = _HostCopy(bsz, device)
 
     def feed() -> torch.Tensor:  # this step's `tokens` into the cache -> the next logits
-        nonlocal mask, next_pos
-        if not isinstance(cache, StaticDecoder):
-            mask = torch.cat([mask, mask.new_ones((bsz, 1))], dim=1)
-        out = decode_step(model, tokens, mask, next_pos, cache)
+        nonlocal next_pos
+        out = decoder.step(tokens, next_pos).float()
         next_pos = next_pos + 1
         return out
 
@@ -344,7 +327,7 @@ def _generate_beams(model, tokenizer, sequences, image_embeds, settings, stops, 
     """Beam search row by row with transformers' generate on inputs_embeds (the official way)."""
     if settings.do_sample and generator is not None:  # HF samples from the global RNG
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device)))
-    sampling = dict(temperature=settings.temperature, top_p=settings.top_p) if settings.do_sample else {}
+    sampling = dict(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p) if settings.do_sample else {}
     results, first_image = [], 0
     for row, sequence in enumerate(sequences):
         ids = torch.tensor([sequence], dtype=torch.long, device=model.device)

@@ -14,11 +14,12 @@ Why it is built this way:
 
 from __future__ import annotations
 
+
 import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -168,14 +169,13 @@ def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
         return ChatSession.from_cfg(cfg, loaded, notify=log.info)
 
     def settings_from(greedy, temperature, top_p, max_new_tokens, num_beams) -> GenerationSettings:
-        return GenerationSettings(
+        return replace(  # the page's controls over the configured settings (top_k, cache, ...)
+            defaults,
             do_sample=not greedy,
             temperature=float(temperature),
             top_p=float(top_p),
             num_beams=int(num_beams),
             max_new_tokens=int(max_new_tokens),
-            min_new_tokens=defaults.min_new_tokens,
-            repetition_penalty=defaults.repetition_penalty,
         )
 
     def answer(tab: Tab, call: Callable, before: list[dict], busy_box, box_on_error) -> Iterator[tuple]:

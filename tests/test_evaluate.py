@@ -154,17 +154,18 @@ def test_greedy_answers_do_not_depend_on_the_batch_size(prompt_set):
 
 
 def test_compile_auto_compiles_only_jobs_long_enough_to_pay_it_back(prompt_set, monkeypatch):
-    """evaluate.py's default (generation.compile=auto) is decided once per job from rows x
-    max_new_tokens; a chat (no length known) never compiles on "auto"."""
+    """generation.compile=auto is decided once per job from rows x max_new_tokens; a chat (no
+    length known) never compiles on "auto". evaluate.py's default is off (the fused step is
+    faster uncompiled)."""
     from minigpt4 import generation
     from minigpt4.evaluation import runner
 
     cfg = cfg_for(prompt_set)
-    assert compose("evaluate", []).generation.compile == "auto"
+    assert compose("evaluate", []).generation.compile is False
     lm = diverse_tiny_model(cfg)
     rows = Plan.from_cfg(cfg).rows
     seen = []
-    monkeypatch.setattr(runner, "_generate_batch", lambda lm, batch, settings: seen.append(settings.compile) or [])
+    monkeypatch.setattr(runner, "_generate_batch", lambda lm, batch, settings, decoder_for: seen.append(settings.compile) or [])
     settings = GenerationSettings(do_sample=False, max_new_tokens=10, compile="auto")
     answer_rows(lm, rows, settings, 4, lambda record: None)
     assert seen and set(seen) == {False}  # 6 answerable rows x 10 tokens: far too short

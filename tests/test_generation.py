@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 import pytest
 
-from minigpt4 import generation
-from minigpt4.generation import GenerationSettings, _StreamState, generate
+from minigpt4.generation import GenerationSettings, _StreamState, generate, sampling_filter
 
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=6)
 
@@ -32,19 +31,21 @@ def test_greedy_loop_matches_transformers_generate(tiny_loaded):
     assert ours.ids == theirs[0].tolist()
 
 
-def test_one_function_does_one_decode_step(tiny_loaded, monkeypatch):
-    """decode_step is the single swap point for a faster decoder: called once per fed token."""
+def test_one_decoder_step_per_fed_token(tiny_loaded):
+    """The loop calls decoder.step once per fed token, at consecutive positions."""
+    from minigpt4.decoding import DynamicDecoder
+
     calls = []
-    real = generation.decode_step
 
-    def counting(model, tokens, mask, positions, cache):
-        calls.append(tuple(positions.flatten().tolist()))
-        return real(model, tokens, mask, positions, cache)
+    class Counting(DynamicDecoder):
+        def step(self, tokens, positions):
+            calls.append(tuple(positions.flatten().tolist()))
+            return super().step(tokens, positions)
 
-    monkeypatch.setattr(generation, "decode_step", counting)
     ids = _prompt(tiny_loaded, "Hello there")
     out = generate(tiny_loaded.model, tiny_loaded.tokenizer, [ids], None,
-                   GenerationSettings(do_sample=False, max_new_tokens=5, min_new_tokens=5), stops=())[0]
+                   GenerationSettings(do_sample=False, max_new_tokens=5, min_new_tokens=5), stops=(),
+                   decoder=Counting(tiny_loaded.model.llm, 1))[0]
     assert out.n_steps == 5
     assert calls == [(len(ids) + i,) for i in range(4)]  # the last sampled token is never fed
 
@@ -59,61 +60,68 @@ def test_batched_left_padding_equals_single_rows(tiny_loaded):
 
 
 def test_cache_reuse_computes_only_the_new_positions(tiny_loaded):
-    """A cache holding a prefix gives the same greedy tokens while prefilling only the rest."""
-    from transformers import DynamicCache
+    """A decoder holding a prefix gives the same greedy tokens while prefilling only the rest."""
+    from minigpt4.decoding import DynamicDecoder
 
     model, tok = tiny_loaded.model, tiny_loaded.tokenizer
     first = _prompt(tiny_loaded, "Human: hello###Assistant:")
     settings = GenerationSettings(do_sample=False, max_new_tokens=4, min_new_tokens=4)
-    cache = DynamicCache()
-    generate(model, tok, [first], None, settings, stops=(), cache=cache)
-    assert cache.get_seq_length() == len(first) + 3
-    cache.crop(-3)  # keep exactly the first prompt
+    decoder = DynamicDecoder(model.llm, 1)
+    generate(model, tok, [first], None, settings, stops=(), decoder=decoder)
+    assert decoder.length == len(first) + 3
+    decoder.crop(len(first))  # keep exactly the first prompt
     longer = first + tok.encode(" fine, thanks###Human: and you?###Assistant:")
-    reused = generate(model, tok, [longer], None, settings, stops=(), cache=cache, cache_length=len(first))[0]
+    reused = generate(model, tok, [longer], None, settings, stops=(), decoder=decoder, cache_length=len(first))[0]
     fresh = generate(model, tok, [longer], None, settings, stops=())[0]
     assert reused.ids == fresh.ids
     assert reused.prefilled == len(longer) - len(first) and fresh.prefilled == len(longer)
 
 
 class _Script:
-    """Stands in for prefill/decode_step: logits that force a fixed token sequence."""
+    """A Decoder whose logits force a fixed token sequence."""
+
+    batch_size, length = 1, 0
 
     def __init__(self, tokens: list[int], vocab: int):
         self.tokens, self.vocab, self.i = tokens, vocab, 0
 
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
+    def _next(self) -> torch.Tensor:
         logits = torch.zeros(1, self.vocab)
         logits[0, self.tokens[min(self.i, len(self.tokens) - 1)]] = 10.0
         self.i += 1
         return logits
 
+    def prefill(self, embeds, positions, pad_mask, start=0):
+        return self._next()
 
-def test_stop_string_ends_the_answer_and_streams_only_final_text(tiny_loaded, monkeypatch):
+    def step(self, tokens, positions):
+        return self._next()
+
+    def crop(self, n):
+        pass
+
+
+def test_stop_string_ends_the_answer_and_streams_only_final_text(tiny_loaded):
     tok = tiny_loaded.tokenizer
     script = _Script(tok.encode("Three red circles.###Human: more") + [tok.eos_id], tiny_loaded.model.llm.config.vocab_size)
-    monkeypatch.setattr(generation, "prefill", script)
-    monkeypatch.setattr(generation, "decode_step", script)
     streamed = []
     out = generate(tiny_loaded.model, tok, [[tok.bos_id]], None, GenerationSettings(do_sample=False, max_new_tokens=50),
-                   on_text=lambda row, delta: streamed.append(delta))[0]
+                   on_text=lambda row, delta: streamed.append(delta), decoder=script)[0]
     assert out.finish_reason == "stop"
     assert out.text == "Three red circles."
     assert "".join(streamed) == "Three red circles."
     assert not any("#" in d for d in streamed)  # a partial '###' is held back, never shown
 
 
-def test_eos_and_min_new_tokens(tiny_loaded, monkeypatch):
+def test_eos_and_min_new_tokens(tiny_loaded):
     tok = tiny_loaded.tokenizer
     vocab = tiny_loaded.model.llm.config.vocab_size
-    monkeypatch.setattr(generation, "prefill", _Script([tok.eos_id], vocab))
-    out = generate(tiny_loaded.model, tok, [[tok.bos_id]], None, GenerationSettings(do_sample=False, min_new_tokens=0))[0]
+    out = generate(tiny_loaded.model, tok, [[tok.bos_id]], None, GenerationSettings(do_sample=False, min_new_tokens=0),
+                   decoder=_Script([tok.eos_id], vocab))[0]
     assert out.finish_reason == "eos" and out.ids == [] and out.n_steps == 1
     script = _Script([tok.eos_id] * 100, vocab)  # EOS is masked out for the first 3 steps
-    monkeypatch.setattr(generation, "prefill", script)
-    monkeypatch.setattr(generation, "decode_step", script)
     out = generate(tiny_loaded.model, tok, [[tok.bos_id]], None,
-                   GenerationSettings(do_sample=False, min_new_tokens=3, max_new_tokens=10))[0]
+                   GenerationSettings(do_sample=False, min_new_tokens=3, max_new_tokens=10), decoder=script)[0]
     assert out.finish_reason == "eos" and len(out.ids) == 3
 
 
@@ -190,3 +198,28 @@ def test_incremental_stream_text_equals_decoding_everything(tiny_loaded):
         final, stopped_at_end = state.finish(ids[:n])
         assert final == expected and stopped_at_end == stopped
         assert final.startswith("".join(shown))
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 50, 0.9), (0.7, 0, 0.8), (1.3, 5, 1.0), (1.0, 0, 1.0)])
+def test_sampling_filters_equal_transformers_warpers(temperature, top_k, top_p):
+    """Fixed logits, the same seeded generator: our filters sample exactly the ids that
+    transformers' temperature -> top-k -> top-p warpers (its order) give."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    from minigpt4.generation import _next_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000) * 3
+    warpers = LogitsProcessorList(
+        ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+        + ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+    settings = GenerationSettings(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=0)
+    theirs_gen, ours_gen = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(20):
+        probs = warpers(None, logits.clone()).softmax(-1)
+        theirs = torch.multinomial(probs, 1, generator=theirs_gen).squeeze(1)
+        ours = _next_tokens(logits.clone(), settings, torch.zeros(6, 0, dtype=torch.long), 5, -1, ours_gen)
+        assert ours.tolist() == theirs.tolist()
+    kept = (sampling_filter(logits, temperature, top_k, top_p) > float("-inf")).sum(-1)
+    assert (kept <= (top_k or 1000)).all() and (kept >= 1).all()

@@ -11,7 +11,7 @@ import torch
 
 from minigpt4.chat import ChatSession
 from minigpt4.conversation import encode_prompt
-from minigpt4.cuda_decode import StaticDecoder
+from minigpt4.decoding import StaticDecoder
 from minigpt4.data.synthetic import make_picture, sample_specs
 from minigpt4.generation import GenerationSettings, generate
 from tests.conftest import build_tiny
@@ -55,7 +55,7 @@ def test_static_chat_session_reuses_prefix_and_matches_dynamic():
         replies.append(session.regenerate())
         answers[engine] = [r.text for r in replies]
         if engine == "static":
-            assert isinstance(session._cache, StaticDecoder)
+            assert isinstance(session._decoder, StaticDecoder)
             assert replies[1].reused > 0 and replies[2].reused > replies[1].reused
     assert answers["static"] == answers["dynamic"]
     assert answers["static"][0]  # a real answer, not an empty string
@@ -92,7 +92,7 @@ def test_cuda_graphs_match_eager_on_the_gpu(compile):
             session.reset()
         answers[engine] = texts
         if engine == "static":
-            assert session._cache is None or isinstance(session._cache, StaticDecoder)
+            assert session._decoder is None or isinstance(session._decoder, StaticDecoder)
     assert answers["static"] == answers["dynamic"]
     assert all(answers["static"][:3])
 
@@ -133,15 +133,66 @@ def test_padded_prefill_equals_plain_prefill():
 
 @pytest.mark.gpu
 def test_failing_compile_falls_back_to_the_plain_graph(monkeypatch, caplog):
-    import minigpt4.cuda_decode as cuda_decode
+    import minigpt4.decoding.static as static
 
     def broken(*args, **kwargs):
         raise RuntimeError("no Triton here")
 
-    monkeypatch.setattr(cuda_decode, "_compiled_step", lambda mode: broken)
+    monkeypatch.setattr(static, "_compiled", lambda forward, mode: broken)
     loaded = build_tiny(["checkpoint=demo", "gpu=0"])
     settings = GenerationSettings(do_sample=False, max_new_tokens=8)
     session = ChatSession(loaded, replace(settings, cache="static", compile=True))
     reference = ChatSession(loaded, replace(settings, cache="dynamic"))
     assert session.ask("Hello!").text == reference.ask("Hello!").text
-    assert "generation.compile=true failed here (RuntimeError: no Triton here)" in caplog.text
+    assert "generation.compile=True failed here (RuntimeError: no Triton here)" in caplog.text
+
+
+def test_padded_prefill_of_a_left_padded_row_equals_plain_prefill():
+    """A batch-1 prefill that carries left padding (an engine batching requests makes them):
+    padded to a bucket, its rows keep their own position ids (0 after the padding). The H200
+    run of 2026-12-01 gave 0.016 teacher-forced agreement here: the bucket's positions were
+    counted from the first padding slot."""
+    loaded = build_tiny(["checkpoint=demo"])
+    llm, hidden = loaded.model.llm, loaded.model.llm.config.hidden_size
+    torch.manual_seed(4)
+    embeds = torch.randn(1, 40, hidden) * 0.02
+    mask = torch.ones(1, 40, dtype=torch.long)
+    mask[:, :9] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    runs = []
+    for padded in (False, True):
+        dec = StaticDecoder(llm, 1, 256)
+        dec.pad_prefill = padded
+        logits = [dec.prefill(embeds, positions, mask).clone()]
+        for i in range(4):
+            logits.append(dec.step(logits[-1].argmax(-1), torch.tensor([31 + i])).clone())
+        runs.append(logits)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_step_equals_transformers_step():
+    """The fused decode step (q/k/v and gate/up fused, attention over a length bucket) gives
+    transformers' logits, on the CPU reference ops; the model's own forward still works after
+    its weights became views of the fused matrices."""
+    loaded = build_tiny(["checkpoint=demo"])
+    llm, hidden = loaded.model.llm, loaded.model.llm.config.hidden_size
+    torch.manual_seed(6)
+    embeds = torch.randn(2, 30, hidden) * 0.02
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :7] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    before = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    runs = []
+    for use_fused in (False, True):
+        dec = StaticDecoder(llm, 2, 300, use_fused=use_fused)
+        logits = [dec.prefill(embeds, positions, mask).clone()]
+        for i in range(5):
+            logits.append(dec.step(logits[-1].argmax(-1), positions[:, -1] + 1 + i).clone())
+        runs.append(logits)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    after = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(before, after)
+    q = llm.model.layers[0].self_attn.q_proj.weight
+    assert q.data_ptr() == llm.__dict__["_minigpt4_fused"].layers[0].qkv.data_ptr()  # a view, no copy

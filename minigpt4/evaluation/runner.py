@@ -30,6 +30,7 @@ from minigpt4.evaluation import store
 from minigpt4.evaluation.metrics import DEFAULT_METRICS, check_metrics
 from minigpt4.evaluation.prompts import PromptFile, PromptRow, load_prompt_set, parse_files
 from minigpt4.evaluation.report import write_report
+from minigpt4.decoding import Decoder, make_decoder
 from minigpt4.generation import COMPILE_PAYS_FROM_TOKENS, GenerationSettings, generate
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,15 @@ def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_s
                      "compiling the decode step" if settings.compile else "not compiling", budget,
                      COMPILE_PAYS_FROM_TOKENS)
 
+    decoder: Decoder | None = None
+
+    def decoder_for(batch: list) -> Decoder:  # one decoder, reused while it fits (make_decoder decides)
+        nonlocal decoder
+        longest = max(len(ids) for _, ids, _ in batch)
+        decoder = make_decoder(lm.model.llm, len(batch), longest + settings.max_new_tokens,
+                               static=settings.use_static(lm.device), compile=settings.compile, reuse=decoder)
+        return decoder
+
     for i in range(0, len(encoded), batch_size):
         batch = []
         for row, ids in encoded[i : i + batch_size]:
@@ -290,7 +300,7 @@ def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_s
                 batch.append((row, ids, lm.pixels(row.images)))
             except UserError as err:  # missing or unreadable image: this row fails, the run goes on
                 finish(row, None, str(err))
-        for (row, _, _), result, error in _generate_batch(lm, batch, settings):
+        for (row, _, _), result, error in _generate_batch(lm, batch, settings, decoder_for):
             if error is not None:
                 finish(row, None, error)
                 continue
@@ -301,7 +311,7 @@ def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_s
     return stats
 
 
-def _generate_batch(lm, batch: list, settings: GenerationSettings) -> list[tuple]:
+def _generate_batch(lm, batch: list, settings: GenerationSettings, decoder_for: Callable[[list], Decoder]) -> list[tuple]:
     """[(row, ids, pixels)] -> [(item, Generated | None, error | None)]. A batch that fails as a
     whole (out of memory, say) is retried row by row so only the rows at fault fail."""
     if not batch:
@@ -311,14 +321,14 @@ def _generate_batch(lm, batch: list, settings: GenerationSettings) -> list[tuple
         embeds = lm.model.encode_images(torch.cat(pixels)) if pixels else None  # [N,Q,H]
         with torch.inference_mode():
             results = generate(lm.model, lm.tokenizer, [ids for _, ids, _ in batch], embeds, settings,
-                               stops=lm.template.stop)
+                               stops=lm.template.stop, decoder=decoder_for(batch))
         return [(item, result, None) for item, result in zip(batch, results)]
     except Exception as err:  # noqa: BLE001 - recorded per row; the run goes on
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(batch) > 1:
             log.warning("a batch of %d failed (%s); retrying its rows one by one", len(batch), err)
-            return [out for item in batch for out in _generate_batch(lm, [item], settings)]
+            return [out for item in batch for out in _generate_batch(lm, [item], settings, decoder_for)]
         log.warning("row %s failed: %s", batch[0][0].key, err)
         return [(batch[0], None, f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}")]
 

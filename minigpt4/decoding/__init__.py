@@ -1,0 +1,8 @@
+"""Decoding engines: one Decoder interface (decoder.py), a static-cache CUDA-graph decoder
+(static.py) running a fused Llama step (fused.py, kernels.py), and the correctness gate that
+holds every path to an eager reference (gate.py)."""
+
+from minigpt4.decoding.decoder import CACHE_BUCKET, Decoder, DynamicDecoder, make_decoder
+from minigpt4.decoding.static import StaticDecoder
+
+__all__ = ["CACHE_BUCKET", "Decoder", "DynamicDecoder", "StaticDecoder", "make_decoder"]

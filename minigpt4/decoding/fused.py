@@ -1,0 +1,181 @@
+"""The Llama decode step on fused weights: one token per row through the LLM in ~10 kernels a layer.
+
+transformers' Llama forward launches ~50 kernels per layer for one token (each RMSNorm is six
+ops, rotary another dozen, a mask is built, q/k/v and gate/up are separate products); inside a
+CUDA graph each launch still costs a few microseconds and a trip through memory, which made our
+graphed step 1.9 ms slower than the weights' own reading time. Here:
+  - q/k/v and gate/up are single wider matrices: the model's own Linear weights become views
+    into them when the model is first decoded (no memory is added, every other path still works);
+  - the residual adds ride in the matmuls (addmm);
+  - attention reads only the slots up to `attend` (the static decoder keeps a graph per length
+    bucket), not the whole cache;
+  - on CUDA, RMSNorm, rotary + cache write and SiLU*up are one Triton kernel each (kernels.py).
+The torch functions below are the reference: the CPU runs them, and the GPU tests hold the
+Triton kernels to them. Rounding follows transformers (fp32 norms, fp16 products)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from minigpt4.decoding import kernels
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H]
+    qkv: torch.Tensor  # [(nh + 2 nkv) hd, H]
+    o: torch.Tensor  # [H, nh hd]
+    mlp_norm: torch.Tensor  # [H]
+    gate_up: torch.Tensor  # [2 I, H]
+    down: torch.Tensor  # [H, I]
+
+
+def unsupported_reason(llm: LlamaForCausalLM) -> str | None:
+    """Why the fused step cannot run this LLM (None: it can). Quantized layers (bitsandbytes),
+    biases and rope variants other than the default go through transformers' own forward."""
+    cfg = llm.config
+    if getattr(cfg, "model_type", "llama") != "llama":
+        return f"model_type {cfg.model_type}"
+    rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if (rope.get("rope_type") or rope.get("type") or "default") != "default":
+        return "rope scaling"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act}"
+    for layer in llm.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            if type(lin) is not nn.Linear or lin.bias is not None:
+                return f"{type(lin).__name__} layers" if type(lin) is not nn.Linear else "biases"
+            if lin.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32) or lin.weight.is_meta:
+                return f"weights of {lin.weight.dtype}"
+    return None
+
+
+def _padded_rows(weight: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """On CUDA, a copy of weight [V,H] with rows added up to a multiple of 64: Vicuna's 32,001
+    rows gave cuBLAS no aligned kernel at batch 32 (0.29 ms for the product; 262 MB more memory)."""
+    rows = weight.shape[0]
+    if not weight.is_cuda or rows % multiple == 0:
+        return weight
+    padded = weight.new_zeros(-(-rows // multiple) * multiple, weight.shape[1])
+    padded[:rows] = weight
+    return padded
+
+
+def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
+    """One [sum(out), in] matrix; each Linear's weight becomes a row block (a view) of it."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start : start + rows], requires_grad=False)
+        start += rows
+    return fused
+
+
+class FusedLlama:
+    """Fused views of one LlamaForCausalLM's weights, built once per model (FusedLlama.of)."""
+
+    @torch.no_grad()
+    def __init__(self, llm: LlamaForCausalLM):
+        cfg = llm.config
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.intermediate = cfg.intermediate_size
+        self.eps = cfg.rms_norm_eps
+        self.embed = llm.get_input_embeddings().weight  # [V,H]
+        self.vocab = llm.get_output_embeddings().weight.shape[0]
+        self.lm_head = _padded_rows(llm.get_output_embeddings().weight)  # [V',H], V' >= V
+        self.final_norm = llm.model.norm.weight
+        self.layers = []
+        for layer in llm.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(LayerWeights(
+                attn_norm=layer.input_layernorm.weight,
+                qkv=_fuse([a.q_proj, a.k_proj, a.v_proj]),
+                o=a.o_proj.weight,
+                mlp_norm=layer.post_attention_layernorm.weight,
+                gate_up=_fuse([m.gate_proj, m.up_proj]),
+                down=m.down_proj.weight,
+            ))
+        # rotary tables for every position, computed by the model's own rotary module
+        positions = torch.arange(cfg.max_position_embeddings, device=self.embed.device)[None]
+        cos, sin = llm.model.rotary_emb(self.embed[:1, None], positions)  # [1,P,hd] each
+        self.cos, self.sin = cos[0], sin[0]
+        self.use_triton = self.embed.is_cuda and kernels.available()
+
+    @classmethod
+    def of(cls, llm: LlamaForCausalLM) -> "FusedLlama":
+        """The model's fused weights (fusing them the first time; kept on the model itself)."""
+        fused = llm.__dict__.get("_minigpt4_fused")
+        if fused is None:
+            fused = cls(llm)
+            llm.__dict__["_minigpt4_fused"] = fused
+        return fused
+
+    def step(self, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: torch.Tensor,
+             positions: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, attend: int,
+             triton: bool = True) -> torch.Tensor:
+        """Feed tokens [B] at positions [B] into cache slot `slot` ([1] long) of every layer's
+        keys/values [B,nkv,L,hd]; attend to slots [0, attend) where valid [B,L] -> logits [B,V].
+        triton=False: the torch versions only (for torch.compile, which writes its own kernels)."""
+        b = tokens.shape[0]
+        triton = triton and self.use_triton
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        norm = kernels.rms_norm if triton else rms_norm
+        x = F.embedding(tokens, self.embed)  # [B,H]
+        # one additive mask for every layer (a bool mask is converted again by each attention call)
+        mask = torch.zeros(valid.shape[0], 1, 1, attend, dtype=x.dtype, device=x.device)
+        mask.masked_fill_(~valid[:, None, None, :attend], float("-inf"))  # [B,1,1,attend]
+        for i, w in enumerate(self.layers):
+            qkv = F.linear(norm(x, w.attn_norm, self.eps), w.qkv)  # [B,(nh+2nkv)hd]
+            if triton:
+                q = kernels.rope_and_cache(qkv, self.cos, self.sin, positions, keys[i], values[i], slot, nh, nkv)
+            else:
+                q = rope_and_cache(qkv, self.cos, self.sin, positions, keys[i], values[i], slot, nh, nkv)
+            attn = F.scaled_dot_product_attention(  # [B,nh,1,hd]
+                q.view(b, nh, 1, hd), keys[i][:, :, :attend], values[i][:, :, :attend],
+                attn_mask=mask, enable_gqa=nkv != nh)
+            x = torch.addmm(x, attn.reshape(b, nh * hd), w.o.t())
+            gate_up = F.linear(norm(x, w.mlp_norm, self.eps), w.gate_up)  # [B,2I]
+            act = kernels.silu_mul(gate_up) if triton else silu_mul(gate_up)  # [B,I]
+            x = torch.addmm(x, act, w.down.t())
+        return F.linear(norm(x, self.final_norm, self.eps), self.lm_head)[:, : self.vocab]  # [B,V]
+
+
+# ---- the reference versions (CPU, and what the Triton kernels are tested against) -------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: the variance in fp32, the scale applied in the model's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, nh: int, nkv: int) -> torch.Tensor:
+    """qkv [B,(nh+2nkv)hd]: rotate q and k at `positions`, write k and v into cache slot `slot`
+    -> rotated q [B,nh,hd]."""
+    b, hd = qkv.shape[0], keys.shape[-1]
+    q, k, v = qkv.view(b, nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=1)
+    c, s = cos[positions][:, None], sin[positions][:, None]  # [B,1,hd]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    keys.index_copy_(2, slot, k[:, :, None])
+    values.index_copy_(2, slot, v[:, :, None])
+    return q
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[B,2I] -> silu(gate) * up [B,I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,240 @@
+"""The static decoder: a fixed-size KV cache, and on CUDA one captured graph per decode-step
+length bucket and per batch-1 prefill length bucket.
+
+Eager decoding of a 7B Llama spends most of each token launching kernels from Python; replaying
+a captured graph removes that, so batch-1 decoding approaches the memory-bandwidth limit
+(weights read once per token). The step itself is fused.FusedLlama's (~10 kernels a layer), or
+transformers' forward for LLMs it does not cover (bitsandbytes layers).
+
+The cache has fixed slots [B, heads, max_len, head_dim]. `valid[b, s]` says whether slot s of
+row b holds a real token: left padding (evaluation batches) and rewinding to a shared prefix
+(chat turns) are edits of `valid` and of the write position. Graphs read `tokens`, `positions`,
+`slot` and `valid` from fixed addresses. A step attends only to slots below its length bucket
+(ATTEND_BUCKET), so a large cache (chat's 2,000 positions) costs no attention time until used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import torch
+from transformers import LlamaForCausalLM, StaticCache
+
+from minigpt4.decoding import fused
+
+log = logging.getLogger(__name__)
+
+PREFILL_BUCKET = 64  # batch-1 prefills are padded to a multiple of this (one CUDA graph each)
+MAX_PADDED_PREFILL = 512  # longer prefills are compute-bound: eager launching costs little more
+# A decode step attends to the slots below a multiple of this (a graph each): at batch 32 each
+# slot read for nothing costs ~17 MB of a 7B's KV cache per step.
+ATTEND_BUCKET = 64
+
+
+class StaticDecoder:
+    """Decoder protocol (decoder.py) over a static cache. All state lives in inference tensors
+    (allocated up front in inference mode): every method that touches it runs under
+    torch.inference_mode()."""
+
+    @torch.inference_mode()
+    def __init__(self, llm: LlamaForCausalLM, batch_size: int, max_len: int, compile: bool | str = False,
+                 use_fused: bool | None = None):
+        device = llm.get_input_embeddings().weight.device
+        config = llm.config
+        self.llm, self.batch_size, self.max_len, self.compile = llm, batch_size, max_len, compile
+        self.requested_compile = compile
+        self.cache = StaticCache(config=config, max_cache_len=max_len)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache.early_initialization(batch_size, config.num_key_value_heads, head_dim, llm.dtype, device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B,L]
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the slot this step writes
+        self.length = 0  # slots written so far
+        self.cuda = device.type == "cuda"
+        reason = fused.unsupported_reason(llm)
+        if use_fused is None:
+            use_fused = reason is None
+            if reason is not None:
+                log.info("static decoder: transformers' forward for each step (%s)", reason)
+        # the step's function and what it runs on: the fused weights, or the LLM itself
+        self.use_fused = use_fused
+        self._forward, self._model = (_fused_forward, fused.FusedLlama.of(llm)) if use_fused else (_hf_forward, llm)
+        self._uncompiled = self._forward
+        if compile:
+            self._forward = _compiled(self._forward, compile)
+        self.step_graphs: dict[int, tuple] = {}  # attend bucket -> (graph, its logits [B,V])
+        # Batch-1 prefills (chat turns) padded to a bucket: on CUDA each bucket's forward is a
+        # captured graph (eager, the ~1,400 kernel launches of a 7B forward take ~20 ms).
+        # Tests switch it on for the CPU to check the padding itself.
+        self.pad_prefill = self.cuda
+        self.prefill_inputs: dict[int, dict] = {}  # bucket -> fixed input buffers
+        self.prefill_graphs: dict[int, tuple] = {}  # bucket -> (graph, its logits)
+
+    @torch.inference_mode()
+    def crop(self, n: int) -> None:
+        """Keep the first n cached positions."""
+        self._rewind(min(n, self.length))
+        self.valid[:, self.length :] = False
+
+    def _rewind(self, n: int) -> None:
+        for layer in self.cache.layers:  # transformers' forward writes at this position
+            layer.cumulative_length.fill_(n)
+        self.length = n
+
+    # ---- prefill ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, pad_mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Write embeds [B,T,H] (positions [B,T], pad_mask [B,T] 1 = real) into slots
+        start..start+T-1; slots from `start` on are discarded. -> last logits [B,V]."""
+        b, t, _ = embeds.shape
+        if start + t > self.max_len:
+            raise ValueError(f"{start + t} positions do not fit the static cache of {self.max_len}")
+        self.crop(start)
+        self.valid[:, start : start + t] = pad_mask.bool()
+        bucket = -(-t // PREFILL_BUCKET) * PREFILL_BUCKET
+        if self.pad_prefill and b == 1 and bucket <= MAX_PADDED_PREFILL and start + bucket <= self.max_len:
+            logits = self._prefill_padded(embeds, positions, start, t, bucket)
+        else:
+            logits = _hf_prefill(self.llm, self.cache, torch.tensor([t - 1], device=embeds.device),
+                                 inputs_embeds=embeds, attention_mask=self._prefill_mask(start, t),
+                                 position_ids=positions)
+        self._rewind(start + t)
+        return logits
+
+    def _prefill_mask(self, start: int, t: int) -> torch.Tensor:
+        """[B,1,t,L]: query i (slot start+i) sees the valid slots up to its own."""
+        slots = torch.arange(self.max_len, device=self.valid.device)
+        query_slots = torch.arange(start, start + t, device=self.valid.device)
+        return self.valid[:, None, None, :] & (slots[None, None, None, :] <= query_slots[None, None, :, None])
+
+    def _prefill_padded(self, embeds: torch.Tensor, positions: torch.Tensor, start: int, t: int,
+                        bucket: int) -> torch.Tensor:
+        """Batch 1, T given positions followed by bucket-T padding ones, from fixed buffers: on
+        CUDA a graph per bucket, captured once. The T given positions keep their own position
+        ids (a left-padded row starts at 0 after its padding); the padding ones continue after
+        the last, see the real ones (so their keys and values are finite: a NaN in a masked
+        slot would still poison attention), are never marked valid, and are overwritten by the
+        tokens decoded next."""
+        device = embeds.device
+        if bucket not in self.prefill_inputs:
+            self.prefill_inputs[bucket] = dict(
+                inputs_embeds=torch.zeros(1, bucket, embeds.shape[-1], dtype=embeds.dtype, device=device),
+                position_ids=torch.zeros(1, bucket, dtype=torch.long, device=device),
+                attention_mask=torch.zeros(1, 1, bucket, self.max_len, dtype=torch.bool, device=device),
+                last=torch.zeros(1, dtype=torch.long, device=device))
+        inputs = self.prefill_inputs[bucket]
+        inputs["inputs_embeds"][:, :t] = embeds
+        inputs["inputs_embeds"][:, t:] = 0
+        inputs["position_ids"][:, :t] = positions
+        inputs["position_ids"][:, t:] = positions[:, -1:] + torch.arange(1, bucket - t + 1, device=device)
+        inputs["attention_mask"].copy_(self._prefill_mask(start, bucket))
+        inputs["last"].fill_(t - 1)
+        run = lambda: _hf_prefill(self.llm, self.cache, **inputs)  # noqa: E731
+        self._rewind(start)
+        if not self.cuda:
+            return run()
+        if bucket not in self.prefill_graphs:
+            self.prefill_graphs[bucket] = _capture_graph(run, lambda: self._rewind(start))
+        graph, logits = self.prefill_graphs[bucket]
+        graph.replay()
+        return logits
+
+    # ---- decode steps -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (tokens [B], positions [B]) -> logits [B,V] (a view: copy to keep)."""
+        if self.length >= self.max_len:
+            raise ValueError(f"the static cache of {self.max_len} positions is full")
+        self.valid[:, self.length] = True
+        self.tokens.copy_(tokens.view(-1))
+        self.positions.copy_(positions.view(-1))
+        self.slot.fill_(self.length)
+        attend = self.max_len  # transformers' step and a compiled one read the whole cache
+        if self.use_fused and not self.compile:
+            attend = min(self.max_len, (self.length // ATTEND_BUCKET + 1) * ATTEND_BUCKET)
+        if not self.cuda:  # CPU: the same cache logic, eager (used by the tests)
+            logits = self._run_step(attend)
+        else:
+            if attend not in self.step_graphs:
+                self.step_graphs[attend] = self._capture_step(attend)
+            graph, logits = self.step_graphs[attend]
+            graph.replay()
+        self.length += 1
+        return logits
+
+    def _run_step(self, attend: int) -> torch.Tensor:
+        return self._forward(self._model, self.cache, self.tokens, self.positions, self.slot, self.valid, attend)
+
+    def _capture_step(self, attend: int) -> tuple:
+        start = self.length
+        rewind = lambda: self._rewind(start)  # noqa: E731 - transformers' step advances the layers
+        try:
+            return _capture_graph(lambda: self._run_step(attend), rewind)
+        except Exception as err:  # noqa: BLE001 - torch.compile failing on this machine
+            if not self.compile:
+                raise
+            log.warning("generation.compile=%s failed here (%s: %s); decoding without it", self.compile,
+                        type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            self.compile = False
+            self._forward = self._uncompiled
+            return _capture_graph(lambda: self._run_step(attend), rewind)
+
+
+def _fused_forward(model: fused.FusedLlama, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor,
+                   slot: torch.Tensor, valid: torch.Tensor, attend: int, triton: bool = True) -> torch.Tensor:
+    """One step on the fused weights -> logits [B,V]."""
+    keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+    return model.step(keys, values, tokens, positions, slot, valid, attend, triton=triton)
+
+
+def _hf_forward(llm: LlamaForCausalLM, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor,
+                slot: torch.Tensor, valid: torch.Tensor, attend: int) -> torch.Tensor:  # noqa: ARG001
+    """One step through transformers' forward (it reads the whole cache, and advances the
+    layers' write position itself) -> logits [B,V]."""
+    out = llm(input_ids=tokens[:, None], attention_mask=valid[:, None, None, :], position_ids=positions[:, None],
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :]
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _compiled(forward: Callable, mode: bool | str) -> Callable:
+    """`forward` through torch.compile, one per process and mode, shared by every decoder (chat
+    sessions, web tabs, evaluation batches). dynamic=None: the first shape compiles static; a
+    second batch size compiles once more with it symbolic. The fused step is compiled from its
+    torch ops (Inductor writes its own kernels in place of ours). True = Inductor's default
+    mode; a string names another, e.g. "max-autotune-no-cudagraphs" (we capture the graphs)."""
+    key = (forward, mode)
+    if key not in _COMPILED:
+        target = functools.partial(forward, triton=False) if forward is _fused_forward else forward
+        _COMPILED[key] = torch.compile(target, dynamic=None, mode=None if mode is True else mode)
+    return _COMPILED[key]
+
+
+def _capture_graph(run: Callable[[], torch.Tensor], rewind: Callable[[], None]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture run() (which writes the cache) as a CUDA graph -> (graph, its output tensor).
+    Warm-up runs (allocator, cuBLAS handles, compilation) go on a side stream first; rewind()
+    undoes each run's cache writes. Replay with rewind() first, as run() itself was called."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            rewind()
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    rewind()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    rewind()
+    return graph, out
+
+
+def _hf_prefill(llm: LlamaForCausalLM, cache: StaticCache, last: torch.Tensor, **kwargs) -> torch.Tensor:
+    """A forward through the static cache -> logits of position `last` ([1] long) [B,V]."""
+    hidden = llm.model(past_key_values=cache, use_cache=True, **kwargs).last_hidden_state  # [B,T,H]
+    return llm.get_output_embeddings()(hidden.index_select(1, last))[:, -1, :]
