@@ -1,17 +1,12 @@
-"""python evaluate.py [model=7b] [gpu=0] [evaluate.prompts=[a.csv]] ... : batch evaluation (docs/EVALUATE.md)."""
+"""python evaluate.py [model=7b] [gpu=0] [evaluate.prompts=[a.csv]] ... : batch evaluation
+(python evaluate.py --help, docs/EVALUATE.md)."""
 
 import os
 
-import hydra
-from omegaconf import DictConfig
-
-import minigpt4.config  # noqa: F401  (registers the ${asset:} resolver)
-from minigpt4.errors import exit_on_user_error
+from minigpt4.cli import run
 
 
-@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
+def main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from minigpt4.evaluation.runner import run_evaluation
@@ -22,4 +17,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run("evaluate", main)

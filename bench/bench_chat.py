@@ -154,9 +154,7 @@ def main() -> None:
                     help="only time the process's first turn (graph capture; with --compile, compilation, "
                          "which Inductor's on-disk cache shortens in later processes)")
     args = ap.parse_args()
-    if args.tiny:
-        torch.set_num_threads(1)
-    loaded = build(args.tiny)
+    loaded = build(args.tiny)  # the tiny model on the CPU runs on one thread (cpu_threads=auto)
     device = loaded.device
     picture = make_picture(sample_specs(1, seed=0)[0])
     if args.diagnose:

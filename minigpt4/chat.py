@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from minigpt4.build import LoadedModel, load_model
+from minigpt4.config import to_container
 from minigpt4.conversation import (
     ASSISTANT,
     IMAGE_MESSAGE,
@@ -39,6 +40,7 @@ from minigpt4.conversation import (
 )
 from minigpt4.decoding import Decoder, make_decoder
 from minigpt4.errors import UserError
+from minigpt4.extras import require
 from minigpt4.generation import GenerationSettings, generate
 from minigpt4.model import IMAGE_TOKEN
 
@@ -232,7 +234,10 @@ class ChatSession:
         conv = load_conversation(path, self.template)
         base = Path(path).parent
         sources = [p if Path(p).exists() or Path(p).is_absolute() else str(base / p) for p in conv.images]
-        embeds = self.loaded.encode_images(sources) if sources else []
+        try:
+            embeds = self.loaded.encode_images(sources) if sources else []
+        except UserError as err:  # say which file named the missing or bad image
+            raise UserError(f"conversation file {path}: {err}") from None
         conv.images = [ChatImage(s, e, next(_uids)) for s, e in zip(sources, embeds)]
         self.reset()
         self.conversation = conv
@@ -361,22 +366,32 @@ def one_shot(session: ChatSession, prompt: str, images: list[str]) -> Reply:
 def run_chat(cfg) -> None:
     """chat.py: load the model, then the web page (ui=web), a one-shot answer (chat.prompt=...)
     or the terminal loop."""
+    ui = (cfg.get("ui") or {}).get("name", "terminal")
+    if ui not in ("terminal", "web", "api"):
+        raise UserError(f"ui={ui}: choose ui=terminal, ui=web or ui=api")
+    if ui == "api":  # before the model loads
+        require("ui=api", "api", "fastapi", "uvicorn")
     torch.manual_seed(int(cfg.get("seed") or 0))  # an untrained (random) model is reproducible too
     loaded = load_model(cfg)
     _stderr(f"model: {loaded.label} on {loaded.device} (loaded in {loaded.load_seconds:.1f} s)")
+    files = {key: path for key, path in to_container(cfg.get("checkpoint")).items() if path}
+    if files:  # which files answer (a checkpoint.proj=... override among them)
+        _stderr("checkpoint: " + ", ".join(f"{key}={path}" for key, path in files.items()))
     if not loaded.trained:
         _stderr(
             "WARNING: this model is UNTRAINED (random weights): its answers are noise. "
             "Point checkpoint=... at real weights (see docs/CHAT.md)."
         )
-    ui = (cfg.get("ui") or {}).get("name", "terminal")
     if ui == "web":
         from minigpt4.web import serve
 
         serve(cfg, loaded)
         return
-    if ui != "terminal":
-        raise UserError(f"ui={ui}: choose ui=terminal or ui=web")
+    if ui == "api":
+        from minigpt4.serving.api import serve
+
+        serve(cfg, loaded)
+        return
     session = ChatSession.from_cfg(cfg, loaded)
     chat = cfg.get("chat") or {}
     images = chat.get("images") or []

@@ -15,14 +15,18 @@ Our own format is safetensors with our names plus a small JSON config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -170,6 +174,33 @@ def _unmap_key(key: str) -> str | None:
 
 
 # ---- reading files ---------------------------------------------------------------------------
+# torch names the global a refused pickle asks for ("Unsupported global: GLOBAL posix.system was
+# not an allowed global ...", "... GLOBAL posix.system whose module posix is blocked.").
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
+
+
+def load_pickle(path: Path, label: str) -> object:
+    """The one torch.load of the project: weights_only=True, memory-mapped where the file allows
+    it (zip format). Any failure is one line starting with `label`: torch's own message is a
+    page of advice to load the file unsafely, cut mid-sentence it told the user nothing."""
+    try:
+        with warnings.catch_warnings():  # a plain pickle's "Detected pickle protocol 4" adds nothing
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # the unpickler fails in many ways (IndexError, KeyError, ...) on non-checkpoints
+        log.debug("reading %s as a PyTorch checkpoint failed", path, exc_info=True)
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:
+            raise UserError(
+                f"{label} is refused: loading it would run code (it asks for the global {refused.group(1)}); "
+                "only weight files (dicts of tensors) are accepted; re-save a trusted file's state dict"
+            ) from None
+        if str(err).startswith("Weights only load failed") and err.__context__ is not None:
+            err = err.__context__  # the unpickler's own reason, without torch's advice around it
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{label} is not a PyTorch checkpoint ({first[:160]})") from None
+
+
 def read_torch_file(path: str | os.PathLike, key: str) -> dict[str, torch.Tensor]:
     """A .pth checkpoint as a flat state dict (unwrapping {"model": ...}); weights_only=True."""
     path = Path(path)
@@ -177,12 +208,7 @@ def read_torch_file(path: str | os.PathLike, key: str) -> dict[str, torch.Tensor
         raise UserError(f"{key}={path}: no such file; set {key}=/path/to/the/file")
     if path.is_dir():
         raise UserError(f"{key}={path} is a directory; it needs a checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as err:  # the unpickler fails in many ways (IndexError, KeyError, ...) on non-checkpoints
-        log.debug("reading %s as a PyTorch checkpoint failed", path, exc_info=True)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{key}={path} is not a PyTorch checkpoint ({first[:160]})") from None
+    obj = load_pickle(path, f"{key}={path}")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -233,23 +259,19 @@ def projection_size_name(weight_shape: tuple[int, ...]) -> str:
 
 # ---- our own format --------------------------------------------------------------------------
 def save_own(
-    state: dict[str, torch.Tensor], directory: str | os.PathLike, config: dict, max_shard_bytes: int | None = None
+    state: dict[str, torch.Tensor], directory: str | os.PathLike, config: dict, max_shard_bytes: int | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> Path:
-    """Write state (our names) + config into `directory` atomically (temp dir, then rename).
-    With max_shard_bytes, large states go into shards (only one shard is copied to the CPU at a time)."""
+    """Write state (our names) + config (+ a copy of `tokenizer` as tokenizer.model) into
+    `directory`, atomically (see atomic_write). With max_shard_bytes, large states go into shards
+    (only one shard is copied to the CPU at a time)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    # one shard (model.safetensors) unless max_shard_bytes asks for more
-    save_shards(state.items(), tmp, max_shard_bytes or sys.maxsize, metadata={"format": "pt", "minigpt4": "1"})
-    (tmp / OWN_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        directory.rename(old)
-        tmp.rename(directory)
-        _rmtree(old)
-    else:
-        tmp.rename(directory)
+    with atomic_write(directory, folder=True) as tmp:
+        # one shard (model.safetensors) unless max_shard_bytes asks for more
+        save_shards(state.items(), tmp, max_shard_bytes or sys.maxsize, metadata={"format": "pt", "minigpt4": "1"})
+        (tmp / OWN_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
     return directory
 
 
@@ -302,12 +324,6 @@ def save_shards(
     return weight_map
 
 
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def is_own_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / OWN_CONFIG).is_file()
 
@@ -324,7 +340,44 @@ def save_official_projection(state: dict[str, torch.Tensor], path: str | os.Path
     """{"model": {"llama_proj.weight", "llama_proj.bias"}}: what the official code loads."""
     path = Path(path)
     proj = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("llama_proj.")}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": proj}, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        torch.save({"model": proj}, tmp)
     return path
+
+
+# ---- writing: complete or absent, readable as any file the user writes ----------------------------
+@contextlib.contextmanager
+def atomic_write(target: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `target` (an empty folder with folder=True, else a file name
+    to write); when the block succeeds it gets the umask's usual modes and replaces `target`,
+    when it fails it is removed. So a crash never leaves half a checkpoint, and the files are not
+    owner-only: mkstemp/mkdtemp (and safetensors) create 0600 files in 0700 folders, which other
+    users of a shared machine cannot read."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.partial-"
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        if folder and target.exists():  # a folder cannot be renamed over a non-empty one
+            old = tmp.with_name(tmp.name.replace(".partial-", ".old-"))
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise

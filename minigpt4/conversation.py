@@ -151,28 +151,50 @@ class Conversation:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], template: Template) -> "Conversation":
-        try:
-            messages = [[["user", "assistant"].index(m["role"]), m["text"]] for m in data["messages"]]
-            images = data.get("images", [])
-            if not all(isinstance(text, str) for _, text in messages):
-                raise TypeError("a message text is not a string")
-            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-                raise TypeError('"images" is not a list of file paths')
-        except (KeyError, ValueError, TypeError, AttributeError) as err:
-            raise UserError(f"conversation file: not a saved conversation ({err})") from None
+    def from_json(cls, data: Any, template: Template, source: str = "conversation file") -> "Conversation":
+        """The inverse of to_json. A file may have been edited by hand (or be hostile), so every
+        way it can be wrong is one UserError naming `source` and the problem."""
+
+        def bad(what: str) -> UserError:
+            return UserError(f"{source}: not a saved conversation ({what})")
+
+        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+            raise bad('expected a JSON object with a "messages" list, as /save writes')
+        messages: list[list[Any]] = []
+        for n, m in enumerate(data["messages"], 1):
+            if not isinstance(m, dict) or not isinstance(m.get("text"), str):
+                raise bad(f'message {n} is not {{"role": ..., "text": "..."}}')
+            if m.get("role") not in ("user", "assistant"):
+                raise bad(f"message {n} has role {m.get('role')!r:.40}; roles are 'user' and 'assistant'")
+            role = USER if m["role"] == "user" else ASSISTANT
+            if role == ASSISTANT and not messages:
+                raise bad("message 1 is an assistant message; a conversation starts with a user message")
+            if role == ASSISTANT and messages[-1][0] == ASSISTANT:
+                raise bad(f"messages {n - 1} and {n} are both assistant messages; each answer follows a user message")
+            if role == ASSISTANT and IMAGE_PLACEHOLDER in m["text"]:
+                raise bad(f"message {n} is an assistant message holding an image ({IMAGE_PLACEHOLDER})")
+            messages.append([role, m["text"]])
+        images = data.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+            raise bad('"images" is not a list of file paths')
         placeholders = sum(t.count(IMAGE_PLACEHOLDER) for _, t in messages)
         if placeholders != len(images):
-            raise UserError(f"conversation file: {placeholders} image placeholders but {len(images)} images")
+            raise bad(f"the messages hold {placeholders} image(s) ({IMAGE_PLACEHOLDER}) but \"images\" lists {len(images)}")
         return cls(template, messages, images)
 
 
 def load_conversation(path: str | Path, template: Template) -> Conversation:
+    """A conversation saved by /save (ChatSession.save); a bad file is a one-line UserError."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"conversation file {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                        f"offset {err.start}); give a JSON file written by /save") from None
+    except RecursionError:
+        raise UserError(f"conversation file {path}: not a saved conversation (JSON nested too deeply)") from None
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"conversation file {path}: cannot read ({err})") from None
-    return Conversation.from_json(data, template)
+    return Conversation.from_json(data, template, f"conversation file {path}")
 
 
 def build_prompt(template: Template, prompt: str, n_images: int, images_first: bool = True) -> Conversation:

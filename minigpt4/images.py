@@ -49,6 +49,8 @@ def load_image(source: ImageSource, name: str | None = None, exif_transpose: boo
         else:
             path = Path(source)
             label = name or str(path)
+            if path.is_dir():
+                raise UserError(f"image {label} is a directory; give an image file in it")
             if not path.is_file():
                 raise UserError(f"image {label}: no such file")
             if path.stat().st_size > MAX_FILE_BYTES:

@@ -7,6 +7,7 @@ piped session's stdout holds only the answers, one per line.
 
 from __future__ import annotations
 
+import io
 import shlex
 import sys
 from typing import TextIO
@@ -33,6 +34,7 @@ def run_terminal(
 ) -> None:
     """Read lines until /quit or end of input; a bad command or image is a one-line error."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    _replace_undecodable(stdin)
     interactive = stdin.isatty()
     if interactive:
         print("Type a message, /image PATH to show a picture, /help for commands.", file=stderr)
@@ -67,6 +69,14 @@ def run_terminal(
                 raise
             stdout.write("\n")
             print("(interrupted: the unfinished answer was dropped)", file=stderr, flush=True)
+
+
+def _replace_undecodable(stdin: TextIO) -> None:
+    """Bytes that are not valid in stdin's encoding (a Latin-1 file piped in, a mis-set terminal)
+    become U+FFFD: strict decoding would end the chat, surrogateescape (Python's choice under the
+    C locale) would hand lone surrogates to the tokenizer. input() decodes with these settings too."""
+    if isinstance(stdin, io.TextIOWrapper) and stdin.errors != "replace":
+        stdin.reconfigure(errors="replace")
 
 
 def _read_line(stdin: TextIO, stderr: TextIO, interactive: bool) -> str | None:

@@ -16,6 +16,10 @@ import sentencepiece as spm
 
 from minigpt4.errors import UserError
 
+# Lone surrogates (undecodable bytes kept by Python's surrogateescape, or a "\ud800" escape in
+# JSON from the web page) cannot be passed to sentencepiece: they become U+FFFD, as bad UTF-8 does.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
 
 class Tokenizer:
     def __init__(self, model_file: str | Path):
@@ -47,6 +51,7 @@ class Tokenizer:
         ids = [self.bos_id] if bos else []
         if not text:
             return ids
+        text = _SURROGATES.sub("\ufffd", text)
         chunks = self._special_re.split(text) if self._special_re else [text]
         for chunk in chunks:
             if chunk in self._specials:

@@ -1,39 +1,50 @@
 """Stage-2 fine-tuning: `run_finetune(cfg)` is what `python finetune.py` runs (see docs/FINETUNE.md).
 
     load_model(cfg) -> freeze all but cfg.trainable -> data (bad rows skipped, image features
-    cached when the image side is frozen) -> Lightning fit (resume from a run dir) -> exports:
+    cached when the image side is frozen) -> Lightning fit (resume= continues a run in its folder)
+    -> exports:
         <run>/checkpoints/last.ckpt        Lightning (trainable tensors, optimizer, scheduler, step)
         <run>/projection.pth               official format {"model": {llama_proj.weight, llama_proj.bias}}
         <run>/projection.safetensors       our format (checkpoint.proj= accepts either)
         <run>/model/                       full own-format checkpoint when more than llama_proj trained
         <run>/summary.json                 steps, samples/s, peak memory, skipped rows, held-out accuracy
+    Ctrl-C or SIGTERM stops after the current step: checkpoint, projection and summary are saved
+    and one line says how to resume. The shipped demo model is replaced only with install_demo=true.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
+import shlex
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from safetensors.torch import save_file
 
 from minigpt4 import checkpoints as ck
 from minigpt4.build import LoadedModel, load_model
-from minigpt4.config import gpu_indices, resolve_device, to_container
+from minigpt4.config import ASSETS, gpu_indices, resolve_device
 from minigpt4.errors import UserError
+from minigpt4.extras import require_logger
 from minigpt4.model import PARTS
 from minigpt4.training.data import FinetuneDataModule
 from minigpt4.training.module import IMAGE_SIDE, FinetuneModule
+from minigpt4.training.trainer import StopRequest, build_trainer, check_trainer_keys, quiet_lightning
 
 log = logging.getLogger(__name__)
 
+SHIPPED_DEMO = ASSETS / "demo"  # what chat.py and evaluate.py load by default; install_demo=true replaces it
+
 
 def run_dir_of(cfg: DictConfig) -> Path:
+    """resume=<run dir> continues in that folder; else output_dir, else the Hydra run directory."""
+    if cfg.get("resume") and Path(cfg.resume).is_dir():
+        return Path(cfg.resume)
     if cfg.get("output_dir"):
         return Path(cfg.output_dir)
     from hydra.core.hydra_config import HydraConfig
@@ -51,13 +62,33 @@ def resume_checkpoint(resume: str | None) -> str | None:
     ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
     if not ckpt.is_file():
         raise UserError(f"resume={resume}: no {ckpt}; give a finetune run directory that has checkpoints/last.ckpt")
+    # Lightning loads it weights_only too, but deep inside fit() and with torch's page-long message:
+    # read it once here (memory-mapped, trainable parts only) to fail early, in one line.
+    saved = ck.load_pickle(ckpt, f"resume={resume}: {ckpt}")
+    if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
+        raise UserError(f"resume={resume}: {ckpt} is not a checkpoint of finetune.py (no state_dict in it)")
     return str(ckpt)
 
 
-def trainer_precision(precision: str, device: torch.device) -> str:
-    if str(precision) == "auto":
-        return "16-mixed" if device.type == "cuda" else "32-true"
-    return str(precision)
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run: the overrides as typed, with resume= for output_dir=."""
+    from hydra.core.hydra_config import HydraConfig
+
+    typed = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ["..."]
+    kept = [o for o in typed if o.lstrip("+~").split("=")[0] not in ("resume", "output_dir")]
+    return " ".join(["python finetune.py", *map(shlex.quote, kept), shlex.quote(f"resume={run_dir}")])
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Settings that would fail (or be ignored) later, refused before anything loads."""
+    unknown = set(cfg.trainable) - set(PARTS)
+    if unknown:
+        raise UserError(f"trainable: unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
+    check_trainer_keys(cfg.trainer)
+    require_logger(cfg)
+    if cfg.get("install_demo") and str(cfg.model.name) != "tiny":
+        raise UserError(f"install_demo=true replaces the shipped demo model (model=tiny), but this run trains "
+                        f"model={cfg.model.name}: leave install_demo out (the model is in the run folder)")
 
 
 def prepare_model(cfg: DictConfig, device: torch.device) -> LoadedModel:
@@ -83,34 +114,39 @@ def prepare_model(cfg: DictConfig, device: torch.device) -> LoadedModel:
     return lm
 
 
-def export(lm: LoadedModel, run_dir: Path, cfg: DictConfig) -> dict[str, str]:
-    """Projection in both formats; with more than llama_proj trained, a full own-format dir too."""
+def export(lm: LoadedModel, run_dir: Path, cfg: DictConfig, whole_model: bool = True) -> dict[str, str]:
+    """Projection in both formats; with more than llama_proj trained (or install_demo=true) the
+    whole model in our format too: <run>/model, export_dir, and with install_demo the shipped demo.
+    Every target is written atomically (checkpoints.atomic_write)."""
     model = lm.model
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.startswith("llama_proj.")}
     out = {"projection_official": str(ck.save_official_projection(state, run_dir / "projection.pth"))}
-    save_file(state, str(run_dir / "projection.safetensors"), metadata={"format": "pt", "minigpt4": "1"})
+    with ck.atomic_write(run_dir / "projection.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "minigpt4": "1"})
     out["projection"] = str(run_dir / "projection.safetensors")
-    if set(cfg.trainable) - {"llama_proj"}:
+    if whole_model and (set(cfg.trainable) - {"llama_proj"} or cfg.get("install_demo")):
         arch = model.config.to_dict()
         if cfg.checkpoint.get("llm"):  # an LLM directory: record its real architecture
             arch["llm"] = model.llm.config.to_diff_dict()
         meta = {"arch": arch, "template": lm.template.name, "image_size": lm.image_size, "name": lm.name,
                 "trained_parts": list(cfg.trainable)}
         targets = [run_dir / "model"] + ([Path(cfg.export_dir)] if cfg.get("export_dir") else [])
+        targets += [SHIPPED_DEMO] if cfg.get("install_demo") else []
         for target in targets:
-            ck.save_own(model.state_dict(), target, meta)
-            shutil.copyfile(lm.tokenizer.path, target / "tokenizer.model")
+            ck.save_own(model.state_dict(), target, meta, tokenizer=lm.tokenizer.path)
         out["model"] = ", ".join(str(t) for t in targets)
+        if cfg.get("install_demo"):
+            log.warning("install_demo=true: the shipped demo model %s is now this run's model "
+                        "(python chat.py uses it)", SHIPPED_DEMO)
     return out
 
 
 def run_finetune(cfg: DictConfig) -> Path:
-    """Fine-tune as the config says; return the run directory (see the module docstring)."""
+    """Fine-tune as the config says; return the run directory (see the module docstring).
+    Interrupted (Ctrl-C, SIGTERM), it saves what it has and raises KeyboardInterrupt."""
+    check_settings(cfg)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    unknown = set(cfg.trainable) - set(PARTS)
-    if unknown:
-        raise UserError(f"trainable: unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
     ckpt_path = resume_checkpoint(cfg.get("resume"))
     OmegaConf.save(cfg, run_dir / "finetune_config.yaml", resolve=True)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -127,12 +163,21 @@ def run_finetune(cfg: DictConfig) -> Path:
     data.setup("fit")
     prepare_seconds = time.perf_counter() - start
     module = FinetuneModule(lm.model, cfg.trainer)
-    trainer = build_trainer(cfg, run_dir, devices)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    stop = StopRequest()
+    with quiet_lightning(resuming=bool(ckpt_path)), stop.installed():
+        trainer = build_trainer(cfg, run_dir, devices, stop)
+        start = time.perf_counter()
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:  # Lightning's own answer to SIGTERM, after RunCheckpoint saved the step
+            if stop.signal is None:
+                raise
     fit_seconds = time.perf_counter() - start
+    if stop.signal and not trainer.global_step:
+        log.warning("%s before the first training step: nothing to save", stop.signal)
+        raise KeyboardInterrupt
 
     summary = {
         "run_dir": str(run_dir),
@@ -142,6 +187,7 @@ def run_finetune(cfg: DictConfig) -> Path:
         "rows": data.n_rows,
         "skipped_rows": [{"row": b.row, "reason": b.reason} for b in data.bad_rows],
         "global_step": int(trainer.global_step),
+        "interrupted": stop.signal,
         "resumed_from": ckpt_path,
         "prepare_seconds": round(prepare_seconds, 2),
         "fit_seconds": round(fit_seconds, 2),
@@ -149,54 +195,18 @@ def run_finetune(cfg: DictConfig) -> Path:
     }
     if trainer.is_global_zero:
         lm.model.eval()
-        summary["exports"] = export(lm, run_dir, cfg)
-        if int(cfg.heldout.pictures) > 0:
+        summary["exports"] = export(lm, run_dir, cfg, whole_model=not stop.signal)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if int(cfg.heldout.pictures) > 0 and not stop.signal:
             from minigpt4.training.heldout import heldout_accuracy
 
             summary["heldout"] = heldout_accuracy(lm, int(cfg.heldout.pictures), int(cfg.heldout.seed))
             log.info("held-out accuracy: %s; 'Hello' -> %r", summary["heldout"]["accuracy"],
                      summary["heldout"]["greeting"])
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if stop.signal:
+        log.warning("%s at step %d: saved checkpoints/last.ckpt and projection.pth in %s; continue with: %s",
+                    stop.signal, trainer.global_step, run_dir, resume_command(run_dir))
+        raise KeyboardInterrupt
     log.info("fine-tuning done in %.0fs: %s", fit_seconds, run_dir)
     return run_dir
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path, devices: list[int] | None) -> pl.Trainer:
-    t = cfg.trainer
-    device = torch.device("cuda") if devices else torch.device("cpu")
-    loggers: list = [pl.loggers.CSVLogger(save_dir=str(run_dir), name="", version="")]
-    wandb_cfg = cfg.logger.get("wandb")
-    if wandb_cfg and wandb_cfg.get("enabled"):
-        from pytorch_lightning.loggers import WandbLogger  # wandb is imported only when enabled
-
-        loggers.append(WandbLogger(project=wandb_cfg.project, name=wandb_cfg.get("name"), save_dir=str(run_dir),
-                                   offline=str(wandb_cfg.mode) != "online",
-                                   config=to_container(cfg)))
-    every_n_steps = t.get("checkpoint_every_n_steps")
-    checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=1,
-        every_n_train_steps=int(every_n_steps) if every_n_steps else None,
-        every_n_epochs=None if every_n_steps else 1,
-    )
-    callbacks = [checkpoint]
-    if t.progress_bar:
-        callbacks.append(pl.callbacks.TQDMProgressBar(refresh_rate=int(t.get("refresh_rate", 10))))
-    return pl.Trainer(
-        accelerator="gpu" if devices else "cpu",
-        devices=devices or 1,
-        strategy=str(t.get("strategy", "auto")),
-        precision=trainer_precision(t.precision, device),
-        max_epochs=int(t.max_epochs),
-        limit_train_batches=int(t.iters_per_epoch) if t.iters_per_epoch else 1.0,
-        accumulate_grad_batches=int(t.accumulate_grad_batches),
-        gradient_clip_val=t.get("gradient_clip_val"),
-        log_every_n_steps=int(t.log_every_n_steps),
-        max_time=t.get("max_time"),
-        default_root_dir=str(run_dir),
-        logger=loggers,
-        callbacks=callbacks,
-        enable_progress_bar=bool(t.progress_bar),
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )

@@ -10,11 +10,17 @@ Why it is built this way:
   worker thread and yield the growing answer to the page.
 - Safe defaults: 127.0.0.1, no share link, upload limits checked before anything reaches the
   model, no analytics and no fonts from a CDN (the default theme's fonts ship with Gradio).
+- A refused message (a bad file, too many images, a question longer than chat.max_context) or a
+  failed answer never raises out of a listener: Gradio would cover every output (the whole
+  conversation) with an "Error" overlay and give the reason in a toast that vanishes. Instead
+  the reason stays in the notice line above the message box until the next action, the
+  conversation stays as it was, and a UserError is logged as one info line (no traceback).
 """
 
 from __future__ import annotations
 
 
+import html
 import logging
 import os
 import queue
@@ -38,11 +44,37 @@ log = logging.getLogger(__name__)
 MODEL_QUEUE = "model"  # the concurrency id of every listener that runs the model
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 EMPTY_BOX = {"text": "", "files": []}
-NO_CHANGE = (gr.skip(),) * 4  # for the outputs [tab, chatbot, box, stats]
+NO_CHANGE = (gr.skip(),) * 5  # for the outputs [tab, chatbot, box, stats, notice]
 CSS = """
 #chat img { max-height: 220px; width: auto; }
 #stats { min-height: 1.5em; color: var(--body-text-color-subdued); }
+#notice:not(:has(.notice)) { display: none; }
+#notice .html-container { padding: 0; }
+#notice .notice { padding: 8px 12px; border-radius: var(--radius-md); border: 1px solid; }
+#notice .refused, #notice .failed { color: var(--error-text-color); border-color: var(--error-border-color);
+                                    background: var(--error-background-fill); }
+#notice .hint { color: var(--body-text-color); border-color: var(--border-color-primary);
+                background: var(--background-fill-secondary); }
 """
+
+
+def notice(text: str = "", kind: str = "refused") -> str:
+    """The notice line's HTML: '' hides it; kind is refused (the user's input), failed (a bug or
+    the machine) or hint. role=alert makes screen readers announce it."""
+    if not text:
+        return ""
+    mark = {"refused": "⚠ ", "failed": "✖ ", "hint": "ℹ "}[kind]
+    return f'<div class="notice {kind}" role="alert">{mark}{html.escape(text)}</div>'
+
+
+def explain(err: Exception, what: str) -> str:
+    """The notice for an exception; a UserError is one info line in the log, anything else a
+    logged traceback (it is a bug or a machine problem, not the user's mistake)."""
+    if isinstance(err, UserError):
+        log.info("refused: %s", " ".join(str(err).split()))
+        return notice(str(err), "refused")
+    log.exception("%s failed", what)
+    return notice(f"{what} failed: {type(err).__name__}: {err}", "failed")
 
 
 class Cancelled(Exception):
@@ -131,13 +163,12 @@ def format_stats(reply, n_images: int) -> str:
 
 
 def check_uploads(files: list[str], ui: DictConfig) -> list:
-    """Uploaded paths -> RGB images, or a gr.Error naming the file and the limit."""
+    """Uploaded paths -> RGB images, or a UserError naming the file and the limit."""
     max_images = int(ui.max_images_per_message)
     if len(files) > max_images:
-        raise gr.Error(
+        raise UserError(
             f"{len(files)} images in one message: the limit is {max_images} (ui.max_images_per_message). "
-            "Send them over several messages.",
-            title="Too many images",
+            "Send them over several messages."
         )
     limit = float(ui.max_upload_mb) * 2**20
     images = []
@@ -145,14 +176,15 @@ def check_uploads(files: list[str], ui: DictConfig) -> list:
         name = Path(path).name
         size = os.path.getsize(path)
         if size > limit:
-            raise gr.Error(
-                f"{name} is {size / 2**20:.2f} MB: the limit is {float(ui.max_upload_mb):g} MB per image (ui.max_upload_mb).",
-                title="Image too large",
+            raise UserError(
+                f"{name} is {size / 2**20:.2f} MB: the limit is {float(ui.max_upload_mb):g} MB per image "
+                "(ui.max_upload_mb). Nothing was sent: remove it from the message and send again."
             )
         try:
             images.append(load_image(path, name=name))
         except UserError as err:
-            raise gr.Error(str(err), title="Not a usable image") from None
+            fix = "Nothing was sent: remove it from the message and send again."
+            raise UserError(f"{str(err).rstrip('.')}. {fix}") from None
     return images
 
 
@@ -180,44 +212,41 @@ def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
 
     def answer(tab: Tab, call: Callable, before: list[dict], busy_box, box_on_error) -> Iterator[tuple]:
         """Stream one answer after the messages `before`, then re-enable the box. On an error the
-        session is unchanged (ChatSession's promise): show it as it is, give the question back."""
-        yield tab, before + [{"role": "assistant", "content": ""}], busy_box, "*generating…*"
+        session is unchanged (ChatSession's promise): show it as it is, give the question back and
+        say why in the notice line (never raise: Gradio would hide the conversation)."""
+        yield tab, before + [{"role": "assistant", "content": ""}], busy_box, "*generating…*", notice()
         try:
             for text, reply in stream_reply(call, tab.cancel, model_lock):
                 if tab.cancel.is_set():
                     raise Cancelled
                 if reply is None:
-                    yield tab, before + [{"role": "assistant", "content": text}], gr.skip(), gr.skip()
-            yield tab, tab.shown(), gr.update(interactive=True), format_stats(reply, tab.images_in_context())
+                    yield tab, before + [{"role": "assistant", "content": text}], gr.skip(), gr.skip(), gr.skip()
+            yield tab, tab.shown(), gr.update(interactive=True), format_stats(reply, tab.images_in_context()), gr.skip()
         except Cancelled:  # Restart went first. Gradio re-sends an event's last values when it
             yield NO_CHANGE  # ends, so end with "no change" rather than the old conversation
             return
-        except Exception as err:  # the page must stay usable: show the error, keep the question
-            if not isinstance(err, UserError):
-                log.exception("generation failed")
-            yield tab, tab.shown(), box_on_error, ""
-            message = str(err) if isinstance(err, UserError) else f"generation failed: {type(err).__name__}: {err}"
-            raise gr.Error(message) from None
+        except Exception as err:  # the page must stay usable: keep the conversation and the question
+            yield tab, tab.shown(), box_on_error, "", explain(err, "the answer")
 
     def send(message, tab, greedy, temperature, top_p, max_new_tokens, num_beams):
         tab = tab or Tab()
         text = ((message or {}).get("text") or "").strip()
         files = [f if isinstance(f, str) else f["path"] for f in (message or {}).get("files") or []]
         if not text and not files:
-            gr.Warning("Type a message or attach an image first.")
-            yield NO_CHANGE
+            yield tab, gr.skip(), gr.skip(), gr.skip(), notice("Type a message or attach an image first.", "hint")
             return
-        check_uploads(files, ui)  # raises gr.Error: the box keeps its text and files
-        session = tab.session or new_session()
-        try:
+        try:  # refused: nothing of the message is added, the box keeps its text and files
+            check_uploads(files, ui)
+            session = tab.session or new_session()
             session.add_images(files)
-        except UserError as err:
-            raise gr.Error(str(err), title="Not a usable image") from None
+        except Exception as err:
+            yield tab, gr.skip(), gr.skip(), gr.skip(), explain(err, "the message")
+            return
         tab.session = session
         if not text:
             n = len(files)
             note = f"{n} image{'s' * (n > 1)} added: ask about {'them' if n > 1 else 'it'}."
-            yield tab, tab.shown(), gr.update(value=EMPTY_BOX), note
+            yield tab, tab.shown(), gr.update(value=EMPTY_BOX), note, notice()
             return
         settings = settings_from(greedy, temperature, top_p, max_new_tokens, num_beams)
         ask = lambda on_text: session.ask(text, on_text=on_text, settings=settings)  # noqa: E731
@@ -228,8 +257,8 @@ def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
     def regenerate(tab, greedy, temperature, top_p, max_new_tokens, num_beams):
         history = tab.session.history() if tab and tab.session else []
         if not history or history[-1]["role"] != "assistant":
-            gr.Warning("Nothing to regenerate yet: ask something first.")
-            yield NO_CHANGE
+            hint = notice("Nothing to regenerate yet: ask something first.", "hint")
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), hint
             return
         settings = settings_from(greedy, temperature, top_p, max_new_tokens, num_beams)
         session = tab.session
@@ -240,7 +269,7 @@ def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
     def restart(tab):
         if tab:
             tab.cancel.set()  # a generation still running for the old conversation stops
-        return Tab(), [], gr.update(value=EMPTY_BOX, interactive=True), "New conversation."
+        return Tab(), [], gr.update(value=EMPTY_BOX, interactive=True), "New conversation.", notice()
 
     trained_note = "" if loaded.trained else " — **untrained weights: answers are random tokens**"
     with gr.Blocks(title="MiniGPT-4 chat", analytics_enabled=False) as app:
@@ -261,6 +290,8 @@ def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
                     feedback_options=None,
                     buttons=["copy"],
                 )
+                # why the last message was refused or failed; stays until the next action
+                notice_line = gr.HTML("", elem_id="notice", js_on_load=None)
                 box = gr.MultimodalTextbox(
                     elem_id="message",
                     file_count="multiple",
@@ -288,7 +319,7 @@ def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
                     f"{float(ui.max_upload_mb):g} MB each."
                 )
         controls = [greedy, temperature, top_p, max_new, beams]
-        outputs = [tab, chatbot, box, stats]
+        outputs = [tab, chatbot, box, stats, notice_line]
         on_model = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1, show_progress="minimal")
         sent = box.submit(send, [box, tab, *controls], outputs, **on_model)
         again = regen_btn.click(regenerate, [tab, *controls], outputs, **on_model)

@@ -1,9 +1,9 @@
 """Writers of checkpoint files in the official layouts, at any size, from a MiniGPT4 in memory.
 
 Tests use them to check that what the official code would load, we load identically. Every
-writer produces exactly the structure FACTS.md describes for the real file, including the keys
-MiniGPT-4 must skip (EVA-CLIP's 40th block and final norm, BLIP-2's text branch and T5 projection,
-trainer state in the MiniGPT-4 file).
+writer produces exactly the structure docs/OFFICIAL.md describes for the real file, including
+the keys MiniGPT-4 must skip (EVA-CLIP's 40th block and final norm, BLIP-2's text branch and T5
+projection, trainer state in the MiniGPT-4 file).
 
     source = official_source(model)            # a copy whose weights survive the official layout
     overrides = write_official_set(source, tmp) # checkpoint.* overrides for compose()

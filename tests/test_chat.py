@@ -24,7 +24,7 @@ from minigpt4.terminal import run_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=6)
-# FACTS.md, verbatim: the official v1 prompt for one image and one question.
+# docs/OFFICIAL.md ("Prompts"), verbatim: the official v1 prompt for one image and one question.
 OFFICIAL_ONE_IMAGE = (
     "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to you. "
     "Please answer my questions.###Human: <Img><ImageHere></Img> Describe this image.###Assistant:"
@@ -330,6 +330,22 @@ def test_run_chat_one_shot_in_process(pictures, capsys):
     out, err = capsys.readouterr()
     assert out.endswith("\n") and "UNTRAINED" not in out and "tok/s" not in out
     assert "UNTRAINED" in err and "tok/s" in err
+
+
+def test_banner_names_the_checkpoint_files(tiny_loaded, tmp_path, capsys):
+    """A checkpoint.proj=... override shows on stderr beside the model, with the other files."""
+    from official_files import write_minigpt4
+
+    from minigpt4.config import compose
+
+    proj = write_minigpt4(tiny_loaded.model, tmp_path / "proj.pth")
+    one_shot = ["gpu=cpu", "generation=greedy", "generation.max_new_tokens=2", "chat.prompt=Hi"]
+    run_chat(compose("chat", [*one_shot, f"checkpoint.proj={proj}"]))
+    run_chat(compose("chat", [*one_shot, "checkpoint=random"]))
+    err = capsys.readouterr().err
+    demo = ROOT / "minigpt4" / "assets" / "demo"
+    assert "model: tiny on cpu" in err and f"\ncheckpoint: bundle={demo}, proj={proj}\n" in err
+    assert err.count("checkpoint: ") == 1  # random weights: no files (the UNTRAINED warning says so)
 
 
 def _chat_py(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:

@@ -223,15 +223,22 @@ def _not_checkpoints(tmp_path: Path) -> dict[str, Path]:
     import pickle
 
     files["pickle"].write_bytes(pickle.dumps({"model": {"w": Path("/")}}, protocol=2))  # refused by weights_only
+    files["plain pickle"] = tmp_path / "plain.pth"  # protocol 5: the weights-only unpickler cannot read it
+    files["plain pickle"].write_bytes(pickle.dumps({"w": 1}, protocol=5))
     return files
 
 
-@pytest.mark.parametrize("kind", ["random bytes", "text", "zip", "pickle"])
+@pytest.mark.parametrize("kind", ["random bytes", "text", "zip", "pickle", "plain pickle"])
 def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, kind):
     path = _not_checkpoints(tmp_path)[kind]
     with pytest.raises(UserError) as err:
         load(f"checkpoint.proj={path}")
-    assert one_line(err).startswith(f"checkpoint.proj={path} is not a PyTorch checkpoint")
+    if kind == "pickle":  # a global to import and call: code, refused
+        assert one_line(err).startswith(f"checkpoint.proj={path} is refused: loading it would run code "
+                                        "(it asks for the global pathlib.PosixPath)")
+    else:
+        assert one_line(err).startswith(f"checkpoint.proj={path} is not a PyTorch checkpoint")
+    assert "PyTorch 2.6" not in str(err.value)  # the reason, not torch's advice to load it unsafely
 
 
 def test_other_unreadable_inputs(tmp_path, official):

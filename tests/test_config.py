@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from minigpt4.config import CONF_DIR, compose, resolve_device, resolve_precision
+from minigpt4.config import CONF_DIR, FREE_TEXT_KEYS, compose, resolve_device, resolve_precision
 from minigpt4.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,15 +57,56 @@ def test_weights_root_environment_variable(monkeypatch):
 
 
 def test_chat_cfg_job_exactly_as_typed():
-    """`python chat.py --cfg job model=7b gpu=0` prints the composed config (no GPU needed)."""
+    """The README's `python chat.py --cfg job --resolve model=7b gpu=0` prints the composed config
+    with the resolved paths it promises (no GPU needed)."""
+    line = next(l for l in (ROOT / "README.md").read_text().splitlines() if "# shows the resolved paths" in l)
+    command = shlex.split(line.split("#")[0])
+    assert command[:2] == ["python", "chat.py"] and "--resolve" in command
     env = {**os.environ, "MINIGPT4_WEIGHTS": "/data/w"}
-    run = subprocess.run([sys.executable, "chat.py", "--cfg", "job", "--resolve", "model=7b", "gpu=0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    run = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     cfg = OmegaConf.create(run.stdout)
     assert cfg.gpu == 0 and cfg.model.name == "7b" and cfg.weights_root == "/data/w"
     assert {k: cfg.checkpoint[k] for k in OFFICIAL_7B} == {k: f"/data/w/{v}" for k, v in OFFICIAL_7B.items()}
     assert "gpu: 0\n" in run.stdout
+
+
+# ---- the command line as typed ------------------------------------------------------------------
+TYPED = ["Hello!", "What's this?", "Hi, what can you do?", 'He said "no" (twice), then: ok?', "${oc.env:HOME}",
+         "\\${x} \\\\${y}", "a\\b\\", "it\\'s", "null", "", "[1,2]", "key=value", "line 1\nline 2", "100% sure \u2713"]
+
+
+@pytest.mark.parametrize("text", TYPED)
+def test_free_text_keys_take_any_text_exactly_as_typed(text):
+    """chat.prompt, chat.system and chat.system_text_only are sentences, not Hydra syntax."""
+    cfg = compose("chat", [f"{key}={text}" for key in FREE_TEXT_KEYS])
+    assert [OmegaConf.select(cfg, key) for key in FREE_TEXT_KEYS] == [text] * 3
+    assert OmegaConf.to_container(cfg, resolve=True)["chat"]["prompt"] == text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("gpu=a!", "gpu=a!: Hydra cannot read this value; quote it: \"gpu='a!'\""),
+    ("checkpoint.proj=/w/it's (1).pth", "checkpoint.proj=/w/it's (1).pth: Hydra cannot read this value; "
+                                        "quote it: \"checkpoint.proj='/w/it\\\\'s (1).pth'\""),
+    ("chat.images=[a.png,b (1).png]", "chat.images=[a.png,b (1).png]: Hydra cannot read this value; quote each "
+                                      "item that holds special characters: \"chat.images=[plain,'an (odd) one!']\""),
+    ("hello", "'hello' is not KEY=VALUE: write e.g. model=7b or gpu=cpu (python chat.py --help lists the keys)"),
+    ("chat.promt=hi", "chat.promt: no such key in this config; check its spelling (python chat.py --help lists "
+                      "the main keys; +chat.promt=hi would add it)"),
+    ("model=8b", "model=8b: no such option; choose model=13b|7b|llama2_7b|tiny"),
+    ("gpu=0,1", "gpu=0,1: a comma makes a list or a sweep; write gpu=[0,1] for a list, or quote it for one value: "
+                "\"gpu='0,1'\""),
+])
+def test_a_bad_override_is_one_line_with_the_fix(override, message):
+    with pytest.raises(UserError) as err:
+        compose("chat", [override])
+    assert str(err.value) == message
+    if "quote it: " in message:  # the fix, typed into a shell, gives the value that was meant
+        fixed = shlex.split(message.split("quote it: ")[1])[0]
+        key, value = override.split("=", 1)
+        assert OmegaConf.select(compose("chat", [fixed]), key) == value
+    if "item that holds" in message:  # the example, typed into a shell, is a list of two items
+        assert compose("chat", shlex.split(message.split(": ")[-1])).chat.images == ["plain", "an (odd) one!"]
 
 
 # ---- devices ------------------------------------------------------------------------------------
@@ -167,3 +209,48 @@ def test_docs_api_examples_run(tmp_path, monkeypatch):
     assert scope["reply"].n_tokens >= 1 and isinstance(scope["out"][0].text, str)
     assert (tmp_path / "weights" / "my-minigpt4" / "minigpt4.json").is_file()
     assert scope["loaded"].random_parts == []  # reloaded from the bundle: nothing random any more
+
+
+# ---- CPU threads (conf/base.yaml cpu_threads) ---------------------------------------------------
+def test_cpu_threads_auto_is_one_thread_for_a_small_model_on_the_cpu(monkeypatch):
+    """Measured (docs/CHAT.md, "CPU threads"): on 2 busy cores the demo ran 5-20x faster on one."""
+    from conftest import build_tiny
+
+    from minigpt4 import build
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        build_tiny()  # cpu_threads: auto
+        assert torch.get_num_threads() == 1
+        build_tiny(["cpu_threads=3"])
+        assert torch.get_num_threads() == 3
+        monkeypatch.setattr(build, "SMALL_MODEL_PARAMETERS", 1000)  # a big model keeps torch's default
+        build_tiny()
+        assert torch.get_num_threads() == 3
+        monkeypatch.undo()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # so does a user's explicit OMP_NUM_THREADS
+        torch.set_num_threads(2)
+        build_tiny()
+        assert torch.get_num_threads() == 2
+        for bad in ("0", "many", "2.5"):
+            with pytest.raises(UserError, match=rf"^cpu_threads={bad}: use auto or a number of threads"):
+                build_tiny([f"cpu_threads={bad}"])
+    finally:
+        torch.set_num_threads(1)  # conftest's setting
+
+
+# ---- optional extras ----------------------------------------------------------------------------
+def test_logger_wandb_without_the_extra_is_one_line_before_the_run(monkeypatch, tmp_path):
+    import re
+
+    from minigpt4.evaluation.runner import run_evaluation
+    from minigpt4.train import run_finetune
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if `pip install -e '.[wandb]'` had not run
+    message = "^" + re.escape("logger=wandb needs wandb: pip install -e '.[wandb]'") + "$"
+    with pytest.raises(UserError, match=message):
+        run_evaluation(compose("evaluate", ["gpu=cpu", "logger=wandb"]), tmp_path / "evaluate")
+    with pytest.raises(UserError, match=message):
+        run_finetune(compose("finetune", ["gpu=cpu", "logger=wandb", f"output_dir={tmp_path / 'finetune'}"]))
+    assert not (tmp_path / "evaluate").exists() and not (tmp_path / "finetune").exists()  # nothing started

@@ -93,7 +93,7 @@ def test_triton_kernels_equal_the_torch_reference():
     qkv = torch.randn(5, (nh + 2 * nkv) * hd, device=dev, dtype=f16)
     angles = torch.rand(2048, hd // 2, device=dev) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1).to(f16), torch.cat([angles.sin()] * 2, -1).to(f16)
-    positions, slot = torch.randint(0, 2048, (5,), device=dev), torch.tensor([123], device=dev)
+    positions, slot = torch.randint(0, 2048, (5,), device=dev), torch.tensor([123, 7, 299, 0, 5], device=dev)
     caches = [(torch.randn(5, nkv, length, hd, device=dev, dtype=f16),) * 1 for _ in range(2)]
     k1, v1 = caches[0][0].clone(), caches[1][0].clone()
     k2, v2 = k1.clone(), v1.clone()

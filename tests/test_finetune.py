@@ -7,6 +7,15 @@ training data never uses.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -18,11 +27,14 @@ from minigpt4.build import load_model
 from minigpt4.config import compose
 from minigpt4.conversation import encode_prompt
 from minigpt4.data import synthetic
+from minigpt4.errors import UserError
 from minigpt4.train import prepare_model, run_finetune
 from minigpt4.training.data import FinetuneDataModule
 from minigpt4.training.heldout import heldout_accuracy
 from minigpt4.training.module import FinetuneModule, lr_at
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 QUICK = ["gpu=cpu", "trainer.num_workers=0", "trainer.progress_bar=false", "trainer.log_every_n_steps=1"]
 # Projection re-learnt from scratch with everything else frozen: RECOVER_STEPS steps of batch 12 at
 # lr 3e-3 (cached features). Measured with the shipped demo (docs/FINETUNE.md, "Tests"): 0.19
@@ -79,20 +91,129 @@ def test_both_export_formats_load_to_identical_outputs(recovered):
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_resume_continues_from_the_saved_step(tmp_path):
-    common = ["data.size=48", "trainer.batch_size=4", "trainer.iters_per_epoch=3", "trainer.lr.warmup_steps=2"]
-    first = run_finetune(finetune_cfg(tmp_path / "a", *common, "trainer.max_epochs=1"))
-    second = run_finetune(finetune_cfg(tmp_path / "b", *common, "trainer.max_epochs=2", f"resume={first}"))
+COMMON = ["data.size=48", "trainer.batch_size=4", "trainer.iters_per_epoch=3", "trainer.lr.warmup_steps=2"]
+
+
+def test_resume_continues_in_the_same_folder_and_keeps_the_metrics(tmp_path):
+    first = run_finetune(finetune_cfg(tmp_path / "a", *COMMON, "trainer.max_epochs=1"))
+    second = run_finetune(finetune_cfg(tmp_path / "b", *COMMON, "trainer.max_epochs=2", f"resume={first}"))
+    assert second == first and not (tmp_path / "b").exists()  # as evaluate.py: the run goes on where it is
     summary = json.loads((second / "summary.json").read_text())
     assert summary["global_step"] == 6 and summary["resumed_from"].endswith("last.ckpt")
     steps = [int(s) for s in pd.read_csv(second / "metrics.csv")["step"].dropna()]
-    assert min(steps) == 3 and max(steps) == 5  # the second run only did steps 3..5
+    assert steps == list(range(6))  # the first run's steps 0..2 are kept, 3..5 appended
     ckpt = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(ckpt["state_dict"]) == {"model.llama_proj.weight", "model.llama_proj.bias"}  # trainable only
     assert ckpt["global_step"] == 6
     adam = ckpt["optimizer_states"][0]["state"]
     assert all(int(s["step"]) == 6 for s in adam.values())  # the optimizer state went on, too
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 6
+    for name in ("projection.pth", "projection.safetensors", "summary.json"):  # readable by other users
+        assert stat.S_IMODE((second / name).stat().st_mode) == 0o666 & ~UMASK, name
+
+
+def _signal_at_step(monkeypatch, step: int, signum: int) -> None:
+    """Send signum to this process and its DataLoader workers from another process while training
+    step `step`, as Ctrl-C in a terminal, `timeout` or a job scheduler would."""
+    original = FinetuneModule.training_step
+    kill = "import os, sys; [os.kill(int(pid), int(sys.argv[1])) for pid in sys.argv[2:]]"
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == step:
+            pids = [str(p.pid) for p in multiprocessing.active_children()] + [str(os.getpid())]
+            subprocess.run([sys.executable, "-c", kill, str(int(signum)), *pids], check=True)
+            time.sleep(0.2)  # the signals arrive mid-step
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(FinetuneModule, "training_step", training_step)
+
+
+@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 1)])
+def test_an_interrupt_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch, caplog, signum, workers):
+    run = tmp_path / "run"
+    cfg = finetune_cfg(run, *COMMON, "trainer.max_epochs=2", f"trainer.num_workers={workers}")
+    _signal_at_step(monkeypatch, 1, signum)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(cfg)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] == signum.name and summary["global_step"] == 2  # the step under way finished
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert (run / "projection.pth").is_file() and (run / "projection.safetensors").is_file()
+    hint = [r.getMessage() for r in caplog.records if "continue with" in r.getMessage()]
+    assert len(hint) == 1 and hint[0].endswith(f"continue with: python finetune.py ... resume={run}")
+
+    monkeypatch.undo()
+    assert run_finetune(finetune_cfg(tmp_path / "other", *COMMON, "trainer.max_epochs=2", f"resume={run}")) == run
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 6
+    assert [int(s) for s in pd.read_csv(run / "metrics.csv")["step"].dropna()] == list(range(6))
+
+
+def test_final_checkpoint_is_at_the_final_step_and_lightning_noise_is_filtered(tmp_path, caplog):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run = run_finetune(finetune_cfg(tmp_path, *COMMON, "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=2"))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert "litlogger" not in caplog.text
+    noise = [str(w.message) for w in seen if re.search(r"eval mode|LeafSpec|many workers", str(w.message))]
+    assert not noise
+
+
+def test_max_steps_limits_the_run_and_unknown_trainer_keys_are_refused(tmp_path):
+    run = run_finetune(finetune_cfg(tmp_path, *COMMON, "trainer.max_epochs=5", "trainer.max_steps=2"))
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 2
+    for typo, known in (("+trainer.max_step=20", "max_steps"), ("+trainer.lr.warmup=5", "warmup_steps")):
+        with pytest.raises(UserError, match=rf"^trainer\..*: no such setting .*known ones are .*{known}") as err:
+            run_finetune(finetune_cfg(tmp_path / "typo", typo))
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "typo").exists()  # refused before anything was written
+
+
+def test_resume_from_a_damaged_or_foreign_checkpoint_is_one_line(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    for content, why in ((b"PK\x03\x04 truncated", "not a PyTorch checkpoint"),
+                         ({"model": {"llama_proj.weight": torch.ones(1)}}, "not a checkpoint of finetune.py")):
+        ckpt.write_bytes(content) if isinstance(content, bytes) else torch.save(content, ckpt)
+        with pytest.raises(UserError, match=why) as err:
+            run_finetune(finetune_cfg(tmp_path / "out", f"resume={tmp_path / 'run'}"))
+        assert str(ckpt) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_demo_experiment_keeps_the_shipped_model_unless_asked(tmp_path, monkeypatch):
+    cfg = compose("finetune", ["experiment=demo"])
+    assert not cfg.export_dir and not cfg.install_demo  # a trial run must not replace minigpt4/assets/demo
+    import minigpt4.train
+
+    shipped = tmp_path / "assets" / "demo"  # stands in for minigpt4/assets/demo
+    shipped.mkdir(parents=True)
+    (shipped / "model.safetensors").write_bytes(b"the model shipped before")
+    monkeypatch.setattr(minigpt4.train, "SHIPPED_DEMO", shipped)
+    demo = ["experiment=demo", "trainer.precision=32-true", "heldout.pictures=0", "data.size=8",
+            "trainer.batch_size=4", "trainer.max_steps=1"]
+    run = run_finetune(finetune_cfg(tmp_path / "trial", *demo))
+    assert (run / "model" / "model.safetensors").is_file()
+    assert (shipped / "model.safetensors").read_bytes() == b"the model shipped before"
+
+    run = run_finetune(finetune_cfg(tmp_path / "install", *demo, "install_demo=true"))
+    assert sorted(p.name for p in shipped.parent.iterdir()) == ["demo"]  # swapped in whole, nothing left over
+    for name in ("minigpt4.json", "tokenizer.model"):
+        assert (shipped / name).read_bytes() == (run / "model" / name).read_bytes()
+    installed = load_model(compose("chat", ["gpu=cpu", "checkpoint=demo", f"checkpoint.bundle={shipped}"]))
+    trained = load_model(compose("chat", ["gpu=cpu", "checkpoint=demo", f"checkpoint.bundle={run / 'model'}"]))
+    assert all(torch.equal(a, b) for a, b in zip(installed.model.state_dict().values(),
+                                                 trained.model.state_dict().values()))
+    with pytest.raises(UserError, match="install_demo"):
+        run_finetune(finetune_cfg(tmp_path / "big", "model=7b", "install_demo=true"))
+
+
+def test_feature_caching_shows_a_progress_bar_on_stderr(tmp_path, capsys):
+    cfg = finetune_cfg(tmp_path, "data.size=8", "trainer.progress_bar=true")
+    lm = prepare_model(cfg, torch.device("cpu"))
+    capsys.readouterr()
+    FinetuneDataModule(cfg, lm.model, lm.tokenizer, lm.template, lm.image_size, cache_features=True).setup("fit")
+    captured = capsys.readouterr()
+    assert "caching image features" in captured.err and "100%" in captured.err and not captured.out
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path):
@@ -150,8 +271,6 @@ def test_official_schedule_and_weight_decay_groups():
 
 
 def test_bad_config_is_one_line_error(tmp_path):
-    from minigpt4.errors import UserError
-
     with pytest.raises(UserError, match="trainable"):
         run_finetune(finetune_cfg(tmp_path, "trainable=[eyes]"))
     with pytest.raises(UserError, match="resume"):

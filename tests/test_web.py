@@ -9,6 +9,7 @@ prove that two tabs never run the model at the same time.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -92,6 +93,28 @@ def test_stream_reply_stops_the_worker_when_cancelled():
     assert len(tokens) < 1000
 
 
+def test_notices_escape_html_and_log_a_user_error_as_one_info_line(caplog):
+    from minigpt4.web import explain, notice
+
+    assert notice() == ""  # nothing to say: the line is hidden
+    hostile = notice('image <img src=x onerror="alert(1)">.png: not an image file')
+    assert "<img" not in hostile and "&lt;img" in hostile and 'role="alert"' in hostile
+    caplog.set_level(logging.INFO, logger="minigpt4.web")
+    shown = explain(UserError("message too long:\nshorten it"), "the answer")
+    assert "refused" in shown and "message too long" in shown
+    [record] = caplog.records
+    assert record.levelno == logging.INFO and not record.exc_info
+    assert record.getMessage() == "refused: message too long: shorten it"  # one line
+    caplog.clear()
+    try:
+        raise RuntimeError("out of memory")
+    except RuntimeError as err:
+        shown = explain(err, "the answer")
+    assert "failed" in shown and "the answer failed: RuntimeError: out of memory" in shown
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR and record.exc_info  # a bug keeps its traceback
+
+
 def test_busy_port_is_a_user_error(tiny_loaded):
     from minigpt4.web import serve
 
@@ -129,10 +152,12 @@ def test_chat_py_ui_web_serves_the_page(tmp_path):
 
 # ---- the browser ------------------------------------------------------------------------------
 class ModelProbe:
-    """Wraps the LLM's forward: an optional delay per call and the most calls ever in flight."""
+    """Wraps the LLM's forward: an optional delay per call, the most calls ever in flight, and an
+    optional exception to raise (an unexpected failure inside the model)."""
 
     def __init__(self, llm):
         self.delay, self.active, self.most_active, self.calls = 0.0, 0, 0, 0
+        self.fail: Exception | None = None
         self.rows: set[int] = set()  # batch sizes seen (beam search runs one row per beam)
         self._lock = threading.Lock()
         original = llm.forward
@@ -145,6 +170,8 @@ class ModelProbe:
                 self.rows.add(ids.shape[0] if ids is not None else 0)
                 self.most_active = max(self.most_active, self.active)
             try:
+                if self.fail is not None:
+                    raise self.fail
                 time.sleep(self.delay)
                 return original(*args, **kwargs)
             finally:
@@ -248,6 +275,31 @@ def send(page, text: str) -> None:
 
 def last_answer(page) -> str:
     return page.locator("#chat [data-testid=bot]").last.inner_text().strip()
+
+
+def wait_notice(page, text: str) -> str:
+    """Wait for the notice line above the box to say `text`; return what it says."""
+    page.locator("#notice .notice", has_text=text).wait_for(timeout=WAIT_MS)
+    return page.inner_text("#notice")
+
+
+# The conversation is on screen and nothing covers it: the element at the middle of each message
+# is that message (Gradio's "Error" overlay would cover the whole chat), and no error badge shows.
+CONVERSATION_UNCOVERED = """() => {
+    const messages = [...document.querySelectorAll('#chat [data-testid=user], #chat [data-testid=bot]')];
+    return messages.length > 0 && messages.every(m => {
+        m.scrollIntoView({block: 'center'});
+        const r = m.getBoundingClientRect();
+        return r.width > 0 && m.contains(document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2));
+    }) && ![...document.querySelectorAll('[data-testid=status-tracker]')]
+        .some(t => t.offsetParent !== null && t.innerText.includes('Error'));
+}"""
+
+
+def assert_conversation_visible(page, user_messages: int, answers: int) -> None:
+    assert count(page, "#chat [data-testid=user]") == user_messages
+    assert count(page, "#chat [data-testid=bot]") == answers
+    assert page.evaluate(CONVERSATION_UNCOVERED)
 
 
 @pytest.mark.browser
@@ -376,44 +428,81 @@ def test_oversized_and_too_many_uploads_are_refused(open_page, pictures):
     attach(page, paths)  # 3 images > ui.max_images_per_message=2
     page.fill("#message textarea", "Compare them")
     page.press("#message textarea", "Enter")
-    toast = page.locator("[data-testid=toast-body]", has_text="max_images_per_message")
-    toast.wait_for(timeout=WAIT_MS)
-    assert "3 images in one message: the limit is 2" in toast.inner_text()
+    assert "3 images in one message: the limit is 2" in wait_notice(page, "max_images_per_message")
     assert count(page, "#chat [data-testid=user]") == 0  # nothing reached the conversation
     assert count(page, "#message img") == 3  # the message stays in the box to be fixed
 
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_a_broken_image_is_named_in_the_error(open_page, tmp_path):
+def test_refusals_say_why_in_place_and_keep_the_conversation(open_page, tmp_path, capfd, caplog):
+    """A non-image file and a question longer than chat.max_context: the reason stays on the page
+    (no vanishing toast), the conversation stays visible (no error overlay), the server logs one
+    info line (no traceback), and the next good message works."""
+    caplog.set_level(logging.INFO, logger="minigpt4.web")
     broken = tmp_path / "holiday.png"
     broken.write_text("not really a picture")
     page = open_page()
+    page.click("#regenerate")  # nothing to regenerate yet: a hint, not an error
+    assert "Nothing to regenerate yet" in wait_notice(page, "ask something first")
+    send(page, "Hello! What can you do?")
+    assert count(page, "#notice .notice") == 0  # the next action clears the notice
+
     page.set_input_files("#message input[type=file]", [str(broken)])
-    page.wait_for_selector("#message .thumbnail-item, #message [class*=thumbnail]", timeout=WAIT_MS)
+    page.wait_for_selector("#message .thumbnail-item", timeout=WAIT_MS)
     page.fill("#message textarea", "What is this?")
     page.press("#message textarea", "Enter")
-    toast = page.locator("[data-testid=toast-body]", has_text="holiday.png")
-    toast.wait_for(timeout=WAIT_MS)
-    assert "not an image file" in toast.inner_text()
-    assert count(page, "#chat [data-testid=user]") == 0
+    said = wait_notice(page, "holiday.png")
+    assert "not an image file" in said and "remove it" in said
+    assert_conversation_visible(page, user_messages=1, answers=1)  # nothing of the message was added
+    assert page.input_value("#message textarea") == "What is this?"  # the message stays to be fixed
+    assert count(page, "#message .thumbnail-item") == 1
+    assert count(page, "[data-testid=toast-body]") == 0  # said in the page, not in a vanishing toast
+
+    page.click("#message button[aria-label='Remove file']")
+    too_long = "word " * 500  # more than chat.max_context=400 tokens on its own
+    page.fill("#message textarea", too_long)
+    page.press("#message textarea", "Enter")
+    said = wait_notice(page, "message too long")
+    assert "chat.max_context" in said and "holiday.png" not in said
+    page.wait_for_function("() => !document.querySelector('#message textarea').disabled")
+    assert page.input_value("#message textarea").strip() == too_long.strip()  # given back to edit
+    assert_conversation_visible(page, user_messages=1, answers=1)
+    assert count(page, "[data-testid=toast-body]") == 0
+    page.wait_for_timeout(1000)  # still there a moment later (a toast would be counting down)
+    assert "message too long" in page.inner_text("#notice")
+
+    send(page, "A short one then")
+    assert_conversation_visible(page, user_messages=2, answers=2)
+    assert last_answer(page) and count(page, "#notice .notice") == 0
+
+    refused = [r for r in caplog.records if r.name == "minigpt4.web" and "refused" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.INFO, logging.INFO], [r.getMessage() for r in refused]
+    assert all("\n" not in r.getMessage() and not r.exc_info for r in refused)
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err  # a user's mistake is not a server error
 
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_a_failed_answer_leaves_the_page_usable(open_page):
+def test_an_unexpected_failure_keeps_the_conversation(open_page, server):
+    _, probe = server
     page = open_page()
-    too_long = "word " * 500  # more than chat.max_context=400 tokens on its own
-    page.fill("#message textarea", too_long)
-    page.press("#message textarea", "Enter")
-    toast = page.locator("[data-testid=toast-body]", has_text="message too long")
-    toast.wait_for(timeout=WAIT_MS)
-    assert "chat.max_context" in toast.inner_text()
+    send(page, "Hello! What can you do?")
+    probe.fail = RuntimeError("the model broke")
+    try:
+        page.fill("#message textarea", "And now?")
+        page.press("#message textarea", "Enter")
+        said = wait_notice(page, "RuntimeError")
+    finally:
+        probe.fail = None
+    assert "the model broke" in said
     page.wait_for_function("() => !document.querySelector('#message textarea').disabled")
-    assert page.input_value("#message textarea").strip() == too_long.strip()  # given back to edit
-    assert count(page, "#chat [data-testid=user]") == 0
-    send(page, "A short one then")
-    assert count(page, "#chat [data-testid=user]") == 1 and last_answer(page)
+    assert page.input_value("#message textarea") == "And now?"  # the question is given back
+    assert_conversation_visible(page, user_messages=1, answers=1)
+    send(page, "And now?")
+    assert_conversation_visible(page, user_messages=2, answers=2)
+    assert count(page, "#notice .notice") == 0
 
 
 @pytest.mark.browser

@@ -205,6 +205,43 @@ def test_inspect_llama_versions(tmp_path, pieces):
     assert inspect_path(tmp_path / "meta").kind == "meta_llama"
 
 
+def test_inspect_says_what_a_file_is_when_it_is_not_a_weight_part(tiny_loaded, tmp_path, capsys):
+    """Files users point inspect at that are not one part: a tokenizer, a whole model in one file
+    (ours or official names), finetune.py's Lightning checkpoint, a pickle without tensors."""
+    assert main(["inspect", str(TINY_TOKENIZER), "--model", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "sentencepiece tokenizer" in out and "checkpoint.llm" in out and "FITS" in out
+    assert inspect_path(TINY_TOKENIZER, model="tiny").kind == "tokenizer"
+
+    state = {k: v.clone() for k, v in tiny_loaded.model.state_dict().items()}
+    bundle_dir = ck.save_own(state, tmp_path / "bundle", {"name": "tiny"})
+    whole = inspect_path(bundle_dir / ck.OWN_WEIGHTS, model="tiny")
+    assert whole.kind == "model" and "not a projection" in whole.title and "LLM" in whole.title and whole.fits
+    assert any(f"checkpoint.bundle={bundle_dir}" in n for n in whole.notes)
+    official = tmp_path / "whole_official.pth"
+    torch.save({"model": ck.ours_to_official(state)}, official)
+    report = inspect_path(official, model="tiny")
+    assert report.kind == "model" and "official key names" in " ".join(report.notes) and report.fits
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"  # the top-level keys Lightning writes
+    torch.save({"epoch": 1, "global_step": 6, "pytorch-lightning_version": "2.6.6",
+                "state_dict": {f"model.{k}": v for k, v in state.items() if k.startswith("llama_proj.")},
+                "loops": {}, "callbacks": {}, "optimizer_states": [{"state": {}, "param_groups": []}],
+                "lr_schedulers": [{"last_epoch": 6}]}, ckpt)
+    ck.save_official_projection(state, run / "projection.pth")
+    lightning = inspect_path(ckpt, model="tiny")
+    assert lightning.kind == "lightning" and "step 6" in lightning.title and lightning.fits
+    assert any(f"resume={run}" in n for n in lightning.notes)
+    assert any(f"checkpoint.proj={run / 'projection.pth'}" in n for n in lightning.notes)
+    assert inspect_path(ckpt, model="7b").fits is False
+
+    empty = tmp_path / "empty.pth"
+    torch.save({"step": 3}, empty)
+    assert "without tensors" in inspect_path(empty).title
+
+
 # ---- bundle --------------------------------------------------------------------------------------
 def test_bundle_round_trip(official, tmp_path, capsys):
     overrides, _ = official

@@ -121,8 +121,9 @@ class FusedLlama:
     def step(self, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: torch.Tensor,
              positions: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, attend: int,
              triton: bool = True) -> torch.Tensor:
-        """Feed tokens [B] at positions [B] into cache slot `slot` ([1] long) of every layer's
-        keys/values [B,nkv,L,hd]; attend to slots [0, attend) where valid [B,L] -> logits [B,V].
+        """Feed tokens [B] at positions [B] into cache slots `slot` ([B] long: each row its own)
+        of every layer's keys/values [B,nkv,L,hd]; attend to slots [0, attend) where valid [B,L]
+        -> logits [B,V].
         triton=False: the torch versions only (for torch.compile, which writes its own kernels)."""
         b = tokens.shape[0]
         triton = triton and self.use_triton
@@ -158,15 +159,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                    keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, nh: int, nkv: int) -> torch.Tensor:
-    """qkv [B,(nh+2nkv)hd]: rotate q and k at `positions`, write k and v into cache slot `slot`
-    -> rotated q [B,nh,hd]."""
+    """qkv [B,(nh+2nkv)hd]: rotate q and k at `positions`, write k and v into cache slots
+    `slot` ([B], each row its own) -> rotated q [B,nh,hd]."""
     b, hd = qkv.shape[0], keys.shape[-1]
     q, k, v = qkv.view(b, nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=1)
     c, s = cos[positions][:, None], sin[positions][:, None]  # [B,1,hd]
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
-    keys.index_copy_(2, slot, k[:, :, None])
-    values.index_copy_(2, slot, v[:, :, None])
+    rows = torch.arange(b, device=qkv.device)
+    keys[rows, :, slot] = k
+    values[rows, :, slot] = v
     return q
 
 

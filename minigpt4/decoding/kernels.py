@@ -39,7 +39,7 @@ if triton is not None:
     def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
                            n_heads, n_kv, cache_len, HALF: tl.constexpr, BLOCK: tl.constexpr):
         """Program (row b, head h) of the qkv heads: q heads are rotated into q_ptr, k heads are
-        rotated into the key cache at `slot`, v heads are copied into the value cache."""
+        rotated into the key cache at the row's slot, v heads are copied into the value cache."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         n_all = n_heads + 2 * n_kv
@@ -48,7 +48,7 @@ if triton is not None:
         src = qkv_ptr + (b * n_all + h) * 2 * HALF
         x1 = tl.load(src + d, mask=keep)
         x2 = tl.load(src + HALF + d, mask=keep)
-        slot = tl.load(slot_ptr)
+        slot = tl.load(slot_ptr + b)
         if h < n_heads + n_kv:
             pos = tl.load(pos_ptr + b)
             c1 = tl.load(cos_ptr + pos * 2 * HALF + d, mask=keep).to(tl.float32)

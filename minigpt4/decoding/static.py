@@ -20,7 +20,7 @@ import logging
 from typing import Callable
 
 import torch
-from transformers import LlamaForCausalLM, StaticCache
+from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from minigpt4.decoding import fused
 
@@ -51,7 +51,7 @@ class StaticDecoder:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B,L]
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the slot this step writes
+        self.slot = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] the slot each row writes
         self.length = 0  # slots written so far
         self.cuda = device.type == "cuda"
         reason = fused.unsupported_reason(llm)
@@ -155,14 +155,57 @@ class StaticDecoder:
         attend = self.max_len  # transformers' step and a compiled one read the whole cache
         if self.use_fused and not self.compile:
             attend = min(self.max_len, (self.length // ATTEND_BUCKET + 1) * ATTEND_BUCKET)
-        if not self.cuda:  # CPU: the same cache logic, eager (used by the tests)
-            logits = self._run_step(attend)
-        else:
-            if attend not in self.step_graphs:
-                self.step_graphs[attend] = self._capture_step(attend)
-            graph, logits = self.step_graphs[attend]
-            graph.replay()
+        logits = self._replay(attend)
         self.length += 1
+        return logits
+
+    # ---- rows at their own lengths (the serving engine's continuous batching) -----------------
+    @torch.inference_mode()
+    def prefill_row(self, row: int, embeds: torch.Tensor, positions: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Cache embeds [1,T,H] (positions [1,T]) in row `row` after its first `start` slots (the
+        rest of the row is dropped), leaving the other rows as they are -> last logits [1,V].
+        Runs eagerly through a DynamicCache holding the row's prefix; its keys and values are
+        then copied into the row's slots."""
+        t = embeds.shape[1]
+        if start + t > self.max_len:
+            raise ValueError(f"{start + t} positions do not fit the static cache of {self.max_len}")
+        prefix = DynamicCache()
+        for i, layer in enumerate(self.cache.layers):
+            if start:
+                prefix.update(layer.keys[row : row + 1, :, :start], layer.values[row : row + 1, :, :start], i)
+        hidden = self.llm.model(inputs_embeds=embeds, position_ids=positions, past_key_values=prefix,
+                                use_cache=True).last_hidden_state  # [1,T,H]
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys[row, :, start : start + t] = prefix.layers[i].keys[0, :, start : start + t]
+            layer.values[row, :, start : start + t] = prefix.layers[i].values[0, :, start : start + t]
+        self.valid[row] = False
+        self.valid[row, : start + t] = True
+        return self.llm.get_output_embeddings()(hidden[:, -1])
+
+    @torch.inference_mode()
+    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, longest: int) -> torch.Tensor:
+        """One token per row, each row at its own length: row b writes slot slots[b] ([B] long)
+        and attends to its valid slots; `longest` = the largest slot + 1 -> logits [B,V] (a view).
+        Needs the fused step (each row's own write slot)."""
+        if not self.use_fused:
+            raise ValueError("rows at different lengths need the fused step")
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.slot.copy_(slots)
+        self.valid[torch.arange(self.batch_size, device=self.valid.device), self.slot] = True
+        attend = min(self.max_len, -(-longest // ATTEND_BUCKET) * ATTEND_BUCKET)
+        if self.compile:
+            attend = self.max_len
+        return self._replay(attend)
+
+    def _replay(self, attend: int) -> torch.Tensor:
+        """The step for this attention length: a graph replay on CUDA (captured on first use)."""
+        if not self.cuda:  # CPU: the same cache logic, eager (used by the tests)
+            return self._run_step(attend)
+        if attend not in self.step_graphs:
+            self.step_graphs[attend] = self._capture_step(attend)
+        graph, logits = self.step_graphs[attend]
+        graph.replay()
         return logits
 
     def _run_step(self, attend: int) -> torch.Tensor:

@@ -61,7 +61,20 @@ def write_report(run_dir: Path, cfg: DictConfig, plan, records: list[dict], thro
     if wandb_cfg is not None and wandb_cfg.get("enabled"):
         _log_wandb(run_dir, OmegaConf.to_container(wandb_cfg, resolve=True), summary, run_dir / "predictions.csv")
     log.info("results in %s: %s", run_dir, {m: round(v, 4) for m, v in summary["metrics"].items()})
+    _log_failures(summary)
     return summary
+
+
+def _log_failures(summary: dict, first: int = 5) -> None:
+    """How many rows failed and the first errors, one line each: a run that mostly failed must
+    not look like a quiet success."""
+    failures = summary["failures"]
+    if not failures:
+        return
+    log.warning("%d of %d rows failed (every error: the error column of predictions.csv, or summary.json)%s",
+                len(failures), summary["counts"]["rows"], f"; the first {first}:" if len(failures) > first else ":")
+    for failure in failures[:first]:
+        log.warning("  %s: %s", failure["key"], failure["error"][:200])
 
 
 def _group(scored: list[tuple]) -> dict:
@@ -94,8 +107,8 @@ def _write_csv(path: Path, scored: list[tuple]) -> None:
         inputs += [c for c in record["input"] if c not in inputs and c != "id"]
     metric_cols = [m for m in ALL_METRICS if any(m in s for _, _, s in scored)]
     columns = ["csv", "id", *inputs, "answer", "finish_reason", "n_tokens", *metric_cols, "error"]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+
+    def write(f) -> None:
         writer = csv.writer(f)
         writer.writerow(columns)
         for record, _, scores in scored:
@@ -103,7 +116,8 @@ def _write_csv(path: Path, scored: list[tuple]) -> None:
                       "finish_reason": record.get("finish_reason"), "n_tokens": record.get("n_tokens"),
                       "error": record.get("error"), **{m: round(v, 4) for m, v in scores.items()}}
             writer.writerow(["" if values.get(c) is None else values.get(c) for c in columns])
-    tmp.replace(path)
+
+    store.write_atomically(path, write)
 
 
 def _chart(path: Path, summary: dict) -> None:
@@ -131,8 +145,10 @@ def _chart(path: Path, summary: dict) -> None:
         ax.set_title(metric)
     fig.suptitle(f"{summary.get('model') or ''} - metrics per category".strip(" -"), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        store.write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    finally:
+        plt.close(fig)
 
 
 def _log_wandb(run_dir: Path, w: dict, summary: dict, predictions_csv: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from minigpt4.evaluation import store
 from minigpt4.evaluation.metrics import DEFAULT_METRICS, check_metrics
 from minigpt4.evaluation.prompts import PromptFile, PromptRow, load_prompt_set, parse_files
 from minigpt4.evaluation.report import write_report
+from minigpt4.extras import require_logger
 from minigpt4.decoding import Decoder, make_decoder
 from minigpt4.generation import COMPILE_PAYS_FROM_TOKENS, GenerationSettings, generate
 
@@ -37,7 +39,16 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 # On resume everything comes from the run's saved config except how it is run:
-RESUME_KEEPS_CURRENT = ("gpu", "trainer", "evaluate.batch_size", "evaluate.progress", "evaluate.retry_failed", "logger")
+RESUME_KEEPS_CURRENT = ("gpu", "trainer", "evaluate.batch_size", "evaluate.progress", "evaluate.retry_failed",
+                        "evaluate.fail_on_error", "logger")
+# Set by launchers (Lightning, torchrun, SLURM) in the processes they start for ranks other than 0:
+RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+class RowsFailed(UserError):
+    """Rows failed and evaluate.fail_on_error=true: exit 1, as a failed check does."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -80,14 +91,27 @@ def _locate(path: Path) -> Path:
 # ---- entry --------------------------------------------------------------------------------------
 def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Evaluate (or resume, or re-score) and return the directory that holds the results."""
+    require_logger(cfg)
     if cfg.get("score_only"):
         with _log_into(Path(str(cfg.score_only))):
-            return score_only(cfg)
-    if cfg.get("resume"):
+            result = score_only(cfg)
+    elif cfg.get("resume"):
         with _log_into(Path(str(cfg.resume))):
-            cfg, run_dir = _resumed_config(cfg)
-            return _evaluate(cfg, run_dir)
-    return _evaluate(cfg, Path(run_dir))
+            result = _evaluate(*_resumed_config(cfg))
+    else:
+        result = _evaluate(cfg, Path(run_dir))
+    if cfg.evaluate.get("fail_on_error") and _first_process():
+        counts = store.read_json(result / "summary.json")["counts"]
+        if counts["failed"]:
+            raise RowsFailed(f"{counts['failed']} of {counts['rows']} rows failed (evaluate.fail_on_error=true); "
+                             f"their errors are in {result / 'predictions.csv'}")
+    return result
+
+
+def _first_process() -> bool:
+    """True in the process that started the run; False in the other ranks of a multi-process
+    run, which must not take (or refuse each other on) the run folder's lock."""
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
 
 
 def _evaluate(cfg: DictConfig, run_dir: Path) -> Path:
@@ -100,12 +124,17 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> Path:
     cfg = copy.deepcopy(cfg)  # save absolute prompt paths, so resume works from any directory
     cfg.evaluate.prompts = [{"path": str(f.path), "metrics": list(f.metrics) if f.metrics else None} for f in plan.files]
     launch = _fabric_settings(cfg)
-    if launch is None:
-        evaluate_shard(cfg, run_dir, rank=0, world_size=1, device=resolve_device(cfg.gpu))
-    else:
-        from lightning_fabric import Fabric
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise store.cannot_write(run_dir, err) from None
+    with store.run_lock(run_dir) if _first_process() else contextlib.nullcontext():
+        if launch is None:
+            evaluate_shard(cfg, run_dir, rank=0, world_size=1, device=resolve_device(cfg.gpu))
+        else:
+            from lightning_fabric import Fabric
 
-        Fabric(**launch).launch(_fabric_worker, cfg, str(run_dir))
+            Fabric(**launch).launch(_fabric_worker, cfg, str(run_dir))
     return run_dir
 
 
@@ -165,7 +194,10 @@ def _log_into(run_dir: Path):
     if not run_dir.is_dir():
         yield
         return
-    handler = logging.FileHandler(run_dir / "evaluate.log", encoding="utf-8")
+    try:
+        handler = logging.FileHandler(run_dir / "evaluate.log", encoding="utf-8")
+    except OSError as err:
+        raise store.cannot_write(run_dir / "evaluate.log", err) from None
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
@@ -188,10 +220,8 @@ def evaluate_shard(cfg: DictConfig, run_dir: Path, rank: int, world_size: int, d
     """Answer this process's share of the rows that have no saved answer yet; rank 0 then
     merges every share and writes the report."""
     plan = Plan.from_cfg(cfg)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / CONFIG_FILE).is_file():
-            OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
+    if rank == 0 and not (run_dir / CONFIG_FILE).is_file():
+        store.write_atomically(run_dir / CONFIG_FILE, lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True)))
     barrier()
     done = store.collect(run_dir)
     retry = bool(cfg.evaluate.get("retry_failed"))  # failed rows are answered again
@@ -346,16 +376,17 @@ def score_only(cfg: DictConfig) -> Path:
                 entry.metrics = None
     OmegaConf.update(saved, "logger", OmegaConf.select(cfg, "logger"), merge=False, force_add=True)
     plan = Plan.from_cfg(saved, read_rows=False)
-    saved_records = store.collect(run_dir)
-    records = sorted(saved_records.values(), key=plan.order)
-    if not records:
-        raise UserError(f"score_only={run_dir}: no saved predictions ({store.PREDICTIONS}) to score")
-    pending = _pending_rows(plan, saved_records)
-    if pending:
-        log.warning("score_only=%s: %d row(s) of the prompt set have no saved answer yet (resume=%s "
-                    "answers them); the scores cover the %d saved", run_dir, pending, run_dir, len(records))
-    previous = store.read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
-    write_report(run_dir, saved, plan, records, previous.get("throughput"), score_only=True, pending=pending)
+    with store.run_lock(run_dir):  # not while a run is writing it
+        saved_records = store.collect(run_dir)
+        records = sorted(saved_records.values(), key=plan.order)
+        if not records:
+            raise UserError(f"score_only={run_dir}: no saved predictions ({store.PREDICTIONS}) to score")
+        pending = _pending_rows(plan, saved_records)
+        if pending:
+            log.warning("score_only=%s: %d row(s) of the prompt set have no saved answer yet (resume=%s "
+                        "answers them); the scores cover the %d saved", run_dir, pending, run_dir, len(records))
+        previous = store.read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+        write_report(run_dir, saved, plan, records, previous.get("throughput"), score_only=True, pending=pending)
     return run_dir
 
 

@@ -3,19 +3,32 @@
 A kill -9 can at worst leave a torn last line (no newline): readers ignore it and the writer
 cuts it off before appending, so a resumed run loses no finished row and duplicates none.
 Several processes never share a file: rank r writes shards/predictions.rank{r}.jsonl and rank 0
-merges them into predictions.jsonl at the end.
+merges them into predictions.jsonl at the end. Two runs never share a folder: the process that
+starts one holds RUN_DIR/.lock (see run_lock).
+
+A write that fails (full or read-only disk) is one line naming the file and the cause; what
+was fsynced stays, no half line or temporary file is left behind, and resume continues from there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import sys
 from pathlib import Path
+from typing import IO, Callable
 
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from minigpt4.checkpoints import atomic_write
 from minigpt4.errors import UserError
 
 PREDICTIONS = "predictions.jsonl"
 SHARDS = "shards"
+LOCK = ".lock"
 
 
 def rank_file(run_dir: Path, rank: int, world_size: int) -> Path:
@@ -45,11 +58,30 @@ def _intact_lines(path: Path) -> tuple[list[dict], int]:
     return records, good_end
 
 
+def cannot_write(path: Path, err: OSError) -> UserError:
+    """A failed write as one line: the file, the cause ("no space left on device", "read-only
+    file system") and how to go on without losing the rows already saved."""
+    run_dir = path.parent.parent if path.parent.name == SHARDS else path.parent
+    cause = (err.strerror or str(err)).lower()
+    return UserError(f"cannot write {path}: {cause}; the rows answered so far are kept: make room (or make "
+                     f"the folder writable), then continue with `python evaluate.py resume={run_dir}`")
+
+
+def write_atomically(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """write(file) into a temporary file that then replaces path (checkpoints.atomic_write):
+    readers see the old file or the new one, and a failed write leaves no temporary file."""
+    mode = {"mode": "wb"} if binary else {"mode": "w", "newline": "", "encoding": "utf-8"}
+    try:
+        with atomic_write(path) as tmp, open(tmp, **mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise cannot_write(path, err) from None
+
+
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"))
 
 
 def read_json(path: Path) -> dict:
@@ -82,22 +114,34 @@ def collect(run_dir: Path) -> dict[str, dict]:
 
 
 class RecordWriter:
-    """Appends records to one file, each one flushed and fsynced before the next row starts."""
+    """Appends records to one file, each one fsynced before the next row starts. A failed write
+    is cut off again, so the file ends with the last whole record."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            _, good_end = _intact_lines(path)
-            if good_end < path.stat().st_size:
-                with open(path, "r+b") as f:  # cut the torn line a killed run left behind
-                    f.truncate(good_end)
         self.path = path
-        self.file = open(path, "a", encoding="utf-8")
+        self.good_end = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                self.good_end = _intact_lines(path)[1]
+                if self.good_end < path.stat().st_size:
+                    with open(path, "r+b") as f:  # cut the torn line a killed run left behind
+                        f.truncate(self.good_end)
+            self.file = open(path, "ab", buffering=0)  # unbuffered: nothing half-written lingers in memory
+        except OSError as err:
+            raise cannot_write(path, err) from None
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        try:
+            while data:  # a raw write may be partial
+                data = data[self.file.write(data):]
+            os.fsync(self.file.fileno())
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.file.fileno(), self.good_end)
+            raise cannot_write(self.path, err) from None
+        self.good_end = self.file.tell()
 
     def close(self) -> None:
         self.file.close()
@@ -115,13 +159,8 @@ def merge(run_dir: Path, order: list[str]) -> dict[str, dict]:
     records = collect(run_dir)
     rank = {key: i for i, key in enumerate(order)}
     ordered = sorted(records.values(), key=lambda r: rank.get(r["key"], len(rank)))
-    tmp = run_dir / (PREDICTIONS + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in ordered:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / PREDICTIONS)
+    write_atomically(run_dir / PREDICTIONS,
+                     lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     shard_dir = run_dir / SHARDS
     if shard_dir.is_dir():
         for path in shard_dir.glob("*.rank*.json*"):  # rank predictions and stats
@@ -129,3 +168,65 @@ def merge(run_dir: Path, order: list[str]) -> dict[str, dict]:
         if not any(shard_dir.iterdir()):
             shard_dir.rmdir()
     return {r["key"]: r for r in ordered}
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Held by the process that writes a run folder (not by the other ranks of the same run), so
+    that two runs never write one folder. flock: the OS releases it when its holder dies, even by
+    kill -9; a .lock file left behind then blocks nothing."""
+    path = run_dir / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise cannot_write(path, err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 20, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"run {run_dir} is being written by another process (pid {pid}); wait for it to "
+                            "finish (or stop it), then try again") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file as we opened it: take the new one
+    with contextlib.suppress(OSError):  # the pid is only for the message above
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # still holding the lock: a process waiting on this file retries
+        os.close(fd)
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (conf/evaluate.yaml): Hydra creates the run folder and writes into it
+    before evaluate.py starts, so a read-only or full disk would end in its traceback. Checked
+    first here, it is one line and exit 2, and no empty folder is left behind."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # for ${hydra:job.config_name}, as Hydra does next
+        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+        if run_dir.is_dir() and OmegaConf.select(config, "hydra.output_subdir") is None:
+            return  # Hydra writes nothing there (resume= and score_only= check their own run folder)
+        created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write_test"
+            probe.write_bytes(b"ok\n")
+            probe.unlink()
+        except OSError as err:
+            for folder in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            print(f"error: cannot write {run_dir}: {(err.strerror or str(err)).lower()}; make room, or choose "
+                  "a writable folder with hydra.run.dir=DIR", file=sys.stderr)
+            sys.exit(2)

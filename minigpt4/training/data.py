@@ -10,13 +10,16 @@ the ViT-g forward pass (about a third of a 7B training step) from every step.
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from minigpt4.conversation import encode_example, pad_batch
 from minigpt4.data.datasets import BadRow, Example, ImageRef, build_examples, open_image
@@ -64,14 +67,19 @@ def _collate_pictures(items):
 
 @torch.no_grad()
 def scan_images(refs: list[ImageRef], image_size: int, picture_size: int, num_workers: int,
-                model: MiniGPT4 | None = None, batch_size: int = 32) -> tuple[FeatureCache | None, dict[ImageRef, str]]:
-    """Open every image once: -> (feature cache if a model is given, {bad ref: reason})."""
+                model: MiniGPT4 | None = None, batch_size: int = 32,
+                progress: bool = False) -> tuple[FeatureCache | None, dict[ImageRef, str]]:
+    """Open every image once: -> (feature cache if a model is given, {bad ref: reason}).
+    progress: a bar on stderr (this can take a minute before training starts)."""
     loader = DataLoader(_Pictures(refs, image_size, picture_size), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate_pictures)
     bad: dict[ImageRef, str] = {}
     cache = FeatureCache() if model is not None else None
     chunks = []
+    bar = tqdm(total=len(refs), unit="image", disable=not progress,
+               desc="caching image features" if model is not None else "checking images")
     for ids, pixels, failures in loader:
+        bar.update(len(ids) + len(failures))
         for i, why in failures:
             bad[refs[i]] = why
         if cache is not None and pixels is not None:
@@ -79,9 +87,20 @@ def scan_images(refs: list[ImageRef], image_size: int, picture_size: int, num_wo
             for i in ids:
                 cache.index[refs[i]] = len(cache.index)
             chunks.append(feats.cpu())
+    bar.close()
     if cache is not None:
         cache.features = torch.cat(chunks) if chunks else torch.zeros(0)
     return cache, bad
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the training process, which stops after
+    the current step (training/trainer.py StopRequest): a worker killed by a signal sent to the
+    whole process group would break that step with a DataLoader traceback. Workers still exit
+    when the training process ends or dies. Then Lightning's seeding (seed_everything(workers=True))."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pl_worker_init_function(worker_id)
 
 
 class FinetuneDataset(Dataset):
@@ -159,7 +178,8 @@ class FinetuneDataModule(pl.LightningDataModule):
             was_training = self.model.training
             self.model.eval()
             cache, unreadable = scan_images(refs, self.image_size, picture_size, int(trainer.num_workers),
-                                            self.model if self.cache_features else None)
+                                            self.model if self.cache_features else None,
+                                            progress=bool(trainer.progress_bar))
             self.model.train(was_training)
             if unreadable:
                 kept = []
@@ -188,5 +208,6 @@ class FinetuneDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=partial(collate, pad_id=self.tokenizer.pad_id),
+            worker_init_fn=_worker_init,
             drop_last=False,
         )

@@ -64,12 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "inspect":
         from minigpt4.weights.identify import inspect_path
 
-        report = inspect_path(args.path, args.model)
-        if args.all_keys and report.kind not in ("meta_llama", "unknown"):
-            from minigpt4.weights.identify import key_summary
-            from minigpt4.weights.tensors import TensorFiles
-
-            report.keys = key_summary(TensorFiles(args.path, "inspect"), limit=10_000)
+        report = inspect_path(args.path, args.model, key_limit=10_000 if args.all_keys else 40)
         print(report.text())
         return 0 if report.fits in (None, True) else 1
     else:

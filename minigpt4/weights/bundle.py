@@ -11,7 +11,6 @@ where the weights came from) and the tokenizer.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from minigpt4 import checkpoints as ck
 from minigpt4.build import LoadedModel, load_model
 from minigpt4.config import compose, resolve_device, to_container
 from minigpt4.errors import UserError
-from minigpt4.weights.output import GB, check_target, staged_dir
+from minigpt4.weights.output import GB, check_target
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +75,6 @@ def bundle(
         "sources": {k: v for k, v in to_container(cfg.checkpoint).items() if v},
         "random_parts": lm.random_parts,
     }
-    with staged_dir(out) as stage:
-        ck.save_own(state, stage, meta, max_shard_bytes=int(max_shard_gb * GB))
-        shutil.copy2(lm.tokenizer.path, stage / "tokenizer.model")
+    ck.save_own(state, out, meta, max_shard_bytes=int(max_shard_gb * GB), tokenizer=lm.tokenizer.path)
     log.info("bundle written to %s; load it with checkpoint=bundle checkpoint.bundle=%s", out, out)
     return out

@@ -37,7 +37,7 @@ from minigpt4.errors import UserError
 from minigpt4.images import CLIP_MEAN, CLIP_STD
 from minigpt4.model import IMAGE_TOKEN
 from minigpt4.weights.bundle import load_for_conversion
-from minigpt4.weights.output import GB, check_target, staged_dir
+from minigpt4.weights.output import GB, check_target
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def export_hf(
         "<ImageHere>; for exact parity set model.vision_model.post_layernorm.eps = ln_vision_eps after loading",
         "sources": {k: v for k, v in to_container(cfg.checkpoint).items() if v},
     }
-    with staged_dir(out) as stage:
+    with ck.atomic_write(out, folder=True) as stage:
         hf.save_pretrained(stage, max_shard_size=int(max_shard_gb * GB))
         _copy_tokenizer(lm, stage)
         BlipImageProcessorPil(  # writes image_processor_type BlipImageProcessor; needs no torchvision

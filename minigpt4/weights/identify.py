@@ -1,9 +1,11 @@
 """`inspect`: say what a weight file or directory is, from names and shapes (no tensor is read
 except one small norm vector for the delta heuristic), and whether it fits a model config.
 
-Users' most common weight problems (FACTS.md): an LLM of the wrong size or Vicuna version for
-the projection, a delta used as a model, the 13B projection with the 7B model. Every finding
-below is derived from shapes; where shapes cannot tell (LLaMA-1 vs Vicuna v1.1), it says so.
+Users' most common weight problems (docs/OFFICIAL.md): an LLM of the wrong size or Vicuna
+version for the projection, a delta used as a model, the 13B projection with the 7B model, and
+files that are no model part at all (a tokenizer, a fine-tuning run's Lightning checkpoint).
+Every finding below is derived from names and shapes; where they cannot tell (LLaMA-1 vs Vicuna
+v1.1), it says so.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ LLAMA_SIZES = {(4096, 32): "7B", (5120, 40): "13B", (6656, 60): "33B", (8192, 80
 @dataclass
 class Report:
     path: Path
-    kind: str  # eva_vit | blip2 | projection | llama | hf_blip2 | own | meta_llama | unknown
+    kind: str  # eva_vit | blip2 | projection | model | lightning | tokenizer | llama | hf_blip2 | own | meta_llama | unknown
     title: str
     notes: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
@@ -48,18 +50,29 @@ class Report:
         return "\n".join(lines)
 
 
-def inspect_path(path: str | Path, model: str | None = None, overrides: list[str] | None = None) -> Report:
+def inspect_path(path: str | Path, model: str | None = None, overrides: list[str] | None = None,
+                 key_limit: int = 40) -> Report:
+    """What `path` is; with `model`, whether it fits that model config. `key_limit` caps the key summary."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
+    files = None
     if path.is_dir():
         report = _inspect_dir(path)
-        files = None if report.kind in ("meta_llama", "unknown") else TensorFiles(path, "inspect")
+        if report.kind not in ("meta_llama", "unknown"):
+            files = TensorFiles(path, "inspect")
     else:
-        files = TensorFiles(path, "inspect")
-        report = _inspect_file(path, files)
+        try:
+            files = TensorFiles(path, "inspect")
+        except UserError:
+            pieces = _sentencepiece_pieces(path)  # no weights: perhaps a tokenizer.model
+            if pieces is None:
+                raise
+            report = _tokenizer_report(path, pieces)
+        else:
+            report = _inspect_file(path, files)
     if files is not None:
-        report.keys = key_summary(files)
+        report.keys = key_summary(files, key_limit)
     if model is not None:
         _check_fit(report, files, model, overrides or [])
     return report
@@ -69,7 +82,11 @@ def inspect_path(path: str | Path, model: str | None = None, overrides: list[str
 def _inspect_file(path: Path, files: TensorFiles) -> Report:
     names = set(files.names())
     strip = lambda n: n[len("visual_encoder.") :] if n.startswith("visual_encoder.") else n  # noqa: E731
+    if _is_lightning(files):
+        return _lightning_report(path, files)
     if "llama_proj.weight" in names:
+        if _parts(names) != ["projection"]:
+            return _model_report(path, files)
         shape = files.info["llama_proj.weight"].shape
         r = Report(path, "projection", f"MiniGPT-4 projection llama_proj {list(shape)}: for {ck.projection_size_name(shape)}")
         other = sorted(n for n in names if not n.startswith("llama_proj."))
@@ -82,7 +99,88 @@ def _inspect_file(path: Path, files: TensorFiles) -> Report:
         return _eva_report(path, files, strip)
     if any(n.startswith("Qformer.bert.") for n in names):
         return _blip2_report(path, files)
+    if not names:
+        return Report(path, "unknown", "a PyTorch file without tensors (none at the top level, under \"model\" or "
+                      "under \"state_dict\"): not a weight file")
     return Report(path, "unknown", f"{len(names)} tensors in no layout MiniGPT-4 uses")
+
+
+# Which part of MiniGPT-4 a tensor name belongs to, in our names and in the official ones; buffers
+# that files carry but nobody loads (position ids, rotary inv_freq) belong to none.
+_PART_PREFIXES = {
+    "ViT": ("vision_model.embeddings.", "vision_model.encoder.", "visual_encoder.", "blocks.", "patch_embed.",
+            "cls_token", "pos_embed"),
+    "Q-Former": ("qformer.", "Qformer.bert.encoder.", "Qformer.bert.embeddings.LayerNorm.", "query_tokens"),
+    "projection": ("llama_proj.",),
+    "LLM": ("llm.", "llama_model."),
+}
+
+
+def _parts(names) -> list[str]:
+    """The MiniGPT-4 parts whose weights `names` hold, in pipeline order."""
+    names = [n for n in names if not n.endswith(("inv_freq", "position_ids"))]
+    return [part for part, prefixes in _PART_PREFIXES.items() if any(n.startswith(prefixes) for n in names)]
+
+
+def _own_names(names) -> bool:
+    """This project's key names (a bundle's), rather than the official ones."""
+    return any(n.startswith(("llm.", "vision_model.", "qformer.")) for n in names)
+
+
+def _model_report(path: Path, files: TensorFiles) -> Report:
+    """A file with the projection and other parts: a whole (or partial) model, not a projection."""
+    parts, shape = _parts(files.names()), files.info["llama_proj.weight"].shape
+    own = _own_names(files.names())
+    r = Report(path, "model", f"MiniGPT-4 model weights ({', '.join(parts)}), not a projection alone; "
+                              f"llama_proj {list(shape)}: for {ck.projection_size_name(shape)}")
+    if own and ck.is_own_dir(path.parent):
+        r.notes.append(f"the weights file of the bundle {path.parent}: load the whole model with "
+                       f"checkpoint=bundle checkpoint.bundle={path.parent}")
+    elif own:
+        r.notes.append(f"in this project's key names, without the {ck.OWN_CONFIG} and tokenizer.model beside it that "
+                       "make a bundle (python -m minigpt4.weights bundle writes complete ones)")
+    else:
+        r.notes.append("in the official key names (visual_encoder.*, Qformer.*, llama_model.*): a whole model saved "
+                       "as one state dict")
+    if own and path.suffix == ".safetensors":
+        r.notes.append(f"checkpoint.proj={path} would use only its llama_proj.* weights")
+    return r
+
+
+_LIGHTNING_KEYS = {"pytorch-lightning_version", "optimizer_states", "lr_schedulers", "loops"}
+
+
+def _is_lightning(files: TensorFiles) -> bool:
+    return bool(_LIGHTNING_KEYS & set(files.extras))
+
+
+def _lightning_report(path: Path, files: TensorFiles) -> Report:
+    """finetune.py's checkpoints/*.ckpt: for resuming a run, not for loading a model."""
+    step, epoch = files.scalars.get("global_step", "?"), files.scalars.get("epoch", "?")
+    parts = _parts(n.removeprefix("model.") for n in files.names())
+    r = Report(path, "lightning", f"PyTorch Lightning checkpoint of a fine-tuning run (step {step}, epoch {epoch}): "
+                                  f"{len(files)} trained tensors ({', '.join(parts) or 'none'}) with the optimizer "
+                                  "and scheduler state")
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    r.notes.append(f"continue the run with: python finetune.py resume={run_dir or path} (same settings, more "
+                   "steps: e.g. trainer.max_epochs=N)")
+    exports = [run_dir / name for name in ("projection.pth", "projection.safetensors")] if run_dir else []
+    done = next((e for e in exports if e.is_file()), None)
+    if done:
+        r.notes.append(f"to chat or evaluate with what it learnt, use the run's export: checkpoint.proj={done}")
+    else:
+        r.notes.append("chat and evaluate do not read it: finetune.py writes projection.pth (checkpoint.proj=) "
+                       "and projection.safetensors into the run folder when the run ends")
+    return r
+
+
+def _tokenizer_report(path: Path, pieces: int) -> Report:
+    r = Report(path, "tokenizer", f"sentencepiece tokenizer, {pieces} pieces: no weights")
+    if pieces == 32000:
+        r.notes.append("LLaMA's tokenizer (32000 pieces), the one every official MiniGPT-4 model uses")
+    r.notes.append("MiniGPT-4 reads it as tokenizer.model inside the LLM directory (checkpoint.llm) or a bundle, "
+                   "not as a checkpoint.* file")
+    return r
 
 
 def _eva_report(path: Path, files: TensorFiles, strip) -> Report:
@@ -172,7 +270,7 @@ def _llama_report(path: Path, config: dict) -> Report:
     dtype = str(embed.dtype).replace("torch.", "") if embed else "?"
     count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     r = Report(path, "llama", f"Llama {size} ({count} parameters, {dtype}), {rows} embedding rows")
-    pieces = _tokenizer_pieces(path)
+    pieces = _sentencepiece_pieces(path / "tokenizer.model")
     if pieces is None:
         r.notes.append("no tokenizer.model: chat and evaluate need it (copy it from LLaMA or the delta)")
     else:
@@ -202,13 +300,14 @@ def _version_guess(rows, pieces, max_pos, eps) -> str:
     return f"no known LLaMA/Vicuna release has {rows} rows with max_position_embeddings {max_pos}"
 
 
-def _tokenizer_pieces(path: Path) -> int | None:
-    if not (path / "tokenizer.model").is_file():
+def _sentencepiece_pieces(file: Path) -> int | None:
+    """The number of pieces of a sentencepiece model file; None if `file` is not one."""
+    if not file.is_file():
         return None
     import sentencepiece as spm
 
     try:
-        return spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model")).get_piece_size()
+        return spm.SentencePieceProcessor(model_file=str(file)).get_piece_size()
     except (RuntimeError, OSError):
         return None
 
@@ -266,10 +365,28 @@ def _check_fit(r: Report, files: TensorFiles | None, model: str, overrides: list
         _compare(r, wanted, expected, [k for k in expected if k.startswith(("vision_model.", "qformer.", "query_tokens"))])
     elif r.kind == "own":
         _compare(r, {n: i.shape for n, i in files.info.items()}, expected, list(expected), vocab_ok=True)
+    elif r.kind == "model":
+        try:
+            got = {n: i.shape for n, i in files.info.items()} if _own_names(files.names()) \
+                else {k: v.shape for k, v in ck.official_to_ours(meta(), layers, str(r.path)).items()}
+        except UserError as err:
+            r.problems.append(str(err))
+            return
+        _compare(r, got, expected, [k for k in expected if k.split(".")[0] in {n.split(".")[0] for n in got}],
+                 vocab_ok=True)
+    elif r.kind == "lightning":  # resume checks the trained tensors against the model: the same check here
+        _compare(r, {n.removeprefix("model."): i.shape for n, i in files.info.items()}, expected, [])
+    elif r.kind == "tokenizer":
+        rows = to_container(cfg.model.arch)["llm"]["vocab_size"]
+        pieces = _sentencepiece_pieces(r.path)
+        if pieces > rows:
+            r.problems.append(f"{pieces} pieces, but model={model}'s LLM has only {rows} embedding rows")
+        elif pieces < rows - 1:
+            r.warnings.append(f"{pieces} pieces for model={model}'s {rows} embedding rows: another model's tokenizer?")
     elif r.kind == "llama":
         _llm_fit(r, files, to_container(cfg.model.arch).get("llm", {}), str(cfg.model.template), model)
     else:
-        r.problems.append(f"a {r.kind} path is not one of MiniGPT-4's inputs")
+        r.problems.append("this path is not one of MiniGPT-4's inputs")
 
 
 def _owned(part: str, expected: dict) -> list[str]:

@@ -3,12 +3,10 @@ temporary sibling (`.NAME.partial-*`), which is renamed to NAME only at the very
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from minigpt4.checkpoints import atomic_write
 from minigpt4.errors import UserError
 
 GB = 1 << 30
@@ -24,30 +22,7 @@ def check_target(target: Path, need_bytes: int, force: bool, flag: str = "--out"
         raise UserError(f"{flag} {target}: needs {need_bytes / GB:.1f} GB free on its disk, only {free / GB:.1f} GB are")
 
 
-@contextlib.contextmanager
 def staged_dir(target: Path):
-    """Yield a temporary directory beside `target`; on success it replaces `target` (an old one
-    is removed only then), on any error it is deleted."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield tmp
-        publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def publish(tmp: Path, target: Path) -> None:
-    """Usual permissions (mkdtemp and safetensors create owner-only ones), then rename into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [tmp, *tmp.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
+    """A temporary folder beside `target` that replaces it on success, with the usual modes
+    (checkpoints.atomic_write: the project's one atomic writer)."""
+    return atomic_write(target, folder=True)

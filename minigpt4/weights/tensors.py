@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from minigpt4.checkpoints import load_pickle
 from minigpt4.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -62,24 +61,17 @@ def weight_files(directory: Path) -> list[Path]:
     return []
 
 
-def load_torch(path: Path, label: str) -> object:
-    """torch.load, memory-mapped where the file allows it (zip format), weights_only=True."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{label}: {path} is not a readable PyTorch checkpoint ({first[:160]})") from None
-
-
 class TensorFiles:
-    """Every tensor of one checkpoint file (.safetensors/.pth/.bin, {"model": ...} unwrapped) or
-    Hugging Face directory, by name. `extras` lists a .pth's top-level keys besides "model"."""
+    """Every tensor of one checkpoint file (.safetensors/.pth/.bin/.ckpt, {"model": ...} or
+    {"state_dict": ...} unwrapped) or Hugging Face directory, by name. `extras` lists a pickled
+    file's top-level keys besides that wrapper."""
 
     def __init__(self, path: str | os.PathLike, label: str = "weights"):
         self.path = Path(path)
         self.label = label
         self.info: dict[str, TensorInfo] = {}
         self.extras: list[str] = []
+        self.scalars: dict[str, int | float | str] = {}  # a wrapper's plain values (epoch, global_step, ...)
         self._safe: dict[Path, object] = {}  # open safetensors handles
         self._torch: dict[str, torch.Tensor] = {}  # memory-mapped tensors of pickled files
         if not self.path.exists():
@@ -104,10 +96,12 @@ class TensorFiles:
             raise UserError(f"{self.label}: {file} is not a readable safetensors file ({str(err)[:160]})") from None
 
     def _add_torch(self, file: Path) -> None:
-        obj = load_torch(file, self.label)
-        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-            self.extras += [str(k) for k in obj if k != "model"]
-            obj = obj["model"]
+        obj = load_pickle(file, f"{self.label}: {file}")
+        wrapper = next((w for w in ("model", "state_dict") if isinstance(obj, dict) and isinstance(obj.get(w), dict)), None)
+        if wrapper:  # official trainer {"model": ...}; Lightning {"state_dict": ..., "optimizer_states": ...}
+            self.extras += [str(k) for k in obj if k != wrapper]
+            self.scalars.update({str(k): v for k, v in obj.items() if isinstance(v, (int, float, str))})
+            obj = obj[wrapper]
         if not isinstance(obj, dict):
             raise UserError(f"{self.label}: {file} holds a {type(obj).__name__}, not a state dict")
         for name, tensor in obj.items():

@@ -1,0 +1,116 @@
+"""The OpenAI-compatible API under load: N concurrent streaming clients against one engine.
+
+    python bench/bench_api.py                       # 7B shape, random fp16, GPU 0: 1, 8, 32, 64 clients
+    python bench/bench_api.py --tiny --clients 1 4  # CPU smoke test (the demo-sized model)
+
+Each client sends its requests one after another over HTTP (server-sent events), each a text
+question of ~100 tokens answered with exactly --new tokens (random weights never stop:
+min_new_tokens and no stop string force the length, as the other benches do). Reported per
+client count: aggregate generated tokens/s, p50/p99 time to first token, p50 time between
+tokens, peak GPU memory, and the same requests sent one after another ("sequential").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minigpt4.build import load_model  # noqa: E402
+from minigpt4.config import compose  # noqa: E402
+from minigpt4.generation import GenerationSettings  # noqa: E402
+from minigpt4.serving.api import ApiSettings, create_app  # noqa: E402
+from minigpt4.serving.engine import Engine  # noqa: E402
+
+
+def start_server(loaded, slots: int, new: int):
+    engine = Engine(loaded, slots=slots, max_context=2000, max_queue=1024)
+    fixed = GenerationSettings(do_sample=False, max_new_tokens=new, min_new_tokens=new)
+    app = create_app(engine, loaded, fixed, ApiSettings(port=0), model_name="bench")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.01)
+    return engine, server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+
+
+def one_request(url: str, question: str) -> dict:
+    """Stream one answer -> {ttft, gaps, tokens}."""
+    body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": question}]}
+    start, stamps = time.perf_counter(), []
+    with httpx.stream("POST", url + "/chat/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                stamps.append(time.perf_counter())
+            if line.startswith("data: {") and '"usage"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return {"ttft": stamps[0] - start if stamps else float("nan"),
+            "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
+
+
+def run_clients(url: str, clients: int, per_client: int, question: str) -> dict:
+    def client(_):
+        return [one_request(url, question) for _ in range(per_client)]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for batch in pool.map(client, range(clients)) for r in batch]
+    seconds = time.perf_counter() - start
+    ttft = sorted(r["ttft"] for r in results)
+    gaps = [g for r in results for g in r["gaps"]]
+    return {"clients": clients, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / seconds,
+            "ttft_p50_ms": 1e3 * ttft[len(ttft) // 2], "ttft_p99_ms": 1e3 * ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))],
+            "itl_p50_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"), "seconds": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--per-client", type=int, default=2, help="requests each client sends in turn")
+    ap.add_argument("--new", type=int, default=128)
+    args = ap.parse_args()
+    overrides = ["model=tiny", "checkpoint=random", "gpu=cpu"] if args.tiny else ["model=7b", "checkpoint=random", "gpu=0"]
+    torch.manual_seed(0)
+    loaded = load_model(compose("chat", overrides))
+    loaded.template = loaded.template.with_overrides(stop=())
+    question = " ".join(["how many red circles are there in the picture"] * 11) + "?"
+    engine, server, url = start_server(loaded, max(args.clients), args.new)
+    rows = []
+    try:
+        one_request(url, question)  # warm-up: graphs for the first shapes
+        sequential = run_clients(url, 1, max(args.clients) * args.per_client // 4 or 1, question)
+        print(f"sequential: {sequential['tok_s']:.1f} tok/s", flush=True)
+        for n in args.clients:
+            if loaded.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            row = run_clients(url, n, args.per_client, question)
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if loaded.device.type == "cuda" else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        server.should_exit = True
+        engine.close()
+    print(f"\n{'clients':>7} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}")
+    for r in rows:
+        print(f"{r['clients']:>7} {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "bench_api.json").write_text(json.dumps(
+            {"rows": rows, "sequential": sequential, "args": vars(args),
+             "device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Serving many conversations: the continuous-batching engine and the OpenAI-compatible API."""

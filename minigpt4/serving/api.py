@@ -1,0 +1,319 @@
+"""The OpenAI-compatible API: `python chat.py ui=api` serves /v1/chat/completions on 127.0.0.1:8000.
+
+Scripts and evaluation tools that speak the OpenAI chat format (the `openai` client, lmms-eval's
+and VLMEvalKit's OpenAI-compatible model types) reach the model here. Every request goes through
+the one Engine (engine.py): concurrent requests are decoded in the same batch. Images come as
+`data:image/...;base64,` URLs (local paths only with ui.allow_local_files=true; this tool never
+fetches from the network). Errors are OpenAI error objects with the terminal's one-line messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import os
+import queue
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from minigpt4.build import LoadedModel
+from minigpt4.conversation import USER, Conversation, clean_answer
+from minigpt4.errors import UserError
+from minigpt4.generation import GenerationSettings
+from minigpt4.serving.engine import Engine, QueueFull, Request
+
+log = logging.getLogger(__name__)
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ApiSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # required to bind any other host (or MINIGPT4_API_KEY)
+    allow_local_files: bool = False  # image_url may name a file on this machine
+    max_body_mb: float = 32.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+def check_bind(settings: ApiSettings) -> ApiSettings:
+    """Binding beyond this machine needs an API key (ui.api_key or MINIGPT4_API_KEY)."""
+    key = settings.api_key or os.environ.get("MINIGPT4_API_KEY") or None
+    if settings.host not in LOCAL_HOSTS and not key:
+        raise UserError(f"ui.host={settings.host} opens the API to other machines: set ui.api_key=... "
+                        "(or MINIGPT4_API_KEY), or keep ui.host=127.0.0.1")
+    return replace(settings, api_key=key)
+
+
+# ---- request parsing ----------------------------------------------------------------------------
+def _image_bytes(url: str, allow_local_files: bool) -> bytes | str:
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if not header.endswith(";base64") or not header[5:].startswith("image/"):
+            raise ApiError(400, "image_url: use a data:image/...;base64, URL", param="messages")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "image_url: the base64 data does not decode", param="messages") from None
+    if url.startswith(("http://", "https://")):
+        raise ApiError(400, "image_url: http(s) URLs are not fetched (this server never downloads): "
+                            "send the image as a data:image/...;base64, URL", param="messages")
+    path = url.removeprefix("file://")
+    if not allow_local_files:
+        raise ApiError(400, "image_url: local file paths are off (start the server with ui.allow_local_files=true) "
+                            "or send a data:image/...;base64, URL", param="messages")
+    return path
+
+
+def build_conversation(loaded: LoadedModel, messages: Any, allow_local_files: bool):
+    """OpenAI messages -> (Conversation with image slots, image sources in order)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages: give a non-empty list of {role, content}", param="messages")
+    template = loaded.template
+    if isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        text = messages[0].get("content")
+        if not isinstance(text, str):
+            raise ApiError(400, "messages[0]: a system message's content is a string", param="messages")
+        template = template.with_overrides(system=text, system_text_only=text)
+        messages = messages[1:]
+    conv = Conversation(template)
+    images: list[Any] = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role == "assistant":
+            if not isinstance(content, str):
+                raise ApiError(400, f"messages[{i}]: an assistant message's content is a string", param="messages")
+            conv.add_answer(content)
+            continue
+        if role != "user":
+            raise ApiError(400, f"messages[{i}]: role must be user or assistant (system only first), not {role!r}",
+                           param="messages")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list) or not parts:
+            raise ApiError(400, f"messages[{i}]: content is a string or a list of text and image_url parts",
+                           param="messages")
+        texts = []
+        for part in parts:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise ApiError(400, f"messages[{i}]: image_url needs a url", param="messages")
+                if texts:  # text before an image closes that user message
+                    conv.ask(" ".join(texts))
+                    texts = []
+                images.append(_image_bytes(url, allow_local_files))
+                conv.add_image(len(images) - 1)
+            else:
+                raise ApiError(400, f"messages[{i}]: unknown content part {kind!r} (use text or image_url)",
+                               param="messages")
+        if texts:
+            conv.ask(" ".join(texts))
+    if not conv.messages or conv.messages[-1][0] != USER:
+        raise ApiError(400, "messages: the last message must be the user's", param="messages")
+    return conv, images
+
+
+def settings_for(body: dict, defaults: GenerationSettings) -> tuple[GenerationSettings, tuple[str, ...] | None, int | None]:
+    """The request's sampling parameters over the server's generation defaults."""
+    n = body.get("n", 1)
+    if n != 1:
+        raise ApiError(400, "n: only n=1 is served", param="n")
+    changes: dict[str, Any] = {}
+    if body.get("temperature") is not None:
+        t = body["temperature"]
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 2:
+            raise ApiError(400, "temperature: a number from 0 to 2", param="temperature")
+        changes.update(temperature=float(t) or 1.0, do_sample=t > 0)
+    if body.get("top_p") is not None:
+        changes["top_p"] = body["top_p"]
+    for key in ("max_tokens", "max_completion_tokens"):
+        if body.get(key) is not None:
+            changes["max_new_tokens"] = body[key]
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+            raise ApiError(400, "stop: a string or a list of up to 4 strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ApiError(400, "seed: an integer", param="seed")
+    try:
+        settings = replace(defaults, **changes)
+    except UserError as err:  # GenerationSettings names the generation key: say the API's
+        message = str(err).replace("generation.max_new_tokens", "max_tokens").replace("generation.", "")
+        raise ApiError(400, message) from None
+    return settings, tuple(stop) if stop else None, seed
+
+
+# ---- the app ------------------------------------------------------------------------------------
+def create_app(engine: Engine | None, loaded: LoadedModel | None, defaults: GenerationSettings,
+               settings: ApiSettings, model_name: str = "minigpt4"):
+    """The FastAPI app; engine/loaded may be set later on app.state (503 until then)."""
+    app = FastAPI(title="minigpt4", docs_url=None, redoc_url=None)
+    app.state.engine, app.state.loaded = engine, loaded
+
+    def error(err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.middleware("http")
+    async def guard(request: HttpRequest, call_next):
+        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            return error(ApiError(401, "missing or wrong API key: send Authorization: Bearer <ui.api_key>",
+                                  kind="authentication_error"))
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_mb * 2**20:
+            return error(ApiError(413, f"request body over ui.max_body_mb={settings.max_body_mb:g} MB"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        ready = app.state.engine is not None
+        return JSONResponse({"status": "ok" if ready else "loading"}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "minigpt4"}]}
+
+    @app.post("/v1/chat/completions")
+    async def completions(http: HttpRequest):
+        engine, loaded = app.state.engine, app.state.loaded
+        if engine is None:
+            return error(ApiError(503, "the model is still loading: try again shortly", kind="server_error"))
+        try:
+            body = json.loads(await http.body())
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            return error(ApiError(400, "the body is not a JSON object"))
+        try:
+            request = await asyncio.to_thread(_submit, engine, loaded, body, defaults, settings)
+        except ApiError as err:
+            return error(err)
+        except QueueFull as err:
+            return error(ApiError(429, f"server busy: {err}; retry later", kind="rate_limit_error"))
+        except UserError as err:
+            return error(ApiError(400, str(err)))
+        answer_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.get("stream"):
+            return StreamingResponse(_stream(http, request, answer_id, created, model_name, loaded),
+                                     media_type="text/event-stream")
+        try:
+            await _wait(http, request)
+        except UserError as err:
+            return error(ApiError(500, str(err), kind="server_error"))
+        if request.finish_reason == "cancelled":
+            return error(ApiError(499, "cancelled"))
+        return {
+            "id": answer_id, "object": "chat.completion", "created": created, "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": clean_answer(request.text, loaded.template)},
+                         "finish_reason": request.finish_reason}],
+            "usage": _usage(request),
+        }
+
+    return app
+
+
+def _submit(engine: Engine, loaded: LoadedModel, body: dict, defaults: GenerationSettings,
+            settings: ApiSettings) -> Request:
+    conv, sources = build_conversation(loaded, body.get("messages"), settings.allow_local_files)
+    generation, stops, seed = settings_for(body, defaults)
+    embeds = loaded.encode_images(sources) if sources else None  # one batch per request; UserError if bad
+    stops = tuple(loaded.template.stop) + (stops or ())
+    return engine.submit(engine.prompt_ids(conv), embeds, generation, stops=stops, seed=seed)
+
+
+def _usage(request: Request) -> dict:
+    return {"prompt_tokens": request.prompt_tokens, "completion_tokens": request.completion_tokens,
+            "total_tokens": request.prompt_tokens + request.completion_tokens}
+
+
+async def _next_event(http, request: Request) -> tuple[str, str] | None:
+    """The request's next event; None (and the request cancelled) once the client is gone."""
+    while True:
+        try:
+            return request.events.get_nowait()
+        except queue.Empty:
+            pass
+        if await http.is_disconnected():
+            request.cancel()
+            return None
+        await asyncio.sleep(0.005)
+
+
+async def _wait(http, request: Request) -> None:
+    while True:
+        event = await _next_event(http, request)
+        if event is None or event[0] == "done":
+            return
+        if event[0] == "error":
+            raise UserError(event[1])
+
+
+async def _stream(http, request: Request, answer_id: str, created: int, model: str, loaded: LoadedModel):
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        data = {"id": answer_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage is not None:
+            data["usage"] = usage
+        return f"data: {json.dumps(data)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        while True:
+            event = await _next_event(http, request)
+            if event is None:
+                return
+            kind, value = event
+            if kind == "delta":
+                yield chunk({"content": value})
+            elif kind == "error":
+                yield f"data: {json.dumps(ApiError(500, value, kind='server_error').body())}\n\n"
+                return
+            else:
+                yield chunk({}, finish=request.finish_reason, usage=_usage(request))
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        if not request.done.is_set():  # the client went away mid-answer: free its row
+            request.cancel()
+
+
+def serve(cfg, loaded: LoadedModel) -> None:
+    """chat.py ui=api: the engine and the app on ui.host:ui.port until Ctrl-C."""
+    import uvicorn
+
+    ui = dict(cfg.get("ui") or {})
+    settings = check_bind(ApiSettings(**{k: ui[k] for k in ApiSettings.__dataclass_fields__ if k in ui}))
+    serve_cfg = dict(cfg.get("serve") or {})
+    engine = Engine(loaded, slots=serve_cfg.get("slots") or None,
+                    max_context=int((cfg.get("chat") or {}).get("max_context", 2000)),
+                    max_queue=int(serve_cfg.get("max_queue", 64)))
+    app = create_app(engine, loaded, GenerationSettings.from_cfg(cfg.get("generation")), settings,
+                     model_name=loaded.name)
+    log.info("OpenAI-compatible API on http://%s:%d/v1 (%d rows)", settings.host, settings.port, engine.slots)
+    try:
+        uvicorn.run(app, host=settings.host, port=int(settings.port), log_level="warning")
+    finally:
+        engine.close()

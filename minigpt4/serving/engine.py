@@ -1,0 +1,287 @@
+"""One engine for many conversations: continuous batching over a fixed number of cache rows.
+
+The engine owns the loaded model and one static decoder with `slots` rows. A background thread
+loops: admit waiting requests into free rows (each is prefilled into its own row), then run
+one decode step for every active row at once, each row at its own length (the fused step
+writes each row's own cache slot and attends to its own valid slots). A request that finishes
+frees its row at once; a new one joins between two steps. Each request keeps its own sampling
+settings, token budget, stop strings and random generator, so a greedy answer equals the same
+request decoded alone. Front-ends (the API; the terminal and web page later) submit requests
+and read their events.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from minigpt4.build import LoadedModel
+from minigpt4.conversation import Conversation, encode_prompt
+from minigpt4.decoding import StaticDecoder
+from minigpt4.errors import UserError
+from minigpt4.generation import GenerationSettings, _next_tokens, _StreamState
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than serve.max_queue allows."""
+
+
+@dataclass
+class Request:
+    """One answer to produce. Read `events` (or iterate `deltas()`) for the streamed text; the
+    final state is in text / finish_reason / completion_tokens once `done` is set."""
+
+    ids: list[int]
+    image_embeds: torch.Tensor | None  # [N,Q,H] for the images of ids, in order
+    settings: GenerationSettings
+    stops: tuple[str, ...]
+    generator: torch.Generator | None
+    id: int = field(default_factory=lambda: next(_ids))
+    events: "queue.Queue[tuple[str, str]]" = field(default_factory=queue.Queue)  # ("delta", text) | ("done", reason) | ("error", msg)
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    text: str = ""
+    finish_reason: str = ""  # "stop" (EOS or a stop string) | "length" | "cancelled" | "error"
+    completion_tokens: int = 0
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def deltas(self, timeout: float | None = None):
+        """Yield streamed text until the answer is done (raises UserError on an engine error)."""
+        while True:
+            kind, value = self.events.get(timeout=timeout)
+            if kind == "delta":
+                yield value
+            elif kind == "error":
+                raise UserError(value)
+            else:
+                return
+
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class _Active:
+    """A request decoding in a row."""
+
+    request: Request
+    stream: _StreamState
+    length: int  # cached positions of the row (the next token is written at this slot)
+    generated: list[int] = field(default_factory=list)
+    next_token: int = 0
+    shown: bool = False
+
+
+def default_slots(device: torch.device, llm, max_len: int) -> int:
+    """Rows for the decoder: a few on the CPU; on a GPU as many as half the free memory holds
+    (the KV cache of one row is 2 x layers x hidden x max_len values), at most 64."""
+    if device.type != "cuda":
+        return 4
+    cfg = llm.config
+    per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
+        * max_len * llm.dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(64, int(free * 0.5 // per_row)))
+
+
+class Engine:
+    """Engine(loaded, slots=None, max_context=2000, max_queue=64): call submit() from any thread."""
+
+    def __init__(self, loaded: LoadedModel, slots: int | None = None, max_context: int = 2000, max_queue: int = 64):
+        self.loaded = loaded
+        self.max_len = -(-(max_context + 1) // 64) * 64
+        self.max_context = max_context
+        self.slots = slots or default_slots(loaded.device, loaded.model.llm, self.max_len)
+        self.max_queue = max_queue
+        self.decoder = StaticDecoder(loaded.model.llm, self.slots, self.max_len, use_fused=True)
+        with torch.inference_mode():
+            self.decoder.valid[:, 0] = True  # idle rows attend to one slot (never to nothing)
+        self.rows: list[_Active | None] = [None] * self.slots
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.wake = threading.Condition()
+        self.closed = False
+        self.admitting = 0  # popped from the queue, being prefilled into a row
+        self.steps = 0
+        self.thread = threading.Thread(target=self._loop, name="minigpt4-engine", daemon=True)
+        self.thread.start()
+
+    # ---- front-end side ------------------------------------------------------------------------
+    def prompt_ids(self, conversation: Conversation) -> list[int]:
+        return encode_prompt(self.loaded.tokenizer.encode, conversation.prompt(), self.loaded.model.num_image_tokens)
+
+    def submit(self, ids: list[int], image_embeds: torch.Tensor | None, settings: GenerationSettings,
+               stops: tuple[str, ...] | None = None, seed: int | None = None) -> Request:
+        """Queue one answer; raises UserError when it cannot fit and QueueFull when too many wait."""
+        if settings.num_beams != 1:
+            raise UserError("num_beams > 1 is not served by the engine: use num_beams=1")
+        room = self.max_context - len(ids)
+        if room < 1:
+            raise UserError(f"message too long: the prompt is {len(ids)} tokens and the context is "
+                            f"{self.max_context}; shorten it (or its images)")
+        generator = None
+        if not settings.greedy:
+            generator = torch.Generator(device=self.loaded.device)
+            generator.manual_seed(int(seed)) if seed is not None else generator.seed()
+        request = Request(ids, image_embeds, replace(settings, max_new_tokens=min(settings.max_new_tokens, room)),
+                          tuple(stops if stops is not None else self.loaded.template.stop), generator)
+        with self.wake:
+            if self.closed:
+                raise UserError("the engine is shut down")
+            if len(self.waiting) + self.admitting + self.active() >= self.slots + self.max_queue:  # all rows and the queue taken
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (serve.max_queue={self.max_queue})")
+            self.waiting.append(request)
+            self.wake.notify()
+        return request
+
+    def active(self) -> int:
+        return sum(row is not None for row in self.rows)
+
+    def close(self) -> None:
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+        self.thread.join(timeout=30)
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.closed and not self.waiting and not any(self.rows):
+                    self.wake.wait()
+                if self.closed:
+                    for request in [*self.waiting, *(a.request for a in self.rows if a)]:
+                        self._finish(request, "cancelled")
+                    return
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    if any(self.rows):
+                        self._step()
+            except Exception as err:  # noqa: BLE001 - fail the requests in flight, keep serving
+                log.exception("engine step failed")
+                for i, active in enumerate(self.rows):
+                    if active is not None:
+                        self._fail(active.request, f"{type(err).__name__}: {err}")
+                        self._free(i)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows and sample their first tokens."""
+        while None in self.rows:
+            with self.wake:
+                request = self.waiting.popleft() if self.waiting else None
+                self.admitting = int(request is not None)
+            if request is None:
+                return
+            try:
+                self._admit_one(request)
+            finally:
+                self.admitting = 0
+
+    def _admit_one(self, request: Request) -> None:
+        """Prefill one request into a free row and sample its first token."""
+        if request.cancelled.is_set():
+            return self._finish(request, "cancelled")
+        row = self.rows.index(None)
+        try:
+            model, device = self.loaded.model, self.loaded.device
+            ids = torch.tensor([request.ids], device=device)
+            embeds = model.embed(ids, request.image_embeds)  # [1,T,H]
+            positions = torch.arange(len(request.ids), device=device)[None]
+            logits = self.decoder.prefill_row(row, embeds, positions).float()
+        except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+            self._fail(request, f"{type(err).__name__}: {err}")
+            return self._free(row)
+        active = _Active(request, _StreamState(self.loaded.tokenizer, request.stops), len(request.ids))
+        self.rows[row] = active
+        self._take(row, active, logits)
+
+    def _step(self) -> None:
+        """One decode step for every active row, then each row's next token."""
+        device = self.loaded.device
+        tokens = torch.zeros(self.slots, dtype=torch.long)
+        slots = torch.zeros(self.slots, dtype=torch.long)  # idle rows rewrite slot 0
+        for i, active in enumerate(self.rows):
+            if active is not None:
+                tokens[i], slots[i] = active.next_token, active.length
+        logits = self.decoder.step_rows(tokens.to(device), slots.to(device), slots.to(device),
+                                        longest=int(slots.max()) + 1).float()
+        self.steps += 1
+        for i, active in enumerate(self.rows):
+            if active is None:
+                continue
+            active.length += 1
+            if active.request.cancelled.is_set():
+                self._finish(active.request, "cancelled")
+                self._free(i)
+                continue
+            self._take(i, active, logits[i : i + 1])
+
+    def _take(self, row: int, active: _Active, logits: torch.Tensor) -> None:
+        """Sample the row's next token from logits [1,V], stream it, finish the row if done."""
+        request, tok = active.request, self.loaded.tokenizer
+        generated = torch.tensor([active.generated], dtype=torch.long, device=logits.device).view(1, -1)
+        token = int(_next_tokens(logits, request.settings, generated, len(active.generated), tok.eos_id,
+                                 request.generator)[0])
+        if not active.generated:
+            request.first_token_at = time.perf_counter()
+        request.completion_tokens += 1
+        if token == tok.eos_id:
+            return self._end(row, active, "stop")
+        active.generated.append(token)
+        text, stopped, delta = active.stream.step(active.generated)
+        request.text = text
+        if delta:
+            if not active.shown:  # the official clean-up strips the answer's leading space
+                delta = delta.lstrip()
+            if delta:
+                active.shown = True
+                request.events.put(("delta", delta))
+        if stopped:
+            return self._end(row, active, "stop")
+        if len(active.generated) >= request.settings.max_new_tokens or active.length >= self.max_len:
+            return self._end(row, active, "length")
+        active.next_token = token
+
+    def _end(self, row: int, active: _Active, reason: str) -> None:
+        request = active.request
+        request.text, _ = active.stream.finish(active.generated)
+        rest = request.text[active.stream.emitted :]  # held back as a possible stop string
+        if rest and (active.shown or rest.strip()):
+            request.events.put(("delta", rest if active.shown else rest.lstrip()))
+        self._finish(request, reason)
+        self._free(row)
+
+    def _free(self, row: int) -> None:
+        self.rows[row] = None
+        with torch.inference_mode():  # also called from the loop's error path
+            self.decoder.valid[row] = False
+            self.decoder.valid[row, 0] = True
+
+    @staticmethod
+    def _finish(request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        request.events.put(("done", reason))
+        request.done.set()
+
+    @staticmethod
+    def _fail(request: Request, message: str) -> None:
+        request.finish_reason = "error"
+        request.events.put(("error", message))
+        request.done.set()
