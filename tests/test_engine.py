@@ -66,3 +66,40 @@ def test_engine_on_the_gpu_answers_as_sessions_do():
     expected = [alone(loaded, *job) for job in jobs]
     got, _ = engine_answers(loaded, jobs, slots=3)
     assert got == expected
+
+
+def test_a_conversations_next_turn_reuses_its_rows_prefix():
+    """Turn 2 goes to the free row that holds turn 1 and prefills only what is new; the answers
+    are ChatSession's (which keeps its own cache). Another request with another image in the
+    same position reuses nothing of that image."""
+    torch.set_num_threads(1)
+    loaded = build_tiny(["checkpoint=demo"])
+    pictures = [make_picture(spec, size=loaded.image_size) for spec in sample_specs(2, seed=8)]
+    session = ChatSession(loaded, GREEDY)
+    session.add_images([pictures[0]])
+    expected = [session.ask("What colour are the shapes?").text, session.ask("How many shapes are there?").text]
+    engine = Engine(loaded, slots=3, max_context=2000)
+    try:
+        conv = loaded.conversation()
+        conv.add_image(0)
+        conv.ask("What colour are the shapes?")
+        embeds = loaded.encode_images([pictures[0]])
+        first = engine.submit(engine.prompt_ids(conv), embeds, GREEDY)
+        assert first.done.wait(60)
+        conv.add_answer(clean_answer(first.text, loaded.template))
+        conv.ask("How many shapes are there?")
+        second = engine.submit(engine.prompt_ids(conv), embeds, GREEDY)
+        assert second.done.wait(60)
+        assert [clean_answer(r.text, loaded.template) for r in (first, second)] == expected
+        assert first.prefilled == len(first.ids)
+        assert second.prefilled < len(second.ids) - len(first.ids) + 5  # only the new turn, about
+        other = loaded.conversation()
+        other.add_image(0)
+        other.ask("What colour are the shapes?")
+        third = engine.submit(engine.prompt_ids(other), loaded.encode_images([pictures[1]]), GREEDY)
+        assert third.done.wait(60)
+        image_start = third.keys.index(next(k for k in third.keys if isinstance(k, tuple)))
+        assert third.prefilled >= len(third.ids) - image_start  # the system text may be reused, the image not
+        assert clean_answer(third.text, loaded.template) == alone(loaded, [pictures[1]], "What colour are the shapes?")
+    finally:
+        engine.close()

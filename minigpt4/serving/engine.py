@@ -8,11 +8,17 @@ frees its row at once; a new one joins between two steps. Each request keeps its
 settings, token budget, stop strings and random generator, so a greedy answer equals the same
 request decoded alone. Front-ends (the API; the terminal and web page later) submit requests
 and read their events.
+
+Prefix reuse: a free row keeps the keys and values of its last request. A new request goes to
+the free row that already holds the longest prefix of it (a conversation's next turn finds its
+own history; requests sharing a system prompt share that), and only the rest is prefilled.
+Image positions are keyed by a digest of the image's soft tokens, so two images never match.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import logging
 import queue
@@ -27,6 +33,7 @@ from minigpt4.conversation import Conversation, encode_prompt
 from minigpt4.decoding import StaticDecoder
 from minigpt4.errors import UserError
 from minigpt4.generation import GenerationSettings, _next_tokens, _StreamState
+from minigpt4.model import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,8 @@ class Request:
     completion_tokens: int = 0
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float = 0.0
+    prefilled: int = 0  # prompt positions computed (the rest came from the row's cached prefix)
+    keys: list = field(default_factory=list)  # one per prompt position: token id, or (image digest, slot)
 
     @property
     def prompt_tokens(self) -> int:
@@ -114,6 +123,8 @@ class Engine:
         with torch.inference_mode():
             self.decoder.valid[:, 0] = True  # idle rows attend to one slot (never to nothing)
         self.rows: list[_Active | None] = [None] * self.slots
+        self.row_keys: list[list] = [[] for _ in range(self.slots)]  # what each row's cache holds
+        self.row_freed = [0] * self.slots  # when each row was last freed (least recently used goes first)
         self.waiting: collections.deque[Request] = collections.deque()
         self.wake = threading.Condition()
         self.closed = False
@@ -140,7 +151,8 @@ class Engine:
             generator = torch.Generator(device=self.loaded.device)
             generator.manual_seed(int(seed)) if seed is not None else generator.seed()
         request = Request(ids, image_embeds, replace(settings, max_new_tokens=min(settings.max_new_tokens, room)),
-                          tuple(stops if stops is not None else self.loaded.template.stop), generator)
+                          tuple(stops if stops is not None else self.loaded.template.stop), generator,
+                          keys=self._keys(ids, image_embeds))
         with self.wake:
             if self.closed:
                 raise UserError("the engine is shut down")
@@ -149,6 +161,38 @@ class Engine:
             self.waiting.append(request)
             self.wake.notify()
         return request
+
+    def _keys(self, ids: list[int], image_embeds: torch.Tensor | None) -> list:
+        """Cache keys of a prompt: token ids, and (image digest, slot) for image positions."""
+        digests = [hashlib.sha1(e.float().cpu().numpy().tobytes()).hexdigest() for e in image_embeds] \
+            if image_embeds is not None else []
+        keys, n, image = [], self.loaded.model.num_image_tokens, 0
+        for token in ids:
+            if token == IMAGE_TOKEN:
+                keys.append((digests[image // n], image % n))
+                image += 1
+            else:
+                keys.append(token)
+        return keys
+
+    def _pick_row(self, keys: list) -> tuple[int, int]:
+        """The free row holding the longest prefix of `keys` (ties: the least recently used)
+        -> (row, reusable positions: at least one position is left to compute, and never a
+        part of an image)."""
+        best, best_n = None, -1
+        for row, active in enumerate(self.rows):
+            if active is not None:
+                continue
+            n = 0
+            for a, b in zip(self.row_keys[row], keys[:-1]):
+                if a != b:
+                    break
+                n += 1
+            while n and isinstance(keys[n - 1], tuple) and isinstance(keys[n], tuple) and keys[n][1] > 0:
+                n -= 1  # back to the start of an image that is only partly cached
+            if n > best_n or (n == best_n and self.row_freed[row] < self.row_freed[best]):
+                best, best_n = row, n
+        return best, best_n
 
     def active(self) -> int:
         return sum(row is not None for row in self.rows)
@@ -198,13 +242,18 @@ class Engine:
         """Prefill one request into a free row and sample its first token."""
         if request.cancelled.is_set():
             return self._finish(request, "cancelled")
-        row = self.rows.index(None)
+        row, start = self._pick_row(request.keys)
+        self.row_keys[row] = []  # the row is rewritten from `start` on
+        request.prefilled = len(request.ids) - start
         try:
             model, device = self.loaded.model, self.loaded.device
             ids = torch.tensor([request.ids], device=device)
-            embeds = model.embed(ids, request.image_embeds)  # [1,T,H]
-            positions = torch.arange(len(request.ids), device=device)[None]
-            logits = self.decoder.prefill_row(row, embeds, positions).float()
+            images = request.image_embeds
+            if images is not None:  # the images inside the reused prefix are in the cache already
+                images = images[sum(isinstance(k, tuple) and k[1] == 0 for k in request.keys[:start]):]
+            embeds = model.embed(ids[:, start:], images if images is not None and len(images) else None)  # [1,T',H]
+            positions = torch.arange(start, len(request.ids), device=device)[None]
+            logits = self.decoder.prefill_row(row, embeds, positions, start=start).float()
         except Exception as err:  # noqa: BLE001 - this request fails, the others go on
             self._fail(request, f"{type(err).__name__}: {err}")
             return self._free(row)
@@ -216,12 +265,14 @@ class Engine:
         """One decode step for every active row, then each row's next token."""
         device = self.loaded.device
         tokens = torch.zeros(self.slots, dtype=torch.long)
-        slots = torch.zeros(self.slots, dtype=torch.long)  # idle rows rewrite slot 0
+        positions = torch.zeros(self.slots, dtype=torch.long)
+        # idle rows write their last slot, which no request reaches (their kept prefix stays intact)
+        slots = torch.full((self.slots,), self.max_len - 1, dtype=torch.long)
         for i, active in enumerate(self.rows):
             if active is not None:
-                tokens[i], slots[i] = active.next_token, active.length
-        logits = self.decoder.step_rows(tokens.to(device), slots.to(device), slots.to(device),
-                                        longest=int(slots.max()) + 1).float()
+                tokens[i], positions[i], slots[i] = active.next_token, active.length, active.length
+        longest = max(a.length for a in self.rows if a is not None) + 1
+        logits = self.decoder.step_rows(tokens.to(device), positions.to(device), slots.to(device), longest=longest).float()
         self.steps += 1
         for i, active in enumerate(self.rows):
             if active is None:
@@ -265,11 +316,14 @@ class Engine:
         rest = request.text[active.stream.emitted :]  # held back as a possible stop string
         if rest and (active.shown or rest.strip()):
             request.events.put(("delta", rest if active.shown else rest.lstrip()))
+        fed = active.length - len(request.ids)  # generated tokens that went into the cache
+        self.row_keys[row] = request.keys + active.generated[:fed]
         self._finish(request, reason)
         self._free(row)
 
     def _free(self, row: int) -> None:
         self.rows[row] = None
+        self.row_freed[row] = self.steps
         with torch.inference_mode():  # also called from the loop's error path
             self.decoder.valid[row] = False
             self.decoder.valid[row, 0] = True
