@@ -46,6 +46,10 @@ named profile32 && step 60 python3 bench/profile_step.py --batches 32
 pick profile_unfused && step 90 python3 bench/profile_step.py --unfused --batches 1
 pick evaluate && step 240 python3 bench/bench_evaluate.py --batches 1 32
 pick chat_compile && step 180 python3 bench/bench_chat.py --compile
+# the API under 1/8/32/64 streaming clients. The image has no FastAPI: also carry, in .whl/,
+# fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.13.4 pydantic-core==2.46.4
+# annotated-types==0.7.0 typing-inspection==0.4.2 (pip download as the device README says)
+named api && step 420 python3 bench/bench_api.py
 # the gate on the 7B shape for the max-autotune path (compiles for minutes)
 named gate_autotune && step 420 python3 bench/bench_decode.py --gate-only --gate-paths "static max-autotune-no-cudagraphs"
 exit 0
