@@ -91,6 +91,18 @@ class Reply:
         return "[" + ", ".join(parts) + "]"
 
 
+@dataclass
+class Turn:
+    """The input of the next answer, prepared without answering (ChatSession.prepare): for
+    front-ends that decode elsewhere, such as the web page through the serving engine."""
+
+    conversation: Conversation  # the session's conversation with the question (or without the last answer)
+    ids: list[int]  # the prompt's token ids, IMAGE_TOKEN slots for the images
+    image_embeds: torch.Tensor | None  # [N,num_image_tokens,H]: the soft tokens of the images, in order
+    settings: GenerationSettings  # max_new_tokens lowered to what fits chat.max_context
+    dropped_turns: int  # oldest turns dropped to fit
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -176,22 +188,43 @@ class ChatSession:
     ) -> Reply:
         """Answer `text` (after any images just added). on_text receives the answer as it streams.
         On an error the conversation is left as it was."""
-        text = text.strip()
-        if not text:
-            raise UserError("empty message: type a question")
-        conv = self.conversation.copy()
-        conv.ask(text)
-        return self._answer(conv, on_text, settings or self.settings)
+        return self._answer(self._next_conversation(text), on_text, settings or self.settings)
 
     def regenerate(
         self, on_text: Callable[[str], None] | None = None, settings: GenerationSettings | None = None
     ) -> Reply:
         """Drop the last answer and answer the last question again."""
+        return self._answer(self._next_conversation(None), on_text, settings or self.settings)
+
+    def prepare(self, text: str | None, settings: GenerationSettings | None = None) -> Turn:
+        """The next answer's input, as ask(text) (or, with text=None, regenerate()) would build
+        it, without answering: the oldest turns dropped to fit max_context, the images' soft
+        tokens in order. This session's own decoder is not used (none is created). The session
+        is unchanged until keep(turn, answer)."""
+        conv = self._next_conversation(text)
+        settings = settings or self.settings
+        ids, dropped, max_new = self._fit(conv, settings)
+        embeds = torch.stack([image.embeds for image in conv.images]) if conv.images else None
+        return Turn(conv, ids, embeds, replace(settings, max_new_tokens=max_new), dropped)
+
+    def keep(self, turn: Turn, answer: str) -> None:
+        """Record the answer to a prepared turn (cleaned with conversation.clean_answer)."""
+        turn.conversation.add_answer(answer)
+        self.conversation = turn.conversation
+
+    def _next_conversation(self, text: str | None) -> Conversation:
+        """A copy of the conversation with `text` asked, or for None without the last answer."""
         conv = self.conversation.copy()
-        if not conv.messages or conv.messages[-1][0] != ASSISTANT:
-            raise UserError("nothing to regenerate: ask a question first")
-        conv.messages.pop()
-        return self._answer(conv, on_text, settings or self.settings)
+        if text is None:
+            if not conv.messages or conv.messages[-1][0] != ASSISTANT:
+                raise UserError("nothing to regenerate: ask a question first")
+            conv.messages.pop()
+            return conv
+        text = text.strip()
+        if not text:
+            raise UserError("empty message: type a question")
+        conv.ask(text)
+        return conv
 
     def history(self) -> list[dict[str, Any]]:
         """Messages for display: [{role: 'user'|'assistant', text, images: [path or PIL image]}].

@@ -1,13 +1,18 @@
-"""The browser chat page (`python chat.py ui=web`): the terminal's ChatSession behind Gradio.
+"""The browser chat page (`python chat.py ui=web`): every tab's answers from one serving engine.
 
 Why it is built this way:
-- The model is loaded once and shared; each browser tab keeps its own ChatSession in gr.State
-  (created on the tab's first message), so conversations never mix.
-- The model serves one request at a time: every listener that runs it shares one queue slot
-  ("model", concurrency 1), so other tabs wait in Gradio's queue (and see their place) instead
-  of failing or slowing each other down.
-- ChatSession.ask streams by calling on_text from the thread that generates; we run it in a
-  worker thread and yield the growing answer to the page.
+- The model is loaded once, and one Engine (minigpt4/serving/engine.py) answers every tab:
+  answers of concurrent tabs are decoded in the same batch of cache rows (`serve.slots`), with
+  no decoder per tab. Each tab keeps only its conversation in gr.State: a ChatSession used for
+  its messages and its images' soft tokens (encoded once, when added) and for building each
+  prompt (ChatSession.prepare: the terminal's prompt and context-overflow rules); its own decoder
+  is never created. Each answer submits the whole prompt to the engine (which may reuse a
+  cached prefix of it) and streams the request's events to the page.
+- Gradio's queue lets as many answers run at once as the engine has rows (the listeners that
+  run the model share one concurrency id, limit `serve.slots`); more tabs wait in Gradio's
+  queue and see their place in it.
+- Beam search (Beams > 1) is not batched by the engine: those answers run through
+  generation.generate with their own temporary cache, one at a time.
 - Safe defaults: 127.0.0.1, no share link, upload limits checked before anything reaches the
   model, no analytics and no fonts from a CDN (the default theme's fonts ship with Gradio).
 - A refused message (a bad file, too many images, a question longer than chat.max_context) or a
@@ -15,29 +20,37 @@ Why it is built this way:
   conversation) with an "Error" overlay and give the reason in a toast that vanishes. Instead
   the reason stays in the notice line above the message box until the next action, the
   conversation stays as it was, and a UserError is logged as one info line (no traceback).
+- Restart, a closed tab (Gradio closes its running handler) and an expired conversation cancel
+  the tab's request in the engine, which frees its row at the next step.
 """
 
 from __future__ import annotations
 
 
 import html
+import inspect
 import logging
 import os
 import queue
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio reads it: no calls home
 
 import gradio as gr  # noqa: E402
+import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from minigpt4.build import LoadedModel  # noqa: E402
+from minigpt4.conversation import clean_answer  # noqa: E402
 from minigpt4.errors import UserError  # noqa: E402
-from minigpt4.generation import GenerationSettings  # noqa: E402
+from minigpt4.generation import GenerationSettings, generate  # noqa: E402
 from minigpt4.images import load_image  # noqa: E402
+from minigpt4.serving.engine import Engine, QueueFull, Request  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +86,40 @@ def explain(err: Exception, what: str) -> str:
     if isinstance(err, UserError):
         log.info("refused: %s", " ".join(str(err).split()))
         return notice(str(err), "refused")
+    if isinstance(err, AnswerFailed):  # the engine has logged its traceback
+        log.error("%s failed: %s", what, err)
+        return notice(f"{what} failed: {err}", "failed")
     log.exception("%s failed", what)
     return notice(f"{what} failed: {type(err).__name__}: {err}", "failed")
 
 
 class Cancelled(Exception):
-    """Raised inside on_text to stop a generation whose tab was restarted or closed."""
+    """The tab's answer was stopped (Restart, or the tab went away)."""
+
+
+class AnswerFailed(Exception):
+    """The engine failed a request (its error message, e.g. 'RuntimeError: ...')."""
 
 
 @dataclass
 class Tab:
     """One browser tab's conversation (lives in gr.State). The page shows session.history(),
-    the single record of what the model sees, plus the question being answered."""
+    the single record of what the model sees, plus the question being answered. The session
+    holds the messages and the images' soft tokens; answers come from the shared engine."""
 
-    session: Any = None  # minigpt4.chat.ChatSession, created on the first message
+    session: Any = None  # minigpt4.chat.ChatSession, created on the first message (never decodes itself)
     cancel: threading.Event = field(default_factory=threading.Event)
+    busy: threading.Lock = field(default_factory=threading.Lock)  # one send/regenerate at a time per tab
+    request: Request | None = None  # the engine request being answered
+    conversation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    answers: int = 0  # answers requested so far (with `seed` set, answer n samples with seed + n)
+
+    def stop(self) -> None:
+        """Stop the tab's answer (Restart, an expired conversation): its engine row is freed."""
+        self.cancel.set()
+        request = self.request
+        if request is not None:
+            request.cancel()
 
     def shown(self) -> list[dict]:
         """Chatbot messages: each image, then the text it came with; every answer."""
@@ -102,49 +134,56 @@ class Tab:
         return sum(len(turn["images"]) for turn in self.session.history()) if self.session else 0
 
 
-def stream_reply(call: Callable, cancel: threading.Event, lock: threading.Lock) -> Iterator[tuple[str, Any]]:
-    """Run call(on_text) in a worker thread; yield (text so far, None) while it streams, then
-    (final text, Reply). Closing the iterator (tab gone, Restart) stops the worker at its next token."""
-    deltas: queue.Queue = queue.Queue()
-    done = object()
-    outcome: dict[str, Any] = {}
-    stop = threading.Event()
-
-    def on_text(delta: str) -> None:
-        if stop.is_set() or cancel.is_set():
-            raise Cancelled
-        deltas.put(delta)
-
-    def work() -> None:
-        try:
-            with lock:  # a cancelled worker finishes its token before the next request starts
-                outcome["reply"] = call(on_text)
-        except BaseException as err:  # handed to the page's thread below
-            outcome["error"] = err
-        finally:
-            deltas.put(done)
-
-    threading.Thread(target=work, name="minigpt4-web-generate", daemon=True).start()
-    text, finished = "", False
+def stream_request(request: Request, cancel: threading.Event, poll: float = 0.05) -> Iterator[str]:
+    """The growing answer of an engine request: yields the text so far each time text arrived
+    (all that is ready at once: one page update per batch of tokens) and returns when the
+    request is done. Raises Cancelled once `cancel` is set, AnswerFailed on an engine error (or
+    when the engine cancelled the request itself: it was shut down). Closing the iterator early
+    cancels the request."""
+    text = ""
     try:
-        while not finished:
-            item = deltas.get()
-            while True:  # take everything that is ready: one page update per batch of tokens
-                if item is done:
+        while True:
+            try:
+                event = request.events.get(timeout=poll)
+            except queue.Empty:
+                if cancel.is_set():
+                    raise Cancelled from None
+                continue
+            grown, finished = False, False
+            while not finished:
+                kind, value = event
+                if kind == "delta":
+                    text, grown = text + value, True
+                elif kind == "error":
+                    raise AnswerFailed(value)
+                else:
                     finished = True
                     break
-                text += item
                 try:
-                    item = deltas.get_nowait()
+                    event = request.events.get_nowait()
                 except queue.Empty:
                     break
-            if not finished:
-                yield text, None
+            if cancel.is_set():
+                raise Cancelled
+            if finished and request.finish_reason == "cancelled":  # not by this tab
+                raise AnswerFailed("the server stopped the answer (the engine was shut down)")
+            if grown:
+                yield text
+            if finished:
+                return
     finally:
-        stop.set()
-    if "error" in outcome:
-        raise outcome["error"]
-    yield outcome["reply"].text, outcome["reply"]
+        if not request.done.is_set():
+            request.cancel()
+
+
+def decode_speed(n_tokens: int, start: float, first: float, end: float) -> tuple[float, float]:
+    """(tokens/s of the decoding after the first token, seconds to the first token), as
+    ChatSession measures them; an answer that came whole counts all its time."""
+    first = first or end
+    decode_s = end - first
+    if n_tokens > 1 and decode_s > 0:
+        return (n_tokens - 1) / decode_s, first - start
+    return n_tokens / max(end - start, 1e-9), first - start
 
 
 def format_stats(reply, n_images: int) -> str:
@@ -188,14 +227,27 @@ def check_uploads(files: list[str], ui: DictConfig) -> list:
     return images
 
 
-def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
-    """The page: chat history, a message box that takes text and images, buttons and controls."""
-    from minigpt4.chat import ChatSession  # the chat module calls serve(); import late
+def make_engine(loaded: LoadedModel, cfg: DictConfig) -> Engine:
+    """The page's one engine: serve.slots rows (null: the engine's default for the device),
+    serve.max_queue, chat.max_context."""
+    serve_cfg = cfg.get("serve") or {}
+    return Engine(loaded, slots=serve_cfg.get("slots") or None,
+                  max_context=int((cfg.get("chat") or {}).get("max_context", 2000)),
+                  max_queue=int(serve_cfg.get("max_queue") or 64))
+
+
+def build_app(loaded: LoadedModel, cfg: DictConfig, engine: Engine) -> gr.Blocks:
+    """The page: chat history, a message box that takes text and images, buttons and controls.
+    Every answer (but beam search) comes from `engine`."""
+    from minigpt4.chat import ChatSession, Reply  # the chat module calls serve(); import late
 
     ui = cfg.ui
     defaults = GenerationSettings.from_cfg(cfg.generation)
     max_context = int(cfg.chat.max_context)
-    model_lock = threading.Lock()
+    seed = cfg.get("seed")
+    beam_lock = threading.Lock()  # beam search runs outside the engine, one answer at a time
+    # prefix reuse by conversation, where the engine offers it
+    by_conversation = "conversation_id" in inspect.signature(engine.submit).parameters
 
     def new_session():  # chat.* and generation.* as in the terminal; overflow notices go to the log
         return ChatSession.from_cfg(cfg, loaded, notify=log.info)
@@ -210,23 +262,64 @@ def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
             max_new_tokens=int(max_new_tokens),
         )
 
-    def answer(tab: Tab, call: Callable, before: list[dict], busy_box, box_on_error) -> Iterator[tuple]:
-        """Stream one answer after the messages `before`, then re-enable the box. On an error the
-        session is unchanged (ChatSession's promise): show it as it is, give the question back and
-        say why in the notice line (never raise: Gradio would hide the conversation)."""
+    def beam_search(turn, stops, answer_seed) -> tuple[str, int, float, str]:
+        """A beam-search answer (not batched by the engine) -> (raw text, tokens, first token
+        time (0: it came whole), finish reason)."""
+        generator = None
+        if not turn.settings.greedy:
+            generator = torch.Generator(device=loaded.device)
+            generator.manual_seed(answer_seed) if answer_seed is not None else generator.seed()
+        with beam_lock:
+            result = generate(loaded.model, loaded.tokenizer, [turn.ids], turn.image_embeds, turn.settings,
+                              stops=stops, generator=generator)[0]
+        return result.text, result.n_steps, result.first_token_at, result.finish_reason
+
+    def answer(tab: Tab, text: str | None, settings: GenerationSettings, before: list[dict], busy_box,
+               box_on_error) -> Iterator[tuple]:
+        """Answer `text` (None: the last question again) after the messages `before`, streaming,
+        then re-enable the box. On an error the session is unchanged (ChatSession's promise):
+        show it as it is, give the question back and say why in the notice line (never raise:
+        Gradio would hide the conversation)."""
         yield tab, before + [{"role": "assistant", "content": ""}], busy_box, "*generating…*", notice()
+        start, request = time.perf_counter(), None
+        session = tab.session
         try:
-            for text, reply in stream_reply(call, tab.cancel, model_lock):
-                if tab.cancel.is_set():
-                    raise Cancelled
-                if reply is None:
-                    yield tab, before + [{"role": "assistant", "content": text}], gr.skip(), gr.skip(), gr.skip()
+            turn = session.prepare(text, settings)  # the prompt; UserError when it cannot fit
+            stops = tuple(session.template.stop)
+            answer_seed = None if seed is None else int(seed) + tab.answers
+            tab.answers += 1
+            if turn.settings.num_beams > 1:
+                raw, n_tokens, first, finish = beam_search(turn, stops, answer_seed)
+            else:
+                extra = {"conversation_id": tab.conversation_id} if by_conversation else {}
+                try:
+                    request = engine.submit(turn.ids, turn.image_embeds, turn.settings, stops=stops,
+                                            seed=answer_seed, **extra)
+                except QueueFull as err:
+                    raise UserError(f"the server is busy ({err}): send again in a moment") from None
+                tab.request = request
+                for shown in stream_request(request, tab.cancel):
+                    yield tab, before + [{"role": "assistant", "content": shown}], gr.skip(), gr.skip(), gr.skip()
+                raw, n_tokens, first = request.text, request.completion_tokens, request.first_token_at
+                finish = request.finish_reason
+            if tab.cancel.is_set():
+                raise Cancelled
+            end = time.perf_counter()
+            reply_text = clean_answer(raw, session.template)
+            session.keep(turn, reply_text)
+            speed, first_s = decode_speed(n_tokens, start, first, end)
+            reply = Reply(reply_text, n_tokens, end - start, speed, first_s, turn.dropped_turns, finish)
             yield tab, tab.shown(), gr.update(interactive=True), format_stats(reply, tab.images_in_context()), gr.skip()
         except Cancelled:  # Restart went first. Gradio re-sends an event's last values when it
             yield NO_CHANGE  # ends, so end with "no change" rather than the old conversation
-            return
         except Exception as err:  # the page must stay usable: keep the conversation and the question
             yield tab, tab.shown(), box_on_error, "", explain(err, "the answer")
+        finally:  # also when Gradio closes this handler (the tab went away)
+            if request is not None:
+                if not request.done.is_set():
+                    request.cancel()
+                if tab.request is request:
+                    tab.request = None
 
     def send(message, tab, greedy, temperature, top_p, max_new_tokens, num_beams):
         tab = tab or Tab()
@@ -235,45 +328,59 @@ def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
         if not text and not files:
             yield tab, gr.skip(), gr.skip(), gr.skip(), notice("Type a message or attach an image first.", "hint")
             return
-        try:  # refused: nothing of the message is added, the box keeps its text and files
-            check_uploads(files, ui)
-            session = tab.session or new_session()
-            session.add_images(files)
-        except Exception as err:
-            yield tab, gr.skip(), gr.skip(), gr.skip(), explain(err, "the message")
-            return
-        tab.session = session
-        if not text:
-            n = len(files)
-            note = f"{n} image{'s' * (n > 1)} added: ask about {'them' if n > 1 else 'it'}."
-            yield tab, tab.shown(), gr.update(value=EMPTY_BOX), note, notice()
-            return
-        settings = settings_from(greedy, temperature, top_p, max_new_tokens, num_beams)
-        ask = lambda on_text: session.ask(text, on_text=on_text, settings=settings)  # noqa: E731
-        question = [{"role": "user", "content": text}]
-        yield from answer(tab, ask, tab.shown() + question, busy_box=gr.update(value=EMPTY_BOX, interactive=False),
-                          box_on_error=gr.update(value={"text": text, "files": []}, interactive=True))
+        with tab.busy:  # after any answer of this tab still being written
+            if tab.cancel.is_set():  # restarted meanwhile
+                yield NO_CHANGE
+                return
+            try:  # refused: nothing of the message is added, the box keeps its text and files
+                check_uploads(files, ui)
+                session = tab.session or new_session()
+                session.add_images(files)  # encoded now, once
+            except Exception as err:
+                yield tab, gr.skip(), gr.skip(), gr.skip(), explain(err, "the message")
+                return
+            tab.session = session
+            if not text:
+                n = len(files)
+                note = f"{n} image{'s' * (n > 1)} added: ask about {'them' if n > 1 else 'it'}."
+                yield tab, tab.shown(), gr.update(value=EMPTY_BOX), note, notice()
+                return
+            settings = settings_from(greedy, temperature, top_p, max_new_tokens, num_beams)
+            question = [{"role": "user", "content": text}]
+            yield from answer(tab, text, settings, tab.shown() + question,
+                              busy_box=gr.update(value=EMPTY_BOX, interactive=False),
+                              box_on_error=gr.update(value={"text": text, "files": []}, interactive=True))
 
     def regenerate(tab, greedy, temperature, top_p, max_new_tokens, num_beams):
-        history = tab.session.history() if tab and tab.session else []
-        if not history or history[-1]["role"] != "assistant":
-            hint = notice("Nothing to regenerate yet: ask something first.", "hint")
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), hint
+        def nothing_yet():
+            history = tab.session.history() if tab and tab.session else []
+            return not history or history[-1]["role"] != "assistant"
+
+        hint = (gr.skip(),) * 4 + (notice("Nothing to regenerate yet: ask something first.", "hint"),)
+        if nothing_yet():
+            yield hint
             return
-        settings = settings_from(greedy, temperature, top_p, max_new_tokens, num_beams)
-        session = tab.session
-        again = lambda on_text: session.regenerate(on_text=on_text, settings=settings)  # noqa: E731
-        yield from answer(tab, again, tab.shown()[:-1], busy_box=gr.update(interactive=False),
-                          box_on_error=gr.update(interactive=True))
+        with tab.busy:
+            if tab.cancel.is_set():
+                yield NO_CHANGE
+                return
+            if nothing_yet():
+                yield hint
+                return
+            settings = settings_from(greedy, temperature, top_p, max_new_tokens, num_beams)
+            yield from answer(tab, None, settings, tab.shown()[:-1], busy_box=gr.update(interactive=False),
+                              box_on_error=gr.update(interactive=True))
 
     def restart(tab):
         if tab:
-            tab.cancel.set()  # a generation still running for the old conversation stops
+            tab.stop()  # an answer still being written for the old conversation stops
         return Tab(), [], gr.update(value=EMPTY_BOX, interactive=True), "New conversation.", notice()
 
     trained_note = "" if loaded.trained else " — **untrained weights: answers are random tokens**"
     with gr.Blocks(title="MiniGPT-4 chat", analytics_enabled=False) as app:
-        tab = gr.State(None, time_to_live=float(ui.session_idle_minutes) * 60)
+        # an expired conversation stops its answer, if one is still being written
+        tab = gr.State(None, time_to_live=float(ui.session_idle_minutes) * 60,
+                       delete_callback=lambda t: t.stop() if isinstance(t, Tab) else None)
         gr.Markdown(
             f"### MiniGPT-4 · `{loaded.label}` on {loaded.device}{trained_note}\n"
             "Type to chat. Attach one or more images with the paperclip at any point: "
@@ -320,11 +427,12 @@ def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
                 )
         controls = [greedy, temperature, top_p, max_new, beams]
         outputs = [tab, chatbot, box, stats, notice_line]
-        on_model = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1, show_progress="minimal")
+        # as many answers at once as the engine has rows: their tokens are decoded in one batch
+        on_model = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=engine.slots, show_progress="minimal")
         sent = box.submit(send, [box, tab, *controls], outputs, **on_model)
         again = regen_btn.click(regenerate, [tab, *controls], outputs, **on_model)
-        # Restart goes through the queue without waiting for the model, so that its result reaches
-        # the page after anything the cancelled answer had already sent (one stream per tab).
+        # Restart goes through the queue without waiting for a free answer slot, so that its result
+        # reaches the page after anything the cancelled answer had already sent (one stream per tab).
         on_restart = dict(cancels=[sent, again], concurrency_limit=None, show_progress="hidden")
         restart_btn.click(restart, [tab], outputs, **on_restart)
         chatbot.clear(restart, [tab], outputs, **on_restart)  # the chat's own trash icon
@@ -333,13 +441,17 @@ def build_app(loaded: LoadedModel, cfg: DictConfig) -> gr.Blocks:
 
 
 def serve(cfg: DictConfig, loaded: LoadedModel, block: bool = True) -> gr.Blocks:
-    """Start the page on ui.host:ui.port; block=False returns the running app (tests, notebooks)."""
+    """Start the page on ui.host:ui.port; block=False returns the running app (tests, notebooks),
+    whose engine is app.engine (close it after app.close())."""
     ui = cfg.ui
     if str(ui.host) not in LOCAL_HOSTS:
         log.warning("ui.host=%s: anyone who can reach this address can use the model (there is no login)", ui.host)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes, not news
-    app = build_app(loaded, cfg)
+    engine = make_engine(loaded, cfg)
+    app = build_app(loaded, cfg, engine)
+    app.engine = engine
     app.queue(default_concurrency_limit=1, max_size=int(ui.queue_size))
+    log.info("web page: answers decoded together in %d engine rows", engine.slots)
     try:
         app.launch(
             server_name=str(ui.host),
@@ -347,6 +459,7 @@ def serve(cfg: DictConfig, loaded: LoadedModel, block: bool = True) -> gr.Blocks
             share=bool(ui.share),
             inbrowser=bool(ui.get("open_browser", False)),
             max_file_size=int(float(ui.max_upload_mb) * 2**20),
+            max_threads=max(40, engine.slots + 8),  # every running answer holds a worker thread
             prevent_thread_lock=not block,
             show_error=True,
             run_history=False,  # Gradio would keep every conversation in the browser's storage
@@ -358,6 +471,12 @@ def serve(cfg: DictConfig, loaded: LoadedModel, block: bool = True) -> gr.Blocks
             css=CSS,
         )
     except OSError as err:
+        engine.close()
         reason = str(err).split(". ")[0]  # Gradio's advice names its own env variable, not our key
         raise UserError(f"ui.port={ui.port}: {reason}; choose another with ui.port=N (ui.port=null: any free one)") from None
+    except BaseException:
+        engine.close()
+        raise
+    if block:  # launch returned: the server has stopped
+        engine.close()
     return app

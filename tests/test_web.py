@@ -2,9 +2,9 @@
 
 The server runs in this process on a free port with the shipped tiny demo model (greedy, so
 answers are reproducible; it answers single-picture questions about the synthetic shapes
-correctly, which proves that an uploaded picture really reaches the model). The model's forward
-pass is slowed a little so that streaming is observable in the browser, and instrumented to
-prove that two tabs never run the model at the same time.
+correctly, which proves that an uploaded picture really reaches the model). Every answer comes
+from the page's one serving engine; its model calls are slowed a little so that streaming is
+observable in the browser, and instrumented to prove that two tabs are decoded in one batch.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 MAX_NEW_TOKENS = 24
+SLOTS = 3  # engine rows: answers decoded together
 WAIT_MS = 30_000
 
 
@@ -46,7 +47,7 @@ def web_cfg(port: int):
     return compose("chat", [
         "gpu=cpu", "precision=fp32", "checkpoint=demo", "ui=web", f"ui.port={port}",
         "ui.max_upload_mb=0.05", "ui.max_images_per_message=2", "chat.max_context=400", "generation=greedy",
-        f"generation.max_new_tokens={MAX_NEW_TOKENS}",
+        f"generation.max_new_tokens={MAX_NEW_TOKENS}", f"serve.slots={SLOTS}",
     ])
 
 
@@ -57,40 +58,57 @@ def test_defaults_are_safe():
     assert ui.max_upload_mb > 0 and ui.max_images_per_message >= 1
 
 
-def test_stream_reply_yields_growing_text_then_the_reply():
-    from minigpt4.web import stream_reply
+def engine_request(events: list[tuple[str, str]], pause: float = 0.0, reason: str = "stop"):
+    """An engine Request whose events are put by a thread: (kind, value) pairs, then done."""
+    from minigpt4.generation import GenerationSettings
+    from minigpt4.serving.engine import Request
 
-    def call(on_text):
-        for piece in ("a", "b", "c"):
-            on_text(piece)
-            time.sleep(0.01)
-        return type("Reply", (), {"text": "abc"})()
+    request = Request([1], None, GenerationSettings(), ("###",), None)
 
-    seen = list(stream_reply(call, threading.Event(), threading.Lock()))
-    texts = [t for t, reply in seen if reply is None]
-    assert texts and all("abc".startswith(t) for t in texts)
-    assert seen[-1][0] == "abc" and seen[-1][1].text == "abc"
+    def feed():
+        for kind, value in events:
+            if request.cancelled.is_set():
+                break
+            request.events.put((kind, value))
+            time.sleep(pause)
+        request.finish_reason = "cancelled" if request.cancelled.is_set() else reason
+        request.events.put(("done", request.finish_reason))
+        request.done.set()
+
+    threading.Thread(target=feed, daemon=True).start()
+    return request
 
 
-def test_stream_reply_stops_the_worker_when_cancelled():
-    from minigpt4.web import Cancelled, stream_reply
+def test_stream_request_yields_the_growing_answer():
+    from minigpt4.web import stream_request
 
-    tokens = []
+    request = engine_request([("delta", piece) for piece in ("a", "b", "c")], pause=0.01)
+    texts = list(stream_request(request, threading.Event()))
+    assert texts and texts[-1] == "abc" and all("abc".startswith(t) for t in texts)
+    assert texts == sorted(texts, key=len)  # it only grows
 
-    def call(on_text):
-        for i in range(1000):
-            tokens.append(i)
-            on_text("x")
-            time.sleep(0.002)
-        return None
+
+def test_stream_request_cancels_the_request_when_the_tab_stops_or_goes_away():
+    from minigpt4.web import AnswerFailed, Cancelled, stream_request
 
     cancel = threading.Event()
-    stream = stream_reply(call, cancel, threading.Lock())
+    request = engine_request([("delta", "x")] * 1000, pause=0.002)
+    stream = stream_request(request, cancel)
     next(stream)
-    cancel.set()
+    cancel.set()  # Restart
     with pytest.raises(Cancelled):
         list(stream)
-    assert len(tokens) < 1000
+    assert request.cancelled.is_set()
+
+    request = engine_request([("delta", "x")] * 1000, pause=0.002)
+    stream = stream_request(request, threading.Event())
+    next(stream)
+    stream.close()  # Gradio closes the handler of a tab that went away
+    assert request.cancelled.is_set() and request.done.wait(5)
+
+    request = engine_request([("delta", "x"), ("error", "RuntimeError: boom")])
+    with pytest.raises(AnswerFailed, match="boom"):
+        list(stream_request(request, threading.Event()))
 
 
 def test_notices_escape_html_and_log_a_user_error_as_one_info_line(caplog):
@@ -152,33 +170,42 @@ def test_chat_py_ui_web_serves_the_page(tmp_path):
 
 # ---- the browser ------------------------------------------------------------------------------
 class ModelProbe:
-    """Wraps the LLM's forward: an optional delay per call, the most calls ever in flight, and an
-    optional exception to raise (an unexpected failure inside the model)."""
+    """Wraps the engine's model calls (a request's prefill into its row, one decode step of all
+    rows) and the LLM's forward (beam search runs outside the engine): an optional delay per
+    call, the number of calls, the most requests decoded in one step, and an optional exception
+    to raise (an unexpected failure inside the model)."""
 
-    def __init__(self, llm):
-        self.delay, self.active, self.most_active, self.calls = 0.0, 0, 0, 0
+    def __init__(self, engine, llm):
+        self.engine = engine
+        self.delay, self.calls, self.most_rows = 0.0, 0, 0
         self.fail: Exception | None = None
-        self.rows: set[int] = set()  # batch sizes seen (beam search runs one row per beam)
+        self.rows: set[int] = set()  # batch sizes the LLM's forward saw (beam search: one row per beam)
         self._lock = threading.Lock()
-        original = llm.forward
+
+        def step_rows(*args, **kwargs):
+            self.most_rows = max(self.most_rows, engine.active())
 
         def forward(*args, **kwargs):
+            ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+            self.rows.add(ids.shape[0] if ids is not None else 0)
+
+        decoder = engine.decoder
+        decoder.prefill_row = self.wrap(decoder.prefill_row)
+        decoder.step_rows = self.wrap(decoder.step_rows, step_rows)
+        llm.forward = self.wrap(llm.forward, forward)
+
+    def wrap(self, original, record=None):
+        def call(*args, **kwargs):
             with self._lock:
                 self.calls += 1
-                self.active += 1
-                ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-                self.rows.add(ids.shape[0] if ids is not None else 0)
-                self.most_active = max(self.most_active, self.active)
-            try:
-                if self.fail is not None:
-                    raise self.fail
-                time.sleep(self.delay)
-                return original(*args, **kwargs)
-            finally:
-                with self._lock:
-                    self.active -= 1
+                if record is not None:
+                    record(*args, **kwargs)
+            if self.fail is not None:
+                raise self.fail
+            time.sleep(self.delay)
+            return original(*args, **kwargs)
 
-        llm.forward = forward
+        return call
 
 
 @pytest.fixture(scope="module")
@@ -188,11 +215,12 @@ def server():
 
     cfg = web_cfg(free_port())
     loaded = load_model(cfg)
-    probe = ModelProbe(loaded.model.llm)
     app = serve(cfg, loaded, block=False)
+    probe = ModelProbe(app.engine, loaded.model.llm)
     port = cfg.ui.port
     yield f"http://127.0.0.1:{port}/", probe
     app.close()
+    app.engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -505,27 +533,78 @@ def test_an_unexpected_failure_keeps_the_conversation(open_page, server):
     assert count(page, "#notice .notice") == 0
 
 
+def tokens_in(page) -> int:
+    """The answer's token count from the stats line ('12 tokens in 0.4 s · ...')."""
+    return int(page.inner_text("#stats").split(" tokens in ")[0].split()[-1])
+
+
 @pytest.mark.browser
 @pytest.mark.slow
-def test_tabs_have_their_own_conversations_and_queue(open_page, server):
+def test_tabs_have_their_own_conversations_and_are_answered_together(open_page, pictures, server):
+    """Two tabs sending at once are decoded in the same engine steps, and each gets the answer
+    it gets alone (greedy)."""
     _, probe = server
-    first, second = open_page(), open_page()
-    send(first, "I am the first tab")
-    assert count(second, "#chat [data-testid=user]") == 0  # not shared
+    engine = probe.engine
+    assert engine.slots == SLOTS  # serve.slots
+    _, paths, _ = pictures
+    jobs = [([], "Hello! What can you do?"), (paths[:1], "Describe this image.")]
 
-    probe.delay, probe.most_active = 0.02, 0
+    alone = []
+    for files, text in jobs:  # each question in a tab of its own, one after the other
+        page = open_page()
+        if files:
+            attach(page, files)
+        send(page, text)
+        alone.append((last_answer(page), tokens_in(page)))
+        assert count(page, "#chat [data-testid=user]") == 1 + len(files)  # not shared
+
+    tabs = [open_page(), open_page()]
+    for page, (files, text) in zip(tabs, jobs):
+        if files:
+            attach(page, files)
+        page.fill("#message textarea", text)
+    probe.delay, probe.most_rows = 0.03, 0  # a step every ~30 ms: the two answers overlap
+    steps = engine.steps
     try:
-        for page, text in ((first, "Tell me more"), (second, "I am the second tab")):
-            page.fill("#message textarea", text)
+        for page in tabs:
             page.press("#message textarea", "Enter")
-        for page, answers in ((first, 2), (second, 1)):
-            page.wait_for_function(ANSWERED, arg=answers, timeout=WAIT_MS)
+        for page in tabs:
+            page.wait_for_function(ANSWERED, arg=1, timeout=WAIT_MS)
     finally:
         probe.delay = 0.0
-    assert probe.most_active == 1  # queued one after the other, never at once
-    assert count(first, "#chat [data-testid=user]") == 2
-    assert count(second, "#chat [data-testid=user]") == 1
-    assert "second tab" in second.locator("#chat [data-testid=user]").first.inner_text()
+    together = [(last_answer(page), tokens_in(page)) for page in tabs]
+    assert together == alone, (together, alone)
+    assert probe.most_rows == 2  # both requests in one decode step
+    # alone, an answer of n tokens takes n - 1 decode steps (the first token comes from its prefill)
+    assert engine.steps - steps < sum(n - 1 for _, n in together)
+    for page, (files, text) in zip(tabs, jobs):
+        assert count(page, "#chat [data-testid=user]") == 1 + len(files)
+        assert text in page.locator("#chat [data-testid=user]").last.inner_text()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_closing_a_tab_stops_its_answer(open_page, server):
+    _, probe = server
+    engine = probe.engine
+    page = open_page()
+    probe.delay = 0.25  # the answer's 17 tokens would take ~4 s
+    try:
+        page.fill("#message textarea", "Tell me a long story")
+        page.press("#message textarea", "Enter")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#chat [data-testid=bot]')].some(b => b.innerText.trim())",
+            timeout=WAIT_MS,
+        )
+        [request] = [row.request for row in engine.rows if row is not None]
+        page.close()  # Gradio closes the tab's running handler, which cancels its request
+        assert request.done.wait(10)
+        assert request.finish_reason == "cancelled" and request.completion_tokens < 17
+        calls = probe.calls
+        time.sleep(0.5)
+        assert probe.calls == calls and engine.active() == 0  # its row is free, the model idle
+    finally:
+        probe.delay = 0.0
 
 
 # ---- docs/web_multi_image.png -----------------------------------------------------------------
@@ -564,6 +643,7 @@ def save_screenshot(path: str, overrides: list[str]) -> None:
             chromium.close()
     finally:
         app.close()
+        app.engine.close()
 
 
 if __name__ == "__main__":  # python tests/test_web.py docs/web_multi_image.png [overrides...]

@@ -271,7 +271,8 @@ def _capture_graph(run: Callable[[], torch.Tensor], rewind: Callable[[], None]) 
     torch.cuda.current_stream().wait_stream(stream)
     rewind()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: other threads (a server's handlers encoding images) may use the GPU meanwhile
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = run()
     rewind()
     return graph, out

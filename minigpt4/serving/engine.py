@@ -255,6 +255,7 @@ class Engine:
             positions = torch.arange(start, len(request.ids), device=device)[None]
             logits = self.decoder.prefill_row(row, embeds, positions, start=start).float()
         except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+            log.warning("request %d: prefill failed", request.id, exc_info=True)
             self._fail(request, f"{type(err).__name__}: {err}")
             return self._free(row)
         active = _Active(request, _StreamState(self.loaded.tokenizer, request.stops), len(request.ids))
