@@ -414,6 +414,15 @@ def test_images_alone_then_regenerate_and_restart(open_page, pictures):
     assert count(page, "#chat [data-testid=user]") == 1
     assert "images in the conversation: 0" in page.inner_text("#stats")  # the image is forgotten
 
+def send_until_answering(page, text: str) -> None:
+    """Send `text` and wait until the answer has started to stream."""
+    page.fill("#message textarea", text)
+    page.press("#message textarea", "Enter")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#chat [data-testid=bot]')].some(b => b.innerText.trim())",
+        timeout=WAIT_MS,
+    )
+
 
 @pytest.mark.browser
 @pytest.mark.slow
@@ -422,12 +431,7 @@ def test_restart_stops_an_answer_midway(open_page, server):
     page = open_page()
     probe.delay = 0.1  # 16 tokens would take ~1.6 s
     try:
-        page.fill("#message textarea", "Tell me a long story")
-        page.press("#message textarea", "Enter")
-        page.wait_for_function(
-            "() => [...document.querySelectorAll('#chat [data-testid=bot]')].some(b => b.innerText.trim())",
-            timeout=WAIT_MS,
-        )
+        send_until_answering(page, "Tell me a long story")
         page.click("#restart")
         page.wait_for_function("() => document.querySelectorAll('#chat [data-testid=user]').length === 0")
         time.sleep(0.3)  # the worker notices at its next token
@@ -590,12 +594,7 @@ def test_closing_a_tab_stops_its_answer(open_page, server):
     page = open_page()
     probe.delay = 0.25  # the answer's 17 tokens would take ~4 s
     try:
-        page.fill("#message textarea", "Tell me a long story")
-        page.press("#message textarea", "Enter")
-        page.wait_for_function(
-            "() => [...document.querySelectorAll('#chat [data-testid=bot]')].some(b => b.innerText.trim())",
-            timeout=WAIT_MS,
-        )
+        send_until_answering(page, "Tell me a long story")
         [request] = [row.request for row in engine.rows if row is not None]
         page.close()  # Gradio closes the tab's running handler, which cancels its request
         assert request.done.wait(10)
