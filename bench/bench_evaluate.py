@@ -51,13 +51,14 @@ def prompt_rows(folder: Path, n: int) -> list[PromptRow]:
     return rows
 
 
-def run_ours(lm, rows: list[PromptRow], batch_size: int, new_tokens: int, compile: bool) -> tuple[int, float]:
+def run_ours(lm, rows: list[PromptRow], batch_size: int, new_tokens: int, compile: bool,
+             engine: bool = False) -> tuple[int, float]:
     settings = GenerationSettings(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   compile=compile)
     out: list[dict] = []
     sync(lm.device)
     start = time.perf_counter()
-    answer_rows(lm, rows, settings, batch_size, out.append, max_context=10**6)
+    answer_rows(lm, rows, settings, batch_size, out.append, max_context=10**6, engine=engine)
     sync(lm.device)
     seconds = time.perf_counter() - start
     failed = [r["error"] for r in out if r["error"]]
@@ -105,7 +106,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default 128; tiny 16)")
     parser.add_argument("--batches-per-size", type=int, default=2, help="timed batches per batch size")
     parser.add_argument("--skip-stock", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="generation.compile=true (evaluate.py's default on a GPU)")
+    parser.add_argument("--compile", action="store_true", help="generation.compile=true")
+    parser.add_argument("--engine", action="store_true",
+                        help="also time evaluate.engine=true (rows through the serving engine) on the same rows")
     args = parser.parse_args()
     new_tokens = args.new_tokens or (16 if args.tiny else 128)
     overrides = ["model=tiny", "checkpoint=random", "gpu=cpu"] if args.tiny else ["model=7b", "checkpoint=random", "gpu=0"]
@@ -129,6 +132,10 @@ def main() -> None:
             tokens, seconds = run_ours(lm, timed, bs, new_tokens, args.compile)
             entry = {"batch": bs, "rows": len(timed), "ours_tokens": tokens, "ours_s": round(seconds, 3),
                      "ours_tok_s": round(tokens / seconds, 1), "ours_first_pass_s": round(cold_s, 3)}
+            if args.engine:
+                run_ours(lm, timed, bs, new_tokens, False, engine=True)
+                e_tokens, e_seconds = run_ours(lm, timed, bs, new_tokens, False, engine=True)
+                entry.update(engine_tok_s=round(e_tokens / e_seconds, 1), engine_s=round(e_seconds, 3))
             if not args.skip_stock:
                 run_stock(lm, rows[:bs], bs, 8)
                 s_tokens, s_seconds = run_stock(lm, timed, bs, new_tokens)

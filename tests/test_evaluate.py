@@ -178,18 +178,18 @@ def test_compile_auto_compiles_only_jobs_long_enough_to_pay_it_back(prompt_set, 
 
 
 @pytest.mark.skipif(not DEMO.is_file(), reason="the demo model is not shipped yet")
-def test_demo_model_answers_the_example_set_identically_at_batch_1_and_16():
+def test_demo_model_answers_the_example_set_identically_at_batch_1_and_16_and_through_the_engine():
     from minigpt4.build import load_model
 
     cfg = compose("evaluate", ["gpu=cpu", "precision=fp32", "checkpoint=demo", "generation.max_new_tokens=40"])
     lm, rows = load_model(cfg), Plan.from_cfg(cfg).rows
     settings = GenerationSettings.from_cfg(cfg.generation)
     answers = []
-    for batch_size in (1, 16):
+    for batch_size, engine in ((1, False), (16, False), (6, True)):
         out: list[dict] = []
-        answer_rows(lm, rows, settings, batch_size, out.append)
+        answer_rows(lm, rows, settings, batch_size, out.append, engine=engine)
         answers.append({r["key"]: r["answer"] for r in out})
-    assert answers[0] == answers[1] and len(answers[0]) == 80
+    assert answers[0] == answers[1] == answers[2] and len(answers[0]) == 80
 
 
 def test_run_writes_predictions_summary_chart_and_records_failing_rows(prompt_set, tmp_path):

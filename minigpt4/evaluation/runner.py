@@ -241,7 +241,8 @@ def evaluate_shard(cfg: DictConfig, run_dir: Path, rank: int, world_size: int, d
         with store.RecordWriter(store.rank_file(run_dir, rank, world_size)) as writer:
             stats.update(answer_rows(lm, shard, settings, int(cfg.evaluate.batch_size), writer.write,
                                      max_context=int(cfg.evaluate.max_context),
-                                     progress=bool(cfg.evaluate.progress) and rank == 0))
+                                     progress=bool(cfg.evaluate.progress) and rank == 0,
+                                     engine=bool(cfg.evaluate.get("engine", False))))
     if world_size > 1:
         store.write_json(run_dir / store.SHARDS / f"stats.rank{rank}.json", stats)
     barrier()
@@ -274,9 +275,11 @@ def _throughput(all_stats: list[dict], cfg: DictConfig) -> dict:
 
 # ---- the generation loop -----------------------------------------------------------------------
 def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_size: int,
-                write: Callable[[dict], None], max_context: int = 2000, progress: bool = False) -> dict:
-    """Answer rows in batches of similar length; each finished (or failed) row is written at
-    once. Returns {"rows", "generated_tokens", "seconds"} for this call."""
+                write: Callable[[dict], None], max_context: int = 2000, progress: bool = False,
+                engine: bool = False) -> dict:
+    """Answer rows in batches of similar length (engine=True: through the serving engine, with
+    batch_size rows decoded at once); each finished (or failed) row is written at once.
+    Returns {"rows", "generated_tokens", "seconds"} for this call."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -314,6 +317,19 @@ def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_s
                      "compiling the decode step" if settings.compile else "not compiling", budget,
                      COMPILE_PAYS_FROM_TOKENS)
 
+    if engine:
+        from minigpt4.evaluation.engine_rows import answer_through_engine
+
+        answer_through_engine(lm, encoded, settings, batch_size, limit, finish)
+    else:
+        _answer_in_batches(lm, encoded, settings, batch_size, finish)
+    bar.close()
+    stats["seconds"] = time.perf_counter() - start
+    return stats
+
+
+def _answer_in_batches(lm, encoded: list, settings: GenerationSettings, batch_size: int, finish: Callable) -> None:
+    """Rows in batches of similar length (encoded is sorted by prompt length), one decoder reused."""
     decoder: Decoder | None = None
 
     def decoder_for(batch: list) -> Decoder:  # one decoder, reused while it fits (make_decoder decides)
@@ -336,9 +352,6 @@ def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_s
                 continue
             n_tokens = getattr(result, "n_steps", 0) or len(result.ids) + (result.finish_reason == "eos")
             finish(row, clean_answer(result.text, lm.template), None, result.finish_reason, n_tokens)
-    bar.close()
-    stats["seconds"] = time.perf_counter() - start
-    return stats
 
 
 def _generate_batch(lm, batch: list, settings: GenerationSettings, decoder_for: Callable[[list], Decoder]) -> list[tuple]:

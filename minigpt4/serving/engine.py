@@ -58,6 +58,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     text: str = ""
     finish_reason: str = ""  # "stop" (EOS or a stop string) | "length" | "cancelled" | "error"
+    error: str = ""  # the reason, when finish_reason is "error"
     completion_tokens: int = 0
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float = 0.0
@@ -337,6 +338,6 @@ class Engine:
 
     @staticmethod
     def _fail(request: Request, message: str) -> None:
-        request.finish_reason = "error"
+        request.finish_reason, request.error = "error", message
         request.events.put(("error", message))
         request.done.set()
