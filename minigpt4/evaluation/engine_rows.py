@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from minigpt4.conversation import clean_answer
-from minigpt4.errors import UserError
+from minigpt4.evaluation.runner import with_pixels
 from minigpt4.generation import GenerationSettings
 from minigpt4.serving.engine import Engine, Request
 
@@ -36,12 +36,7 @@ def answer_through_engine(lm, encoded: list, settings: GenerationSettings, slots
 
     try:
         for start in range(0, len(encoded), slots):
-            chunk = []
-            for row, ids in encoded[start : start + slots]:
-                try:
-                    chunk.append((row, ids, lm.pixels(row.images)))
-                except UserError as err:  # missing or unreadable image: this row fails, the run goes on
-                    finish(row, None, str(err))
+            chunk = with_pixels(lm, encoded[start : start + slots], finish)
             pixels = [p for _, _, p in chunk if len(p)]
             with torch.inference_mode():
                 embeds = lm.model.encode_images(torch.cat(pixels)) if pixels else None  # [N,Q,H]

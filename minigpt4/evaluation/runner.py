@@ -328,6 +328,18 @@ def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_s
     return stats
 
 
+def with_pixels(lm, items: list, finish: Callable) -> list[tuple]:
+    """[(row, ids)] -> [(row, ids, pixels)]; a row whose image is missing or unreadable fails
+    (finish) and the run goes on."""
+    out = []
+    for row, ids in items:
+        try:
+            out.append((row, ids, lm.pixels(row.images)))
+        except UserError as err:
+            finish(row, None, str(err))
+    return out
+
+
 def _answer_in_batches(lm, encoded: list, settings: GenerationSettings, batch_size: int, finish: Callable) -> None:
     """Rows in batches of similar length (encoded is sorted by prompt length), one decoder reused."""
     decoder: Decoder | None = None
@@ -340,12 +352,7 @@ def _answer_in_batches(lm, encoded: list, settings: GenerationSettings, batch_si
         return decoder
 
     for i in range(0, len(encoded), batch_size):
-        batch = []
-        for row, ids in encoded[i : i + batch_size]:
-            try:
-                batch.append((row, ids, lm.pixels(row.images)))
-            except UserError as err:  # missing or unreadable image: this row fails, the run goes on
-                finish(row, None, str(err))
+        batch = with_pixels(lm, encoded[i : i + batch_size], finish)
         for (row, _, _), result, error in _generate_batch(lm, batch, settings, decoder_for):
             if error is not None:
                 finish(row, None, error)
