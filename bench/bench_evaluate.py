@@ -5,7 +5,7 @@
 
 Both paths answer the same prompt set (one synthetic picture + a question per row) in the same
 batches (grouped by length, left padding), image encoding included:
-  ours   minigpt4.evaluation.runner.answer_rows -> generation.generate (what evaluate.py runs)
+  ours   minigpt4.evaluation.answering.answer_rows -> generation.generate (what evaluate.py runs)
   stock  model.llm.generate(inputs_embeds=..., attention_mask=..., do_sample=False)
 Random weights never stop, so both produce exactly --new-tokens tokens per row
 (min_new_tokens = max_new_tokens, no stop string). Generated tokens/s per batch size, after a
@@ -31,7 +31,7 @@ from minigpt4.config import compose  # noqa: E402
 from minigpt4.conversation import build_prompt, encode_prompt, pad_batch  # noqa: E402
 from minigpt4.data import synthetic  # noqa: E402
 from minigpt4.evaluation.prompts import PromptRow  # noqa: E402
-from minigpt4.evaluation.runner import answer_rows  # noqa: E402
+from minigpt4.evaluation.answering import answer_rows  # noqa: E402
 from minigpt4.generation import GenerationSettings  # noqa: E402
 
 

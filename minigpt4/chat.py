@@ -38,11 +38,10 @@ from minigpt4.conversation import (
     encode_prompt,
     load_conversation,
 )
-from minigpt4.decoding import Decoder, make_decoder
+from minigpt4.decoding import Decoder, cache_keys, make_decoder, reusable_prefix
 from minigpt4.errors import UserError
 from minigpt4.extras import require
 from minigpt4.generation import GenerationSettings, generate
-from minigpt4.model import IMAGE_TOKEN
 
 _uids = itertools.count()
 
@@ -301,21 +300,6 @@ class ChatSession:
                         "(this happens from now on without notice)")
         return ids, dropped, max_new
 
-    def _keys(self, ids: list[int], images: list[ChatImage]) -> list[Any]:
-        """Cache keys: token ids, and (image uid, slot) for image slots, so two images differ."""
-        keys: list[Any] = []
-        image_index, slot = 0, 0
-        n_slots = self.loaded.model.num_image_tokens
-        for token in ids:
-            if token == IMAGE_TOKEN:
-                keys.append((images[image_index].uid, slot))
-                slot += 1
-                if slot == n_slots:
-                    image_index, slot = image_index + 1, 0
-            else:
-                keys.append(token)
-        return keys
-
     def _new_decoder(self) -> Decoder:
         """An empty decoder sized for max_context (on CUDA a static cache and CUDA graphs, which
         are kept for the next conversation). Each session owns its decoder: sessions of the web
@@ -329,14 +313,7 @@ class ChatSession:
         if not self.reuse_cache or self._decoder is None:
             self._decoder, self._cache_keys = self._new_decoder(), []
             return 0
-        n = 0
-        for a, b in zip(self._cache_keys, keys[:-1]):
-            if a != b:
-                break
-            n += 1
-        while n and isinstance(keys[n - 1], tuple) and n < len(keys) and isinstance(keys[n], tuple) \
-                and keys[n][0] == keys[n - 1][0]:
-            n -= 1  # back to the start of an image that is only partly cached
+        n = reusable_prefix(self._cache_keys, keys)
         if n == 0:
             self._decoder = self._new_decoder()
         else:
@@ -350,7 +327,7 @@ class ChatSession:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ids, dropped, max_new = self._fit(conv, settings)
-        keys = self._keys(ids, conv.images)
+        keys = cache_keys(ids, [image.uid for image in conv.images], self.loaded.model.num_image_tokens)
         reused = self._reusable(keys)
         embeds = torch.stack([image.embeds for image in conv.images]) if conv.images else None
 

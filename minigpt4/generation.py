@@ -98,7 +98,7 @@ class Generated:
     first_token_at: float = 0.0  # time.perf_counter() when the first token was known
 
 
-class _StreamState:
+class StreamState:
     """Per-row text for streaming and stop strings, decoded incrementally: each step decodes a
     window of the last few tokens, not the whole answer (that was quadratic in its length and,
     at batch 32 x 300 tokens, slower than the GPU). Emits only text that cannot be the start of
@@ -171,7 +171,7 @@ class _HostCopy:
         return self.tokens.tolist()
 
 
-def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generated: torch.Tensor,
+def next_tokens(logits: torch.Tensor, settings: GenerationSettings, generated: torch.Tensor,
                  step: int, eos_id: int, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B,V] (float32) -> token ids [B]. The filters apply in transformers' order
     (repetition penalty, min length, then temperature, top-k, top-p), each as transformers
@@ -250,7 +250,7 @@ def generate(
     logits = decoder.prefill(embeds, positions[:, cache_length:], mask[:, cache_length:], start=cache_length).float()
     bsz = ids.shape[0]
     results = [Generated(prefilled=ids.shape[1] - cache_length) for _ in range(bsz)]
-    streams = [_StreamState(tokenizer, stops) for _ in range(bsz)]
+    streams = [StreamState(tokenizer, stops) for _ in range(bsz)]
     done = [False] * bsz
     done_rows, n_done = None, 0  # [B] bool on the device, once some row has finished
     generated = torch.zeros((bsz, 0), dtype=torch.long, device=device)
@@ -264,7 +264,7 @@ def generate(
         return out
 
     for step in range(settings.max_new_tokens):
-        tokens = _next_tokens(logits, settings, generated, step, tokenizer.eos_id, generator)
+        tokens = next_tokens(logits, settings, generated, step, tokenizer.eos_id, generator)
         if done_rows is not None:
             tokens = tokens.masked_fill(done_rows, tokenizer.pad_id)
         generated = torch.cat([generated, tokens[:, None]], dim=1)
@@ -354,7 +354,7 @@ def _generate_beams(model, tokenizer, sequences, image_embeds, settings, stops, 
             new = new[: new.index(tokenizer.eos_id)]
             result.finish_reason = "eos"
         result.ids = [t for t in new if t != tokenizer.pad_id]
-        text, stopped = _StreamState(tokenizer, stops).finish(result.ids)
+        text, stopped = StreamState(tokenizer, stops).finish(result.ids)
         result.text = text
         if stopped:
             result.finish_reason = "stop"

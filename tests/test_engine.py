@@ -103,3 +103,4 @@ def test_a_conversations_next_turn_reuses_its_rows_prefix():
         assert clean_answer(third.text, loaded.template) == alone(loaded, [pictures[1]], "What colour are the shapes?")
     finally:
         engine.close()
+

@@ -15,7 +15,8 @@ from minigpt4.config import ROOT, compose
 from minigpt4.errors import UserError
 from minigpt4.evaluation import metrics, store
 from minigpt4.evaluation.prompts import PromptFile, parse_files, read_prompt_file
-from minigpt4.evaluation.runner import Plan, answer_rows, run_evaluation
+from minigpt4.evaluation.answering import answer_rows
+from minigpt4.evaluation.runner import Plan, run_evaluation
 from minigpt4.generation import GenerationSettings
 
 DEMO = ROOT / "minigpt4" / "assets" / "demo" / "minigpt4.json"
@@ -158,14 +159,14 @@ def test_compile_auto_compiles_only_jobs_long_enough_to_pay_it_back(prompt_set, 
     length known) never compiles on "auto". evaluate.py's default is off (the fused step is
     faster uncompiled)."""
     from minigpt4 import generation
-    from minigpt4.evaluation import runner
+    from minigpt4.evaluation import answering
 
     cfg = cfg_for(prompt_set)
     assert compose("evaluate", []).generation.compile is False
     lm = diverse_tiny_model(cfg)
     rows = Plan.from_cfg(cfg).rows
     seen = []
-    monkeypatch.setattr(runner, "_generate_batch", lambda lm, batch, settings, decoder_for: seen.append(settings.compile) or [])
+    monkeypatch.setattr(answering, "_generate_batch", lambda lm, batch, settings, decoder_for: seen.append(settings.compile) or [])
     settings = GenerationSettings(do_sample=False, max_new_tokens=10, compile="auto")
     answer_rows(lm, rows, settings, 4, lambda record: None)
     assert seen and set(seen) == {False}  # 6 answerable rows x 10 tokens: far too short

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import pytest
 
-from minigpt4.generation import GenerationSettings, _StreamState, generate, sampling_filter
+from minigpt4.generation import GenerationSettings, StreamState, generate, sampling_filter
 
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=6)
 
@@ -133,7 +133,7 @@ def test_stream_state_holds_back_partial_stop():
         def decode(self, ids):
             return "".join(chr(i) for i in ids)
 
-    state = _StreamState(Tok(), ("###",))
+    state = StreamState(Tok(), ("###",))
     assert state.step([ord("a")]) == ("a", False, "a")
     assert state.step([ord("a"), ord("#")]) == ("a#", False, "")
     assert state.step([ord("a"), ord("#"), ord("b")]) == ("a#b", False, "#b")
@@ -182,7 +182,7 @@ def test_incremental_stream_text_equals_decoding_everything(tiny_loaded):
     rng = random.Random(0)
     sequences += [[rng.randrange(tok.vocab_size + 3) for _ in range(80)] for _ in range(60)]  # byte pieces, ids past the vocabulary
     for ids in sequences:
-        state, shown = _StreamState(tok, ("###",)), []
+        state, shown = StreamState(tok, ("###",)), []
         for n in range(1, len(ids) + 1):
             text, stopped, delta = state.step(ids[:n])
             shown.append(delta)
@@ -207,7 +207,7 @@ def test_sampling_filters_equal_transformers_warpers(temperature, top_k, top_p):
     from transformers.generation.logits_process import (
         LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-    from minigpt4.generation import _next_tokens
+    from minigpt4.generation import next_tokens
 
     torch.manual_seed(0)
     logits = torch.randn(6, 1000) * 3
@@ -219,7 +219,7 @@ def test_sampling_filters_equal_transformers_warpers(temperature, top_k, top_p):
     for _ in range(20):
         probs = warpers(None, logits.clone()).softmax(-1)
         theirs = torch.multinomial(probs, 1, generator=theirs_gen).squeeze(1)
-        ours = _next_tokens(logits.clone(), settings, torch.zeros(6, 0, dtype=torch.long), 5, -1, ours_gen)
+        ours = next_tokens(logits.clone(), settings, torch.zeros(6, 0, dtype=torch.long), 5, -1, ours_gen)
         assert ours.tolist() == theirs.tolist()
     kept = (sampling_filter(logits, temperature, top_k, top_p) > float("-inf")).sum(-1)
     assert (kept <= (top_k or 1000)).all() and (kept >= 1).all()

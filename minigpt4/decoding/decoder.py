@@ -10,12 +10,13 @@ owns what it gets, and hands it back to make_decoder to reuse it.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Hashable, Protocol
 
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
 from minigpt4.decoding.static import StaticDecoder
+from minigpt4.model import IMAGE_TOKEN
 
 CACHE_BUCKET = 256  # static caches are sized in multiples of this, so that a decoder is reused
 
@@ -69,6 +70,33 @@ class DynamicDecoder:
         out = self.llm(input_ids=tokens.view(-1, 1), attention_mask=self.mask, position_ids=positions.view(-1, 1),
                        past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1, :]
+
+
+def cache_keys(ids: list[int], image_keys: list[Hashable], num_image_tokens: int) -> list[Any]:
+    """One key per prompt position: the token id, or (image key, slot) for an image's soft
+    tokens, so that a cache holding another image at the same place never matches."""
+    keys: list[Any] = []
+    image = 0  # image positions seen so far
+    for token in ids:
+        if token == IMAGE_TOKEN:
+            keys.append((image_keys[image // num_image_tokens], image % num_image_tokens))
+            image += 1
+        else:
+            keys.append(token)
+    return keys
+
+
+def reusable_prefix(cached: list[Any], keys: list[Any]) -> int:
+    """How many leading positions of `keys` a cache holding `cached` can keep: their common
+    prefix, leaving at least one position to compute and never ending inside an image."""
+    n = 0
+    for a, b in zip(cached, keys[:-1]):
+        if a != b:
+            break
+        n += 1
+    while n and isinstance(keys[n - 1], tuple) and isinstance(keys[n], tuple) and keys[n][1] > 0:
+        n -= 1  # back to the start of an image that is only partly cached
+    return n
 
 
 def make_decoder(llm: LlamaForCausalLM, batch_size: int, needed_len: int, static: bool,

@@ -152,10 +152,7 @@ class StaticDecoder:
         self.tokens.copy_(tokens.view(-1))
         self.positions.copy_(positions.view(-1))
         self.slot.fill_(self.length)
-        attend = self.max_len  # transformers' step and a compiled one read the whole cache
-        if self.use_fused and not self.compile:
-            attend = min(self.max_len, (self.length // ATTEND_BUCKET + 1) * ATTEND_BUCKET)
-        logits = self._replay(attend)
+        logits = self._replay(self.length + 1)
         self.length += 1
         return logits
 
@@ -193,13 +190,15 @@ class StaticDecoder:
         self.positions.copy_(positions)
         self.slot.copy_(slots)
         self.valid[torch.arange(self.batch_size, device=self.valid.device), self.slot] = True
-        attend = min(self.max_len, -(-longest // ATTEND_BUCKET) * ATTEND_BUCKET)
-        if self.compile:
-            attend = self.max_len
-        return self._replay(attend)
+        return self._replay(longest)
 
-    def _replay(self, attend: int) -> torch.Tensor:
-        """The step for this attention length: a graph replay on CUDA (captured on first use)."""
+    def _replay(self, longest: int) -> torch.Tensor:
+        """The step that attends to the slots below `longest`, rounded up to ATTEND_BUCKET (the
+        whole cache for transformers' step and a compiled one): a graph replay on CUDA, one
+        graph per attention length, captured on first use."""
+        attend = self.max_len
+        if self.use_fused and not self.compile:
+            attend = min(self.max_len, -(-longest // ATTEND_BUCKET) * ATTEND_BUCKET)
         if not self.cuda:  # CPU: the same cache logic, eager (used by the tests)
             return self._run_step(attend)
         if attend not in self.step_graphs:

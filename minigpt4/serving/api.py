@@ -208,7 +208,10 @@ def create_app(engine: Engine | None, loaded: LoadedModel | None, defaults: Gene
         except ValueError:
             return error(ApiError(400, "the body is not a JSON object"))
         try:
-            request = await asyncio.to_thread(_submit, engine, loaded, body, defaults, settings)
+            ready = asyncio.Event()  # set from the engine thread whenever the request has an event
+            loop = asyncio.get_running_loop()
+            request = await asyncio.to_thread(_submit, engine, loaded, body, defaults, settings,
+                                              lambda: loop.call_soon_threadsafe(ready.set))
         except ApiError as err:
             return error(err)
         except QueueFull as err:
@@ -217,10 +220,10 @@ def create_app(engine: Engine | None, loaded: LoadedModel | None, defaults: Gene
             return error(ApiError(400, str(err)))
         answer_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
-            return StreamingResponse(_stream(http, request, answer_id, created, model_name, loaded),
+            return StreamingResponse(_stream(http, request, ready, answer_id, created, model_name),
                                      media_type="text/event-stream")
         try:
-            await _wait(http, request)
+            await _wait(http, request, ready)
         except UserError as err:
             return error(ApiError(500, str(err), kind="server_error"))
         if request.finish_reason == "cancelled":
@@ -236,12 +239,12 @@ def create_app(engine: Engine | None, loaded: LoadedModel | None, defaults: Gene
 
 
 def _submit(engine: Engine, loaded: LoadedModel, body: dict, defaults: GenerationSettings,
-            settings: ApiSettings) -> Request:
+            settings: ApiSettings, notify) -> Request:
     conv, sources = build_conversation(loaded, body.get("messages"), settings.allow_local_files)
     generation, stops, seed = settings_for(body, defaults)
     embeds = loaded.encode_images(sources) if sources else None  # one batch per request; UserError if bad
     stops = tuple(loaded.template.stop) + (stops or ())
-    return engine.submit(engine.prompt_ids(conv), embeds, generation, stops=stops, seed=seed)
+    return engine.submit(engine.prompt_ids(conv), embeds, generation, stops=stops, seed=seed, notify=notify)
 
 
 def _usage(request: Request) -> dict:
@@ -249,9 +252,11 @@ def _usage(request: Request) -> dict:
             "total_tokens": request.prompt_tokens + request.completion_tokens}
 
 
-async def _next_event(http, request: Request) -> tuple[str, str] | None:
-    """The request's next event; None (and the request cancelled) once the client is gone."""
+async def _next_event(http, request: Request, ready: asyncio.Event) -> tuple[str, str] | None:
+    """The request's next event; None (and the request cancelled) once the client is gone.
+    Waits on `ready` (set by the engine), looking at the connection twice a second."""
     while True:
+        ready.clear()
         try:
             return request.events.get_nowait()
         except queue.Empty:
@@ -259,19 +264,22 @@ async def _next_event(http, request: Request) -> tuple[str, str] | None:
         if await http.is_disconnected():
             request.cancel()
             return None
-        await asyncio.sleep(0.005)
+        try:
+            await asyncio.wait_for(ready.wait(), timeout=0.5)
+        except asyncio.TimeoutError:
+            pass
 
 
-async def _wait(http, request: Request) -> None:
+async def _wait(http, request: Request, ready: asyncio.Event) -> None:
     while True:
-        event = await _next_event(http, request)
+        event = await _next_event(http, request, ready)
         if event is None or event[0] == "done":
             return
         if event[0] == "error":
             raise UserError(event[1])
 
 
-async def _stream(http, request: Request, answer_id: str, created: int, model: str, loaded: LoadedModel):
+async def _stream(http, request: Request, ready: asyncio.Event, answer_id: str, created: int, model: str):
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
         data = {"id": answer_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -282,7 +290,7 @@ async def _stream(http, request: Request, answer_id: str, created: int, model: s
     yield chunk({"role": "assistant", "content": ""})
     try:
         while True:
-            event = await _next_event(http, request)
+            event = await _next_event(http, request, ready)
             if event is None:
                 return
             kind, value = event

@@ -25,15 +25,15 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
 from minigpt4.build import LoadedModel
 from minigpt4.conversation import Conversation, encode_prompt
-from minigpt4.decoding import StaticDecoder
+from minigpt4.decoding import StaticDecoder, cache_keys, reusable_prefix
 from minigpt4.errors import UserError
-from minigpt4.generation import GenerationSettings, _next_tokens, _StreamState
-from minigpt4.model import IMAGE_TOKEN
+from minigpt4.generation import GenerationSettings, next_tokens, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Request:
     generator: torch.Generator | None
     id: int = field(default_factory=lambda: next(_ids))
     events: "queue.Queue[tuple[str, str]]" = field(default_factory=queue.Queue)  # ("delta", text) | ("done", reason) | ("error", msg)
+    notify: Callable[[], None] | None = None  # called (on the engine thread) after each event
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
     text: str = ""
@@ -71,6 +72,11 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def put(self, kind: str, value: str) -> None:
+        self.events.put((kind, value))
+        if self.notify is not None:
+            self.notify()
 
     def deltas(self, timeout: float | None = None):
         """Yield streamed text until the answer is done (raises UserError on an engine error)."""
@@ -92,7 +98,7 @@ class _Active:
     """A request decoding in a row."""
 
     request: Request
-    stream: _StreamState
+    stream: StreamState
     length: int  # cached positions of the row (the next token is written at this slot)
     generated: list[int] = field(default_factory=list)
     next_token: int = 0
@@ -139,8 +145,10 @@ class Engine:
         return encode_prompt(self.loaded.tokenizer.encode, conversation.prompt(), self.loaded.model.num_image_tokens)
 
     def submit(self, ids: list[int], image_embeds: torch.Tensor | None, settings: GenerationSettings,
-               stops: tuple[str, ...] | None = None, seed: int | None = None) -> Request:
-        """Queue one answer; raises UserError when it cannot fit and QueueFull when too many wait."""
+               stops: tuple[str, ...] | None = None, seed: int | None = None,
+               notify: Callable[[], None] | None = None) -> Request:
+        """Queue one answer; raises UserError when it cannot fit and QueueFull when too many wait.
+        notify() is called on the engine thread after each of the request's events."""
         if settings.num_beams != 1:
             raise UserError("num_beams > 1 is not served by the engine: use num_beams=1")
         room = self.max_context - len(ids)
@@ -153,7 +161,7 @@ class Engine:
             generator.manual_seed(int(seed)) if seed is not None else generator.seed()
         request = Request(ids, image_embeds, replace(settings, max_new_tokens=min(settings.max_new_tokens, room)),
                           tuple(stops if stops is not None else self.loaded.template.stop), generator,
-                          keys=self._keys(ids, image_embeds))
+                          keys=self._keys(ids, image_embeds), notify=notify)
         with self.wake:
             if self.closed:
                 raise UserError("the engine is shut down")
@@ -164,17 +172,10 @@ class Engine:
         return request
 
     def _keys(self, ids: list[int], image_embeds: torch.Tensor | None) -> list:
-        """Cache keys of a prompt: token ids, and (image digest, slot) for image positions."""
+        """Cache keys of a prompt; an image is known by a digest of its soft tokens."""
         digests = [hashlib.sha1(e.float().cpu().numpy().tobytes()).hexdigest() for e in image_embeds] \
             if image_embeds is not None else []
-        keys, n, image = [], self.loaded.model.num_image_tokens, 0
-        for token in ids:
-            if token == IMAGE_TOKEN:
-                keys.append((digests[image // n], image % n))
-                image += 1
-            else:
-                keys.append(token)
-        return keys
+        return cache_keys(ids, digests, self.loaded.model.num_image_tokens)
 
     def _pick_row(self, keys: list) -> tuple[int, int]:
         """The free row holding the longest prefix of `keys` (ties: the least recently used)
@@ -184,13 +185,7 @@ class Engine:
         for row, active in enumerate(self.rows):
             if active is not None:
                 continue
-            n = 0
-            for a, b in zip(self.row_keys[row], keys[:-1]):
-                if a != b:
-                    break
-                n += 1
-            while n and isinstance(keys[n - 1], tuple) and isinstance(keys[n], tuple) and keys[n][1] > 0:
-                n -= 1  # back to the start of an image that is only partly cached
+            n = reusable_prefix(self.row_keys[row], keys)
             if n > best_n or (n == best_n and self.row_freed[row] < self.row_freed[best]):
                 best, best_n = row, n
         return best, best_n
@@ -259,9 +254,9 @@ class Engine:
             log.warning("request %d: prefill failed", request.id, exc_info=True)
             self._fail(request, f"{type(err).__name__}: {err}")
             return self._free(row)
-        active = _Active(request, _StreamState(self.loaded.tokenizer, request.stops), len(request.ids))
+        active = _Active(request, StreamState(self.loaded.tokenizer, request.stops), len(request.ids))
         self.rows[row] = active
-        self._take(row, active, logits)
+        self._take(row, active, int(self._sample(active, logits)[0]))
 
     def _step(self) -> None:
         """One decode step for every active row, then each row's next token."""
@@ -276,6 +271,7 @@ class Engine:
         longest = max(a.length for a in self.rows if a is not None) + 1
         logits = self.decoder.step_rows(tokens.to(device), positions.to(device), slots.to(device), longest=longest).float()
         self.steps += 1
+        live = []
         for i, active in enumerate(self.rows):
             if active is None:
                 continue
@@ -283,15 +279,26 @@ class Engine:
             if active.request.cancelled.is_set():
                 self._finish(active.request, "cancelled")
                 self._free(i)
-                continue
-            self._take(i, active, logits[i : i + 1])
+            else:
+                live.append(i)
+        if not live:
+            return
+        # every row samples on the device; the host reads all the tokens in one transfer
+        tokens = torch.cat([self._sample(self.rows[i], logits[i : i + 1]) for i in live]).tolist()
+        for i, token in zip(live, tokens):
+            self._take(i, self.rows[i], token)
 
-    def _take(self, row: int, active: _Active, logits: torch.Tensor) -> None:
-        """Sample the row's next token from logits [1,V], stream it, finish the row if done."""
+    def _sample(self, active: _Active, logits: torch.Tensor) -> torch.Tensor:
+        """The row's next token [1] (on the device) from its logits [1,V], with its own settings."""
+        request = active.request
+        generated = (torch.tensor([active.generated], dtype=torch.long, device=logits.device)
+                     if request.settings.repetition_penalty != 1.0 else logits.new_zeros((1, 0), dtype=torch.long))
+        return next_tokens(logits, request.settings, generated, len(active.generated), self.loaded.tokenizer.eos_id,
+                            request.generator)
+
+    def _take(self, row: int, active: _Active, token: int) -> None:
+        """Take the row's next token: stream it, finish the row if done."""
         request, tok = active.request, self.loaded.tokenizer
-        generated = torch.tensor([active.generated], dtype=torch.long, device=logits.device).view(1, -1)
-        token = int(_next_tokens(logits, request.settings, generated, len(active.generated), tok.eos_id,
-                                 request.generator)[0])
         if not active.generated:
             request.first_token_at = time.perf_counter()
         request.completion_tokens += 1
@@ -305,7 +312,7 @@ class Engine:
                 delta = delta.lstrip()
             if delta:
                 active.shown = True
-                request.events.put(("delta", delta))
+                request.put("delta", delta)
         if stopped:
             return self._end(row, active, "stop")
         if len(active.generated) >= request.settings.max_new_tokens or active.length >= self.max_len:
@@ -317,7 +324,7 @@ class Engine:
         request.text, _ = active.stream.finish(active.generated)
         rest = request.text[active.stream.emitted :]  # held back as a possible stop string
         if rest and (active.shown or rest.strip()):
-            request.events.put(("delta", rest if active.shown else rest.lstrip()))
+            request.put("delta", rest if active.shown else rest.lstrip())
         fed = active.length - len(request.ids)  # generated tokens that went into the cache
         self.row_keys[row] = request.keys + active.generated[:fed]
         self._finish(request, reason)
@@ -333,11 +340,11 @@ class Engine:
     @staticmethod
     def _finish(request: Request, reason: str) -> None:
         request.finish_reason = reason
-        request.events.put(("done", reason))
+        request.put("done", reason)
         request.done.set()
 
     @staticmethod
     def _fail(request: Request, message: str) -> None:
         request.finish_reason, request.error = "error", message
-        request.events.put(("error", message))
+        request.put("error", message)
         request.done.set()
