@@ -104,3 +104,16 @@ def test_a_conversations_next_turn_reuses_its_rows_prefix():
     finally:
         engine.close()
 
+
+
+def test_an_llm_the_fused_step_cannot_run_is_served_one_request_at_a_time(caplog):
+    """bitsandbytes int8/int4 layers or biases: transformers' step in one row, same answers."""
+    torch.set_num_threads(1)
+    loaded = build_tiny(["checkpoint=demo"])
+    layer = loaded.model.llm.model.layers[0].self_attn.q_proj
+    layer.bias = torch.nn.Parameter(torch.zeros(layer.out_features))  # as an LLM with biases would have
+    jobs = jobs_for(loaded)[:3]
+    expected = [alone(loaded, *job) for job in jobs]
+    got, _ = engine_answers(loaded, jobs, slots=4)
+    assert got == expected
+    assert "one request at a time" in caplog.text and "biases" in caplog.text

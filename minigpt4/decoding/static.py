@@ -183,9 +183,12 @@ class StaticDecoder:
     def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, longest: int) -> torch.Tensor:
         """One token per row, each row at its own length: row b writes slot slots[b] ([B] long)
         and attends to its valid slots; `longest` = the largest slot + 1 -> logits [B,V] (a view).
-        Needs the fused step (each row's own write slot)."""
+        Rows at different lengths need the fused step (each row's own write slot); transformers'
+        step writes where the layers' position says, so it serves one row."""
         if not self.use_fused:
-            raise ValueError("rows at different lengths need the fused step")
+            if self.batch_size != 1:
+                raise ValueError("rows at different lengths need the fused step")
+            self._rewind(longest - 1)  # the one row's write position
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.slot.copy_(slots)

@@ -32,6 +32,7 @@ import torch
 from minigpt4.build import LoadedModel
 from minigpt4.conversation import Conversation, encode_prompt
 from minigpt4.decoding import StaticDecoder, cache_keys, reusable_prefix
+from minigpt4.decoding.fused import unsupported_reason
 from minigpt4.errors import UserError
 from minigpt4.generation import GenerationSettings, next_tokens, StreamState
 
@@ -126,7 +127,12 @@ class Engine:
         self.max_context = max_context
         self.slots = slots or default_slots(loaded.device, loaded.model.llm, self.max_len)
         self.max_queue = max_queue
-        self.decoder = StaticDecoder(loaded.model.llm, self.slots, self.max_len, use_fused=True)
+        reason = unsupported_reason(loaded.model.llm)  # rows at their own lengths need the fused step
+        if reason is not None:
+            log.warning("the serving engine decodes one request at a time: the fused step cannot run this "
+                        "LLM (%s; precision=fp16 or bf16 can)", reason)
+            self.slots = 1
+        self.decoder = StaticDecoder(loaded.model.llm, self.slots, self.max_len, use_fused=reason is None)
         with torch.inference_mode():
             self.decoder.valid[:, 0] = True  # idle rows attend to one slot (never to nothing)
         self.rows: list[_Active | None] = [None] * self.slots
