@@ -75,12 +75,52 @@ def run_clients(url: str, clients: int, per_client: int, question: str) -> dict:
             "itl_p50_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"), "seconds": seconds}
 
 
+def soak(url: str, clients: int, seconds: float, question: str) -> dict:
+    """`clients` clients sending requests back to back for `seconds`; GPU memory sampled every 5 s:
+    it must stay flat (no per-request growth)."""
+    samples, stop = [], time.perf_counter() + seconds
+
+    def client(_):
+        done = 0
+        while time.perf_counter() < stop:
+            one_request(url, question)
+            done += 1
+        return done
+
+    with ThreadPoolExecutor(clients + 1) as pool:
+        futures = [pool.submit(client, i) for i in range(clients)]
+        while time.perf_counter() < stop:
+            samples.append(torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
+            time.sleep(5)
+        requests = sum(f.result() for f in futures)
+    return {"clients": clients, "seconds": seconds, "requests": requests,
+            "allocated_gib_first": samples[0], "allocated_gib_min": min(samples), "allocated_gib_max": max(samples),
+            "allocated_gib_last": samples[-1], "samples": len(samples)}
+
+
+@torch.inference_mode()
+def batch_decode_peer(loaded, batch: int, question: str, new: int) -> float:
+    """evaluate.py's path for the same prompt: one static batch of `batch` rows -> tokens/s."""
+    from bench.bench_decode import ours, timed
+
+    from minigpt4.decoding import make_decoder
+
+    llm = loaded.model.llm
+    ids = torch.tensor([loaded.tokenizer.encode(question)] * batch, device=loaded.device)
+    embeds = llm.get_input_embeddings()(ids)
+    mask = torch.ones(ids.shape, dtype=torch.long, device=loaded.device)
+    decoder = make_decoder(llm, batch, ids.shape[1] + new, static=True)
+    t, _ = timed(lambda: ours(decoder, embeds, mask, new), loaded.device)
+    return batch * new / t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--per-client", type=int, default=2, help="requests each client sends in turn")
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--soak", type=float, default=0, help="then 32 clients for this many seconds: memory flat?")
     args = ap.parse_args()
     overrides = ["model=tiny", "checkpoint=random", "gpu=cpu"] if args.tiny else ["model=7b", "checkpoint=random", "gpu=0"]
     torch.manual_seed(0)
@@ -100,15 +140,21 @@ def main() -> None:
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if loaded.device.type == "cuda" else None
             rows.append(row)
             print(json.dumps(row), flush=True)
+        if args.soak:
+            soaked = soak(url, 32, args.soak, question)
+            print("soak:", json.dumps(soaked), flush=True)
     finally:
         server.should_exit = True
         engine.close()
+    peer = batch_decode_peer(loaded, 32, question, args.new)
+    print(f"evaluate.py's path, one static batch of 32: {peer:.1f} tok/s", flush=True)
     print(f"\n{'clients':>7} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}")
     for r in rows:
         print(f"{r['clients']:>7} {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_api.json").write_text(json.dumps(
-            {"rows": rows, "sequential": sequential, "args": vars(args),
+            {"rows": rows, "sequential": sequential, "args": vars(args), "batch32_peer_tok_s": peer,
+             "soak": soaked if args.soak else None,
              "device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu"}, indent=2))
 
 

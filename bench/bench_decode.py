@@ -4,6 +4,8 @@
     python bench/bench_decode.py --paths static "hf static" --batches 1 32
     python bench/bench_decode.py --no-gate            # speed only
     python bench/bench_decode.py --tiny               # CPU smoke test
+    python bench/bench_decode.py --quant int8 int4    # also our weight-only int8/int4, gated against fp16
+    python bench/bench_decode.py --memory int8        # peak memory of the whole 7B loaded as chat loads it
 
 Speed: generated tokens/s at each batch size for a fixed prompt (32 image + 100 text positions,
 half the rows left-padded) and a fixed number of new tokens (random weights never stop), prefill
@@ -60,6 +62,40 @@ def gate_paths(llm) -> dict:
         paths["static max-autotune-no-cudagraphs"] = lambda b, n: make_decoder(
             llm, b, n, static=True, compile="max-autotune-no-cudagraphs")
     return paths
+
+
+def quantized_copy(llm, mode: str):
+    """A copy of the LLM with int8/int4 weights (minigpt4/decoding/quant.py), as precision=MODE loads
+    it; "int4-g32": int4 with groups of 32 (an experiment: the default groups are 128)."""
+    import copy
+
+    from minigpt4.decoding.quant import quantize_llm
+
+    base, _, group = mode.partition("-g")
+    return quantize_llm(copy.deepcopy(llm), base, group=int(group or 128))
+
+
+def quant_gate_paths(qllm, mode: str) -> dict:
+    return {f"{mode} static": lambda b, n: make_decoder(qllm, b, n, static=True),
+            f"{mode} dynamic": lambda b, n: DynamicDecoder(qllm, b)}
+
+
+@torch.inference_mode()
+def memory_of_chat(precision: str, new: int) -> dict:
+    """Peak GPU memory of the whole 7B MiniGPT-4 (random weights, loaded as chat loads it) answering
+    one image + 100-token question with chat's 2,000-position cache, in this fresh process."""
+    from minigpt4.build import load_model
+    from minigpt4.config import compose
+
+    lm = load_model(compose("chat", ["model=7b", "checkpoint=random", f"precision={precision}", "gpu=0"]))
+    loaded_gib = torch.cuda.max_memory_allocated() / 2**30
+    llm = lm.model.llm
+    embeds = torch.randn(1, 132, llm.config.hidden_size, device="cuda", dtype=torch.float16) * 0.02
+    mask = torch.ones(1, 132, dtype=torch.long, device="cuda")
+    decoder = make_decoder(llm, 1, 2000, static=True)
+    t, _ = timed(lambda: ours(decoder, embeds, mask, new), torch.device("cuda"))
+    return {"precision": precision, "loaded_gib": loaded_gib, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "tok_s": new / t}
 
 
 def sync(device):
@@ -147,8 +183,19 @@ def main():
     ap.add_argument("--gate-only", action="store_true")
     ap.add_argument("--gate-paths", nargs="+", default=None, help="default: every path of gate_paths()")
     ap.add_argument("--gate-batches", type=int, nargs="+", default=None, help="default: --batches")
+    ap.add_argument("--quant", nargs="*", default=[], choices=["int8", "int4", "int4-g64", "int4-g32"],
+                    help="also gate and time our weight-only int8/int4 (paths 'int8', 'int4')")
+    ap.add_argument("--memory", choices=["fp16", "int8", "int4"],
+                    help="only: peak GPU memory of the whole 7B model loaded and answering as chat does")
     args = ap.parse_args()
+    if args.memory:
+        result = memory_of_chat(args.memory, args.new)
+        print(json.dumps(result))
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], f"memory_{args.memory}.json").write_text(json.dumps(result, indent=2))
+        return
     llm = build_llm(args.tiny)
+    quantized = {mode: quantized_copy(llm, mode) for mode in args.quant}
     device, dtype = llm.device, llm.dtype
     out = {"args": vars(args), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     failed = False
@@ -156,6 +203,9 @@ def main():
         paths = gate_paths(llm)
         paths = {k: v for k, v in paths.items() if args.gate_paths is None or k in args.gate_paths}
         results = run_gate(llm, paths, batches=tuple(args.gate_batches or args.batches))
+        for mode, qllm in quantized.items():  # teacher-forced against the fp16 model's eager forward
+            results += run_gate(qllm, quant_gate_paths(qllm, mode), batches=tuple(args.gate_batches or args.batches),
+                                reference_llm=llm)
         print(table(results), flush=True)
         out["gate"] = [r.row() for r in results]
         failed = not all(r.ok() for r in results)
@@ -171,8 +221,11 @@ def main():
             average_len = args.prompt + args.new / 2
             step_bytes = weight_bytes + b * average_len * kv_per_position
             row = {"batch": b, "limit_tok_s": b * bandwidth / step_bytes}
-            for name, fn in speed_paths(llm, b, args.prompt, args.new).items():
-                if name not in args.paths:
+            paths = speed_paths(llm, b, args.prompt, args.new)
+            for mode, qllm in quantized.items():
+                paths[mode] = speed_paths(qllm, b, args.prompt, args.new)["static"]
+            for name, fn in paths.items():
+                if name not in args.paths + args.quant:
                     continue
                 t, first = timed(lambda: fn(embeds, mask), device)
                 row[name] = b * args.new / t
@@ -180,7 +233,7 @@ def main():
                 print(f"batch {b:>3} {name:<16} {row[name]:>9.1f} tok/s (first call {first:.1f} s)", flush=True)
             rows.append(row)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        names = args.paths
+        names = args.paths + args.quant
         print(f"\n{'batch':>5} " + " ".join(f"{n:>14}" for n in names) + f" {'limit':>9}")
         for r in rows:
             print(f"{r['batch']:>5} " + " ".join(f"{r.get(n, float('nan')):>14.1f}" for n in names) + f" {r['limit_tok_s']:>9.1f}")

@@ -48,8 +48,19 @@ pick evaluate && step 240 python3 bench/bench_evaluate.py --batches 1 32
 pick chat_compile && step 180 python3 bench/bench_chat.py --compile
 # the API under 1/8/32/64 streaming clients. The image has no FastAPI: also carry, in .whl/,
 # fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.13.4 pydantic-core==2.46.4
-# annotated-types==0.7.0 typing-inspection==0.4.2 (pip download as the device README says)
-named api && step 420 python3 bench/bench_api.py
+# annotated-types==0.7.0 typing-inspection==0.4.2 opentelemetry-api==1.45.2 anyio click h11 sniffio
+# (pip download as the device README says)
+named api && step "${API_LIMIT:-420}" python3 bench/bench_api.py --soak "${SOAK:-300}"
+# only the speed of int8/int4 at batch 1 beside fp16 ours and transformers' static (no gate)
+named quant_speed && step 110 python3 bench/bench_decode.py --no-gate --batches 1 --quant int8 int4 --paths static "hf static"
+# our weight-only int8/int4: kernels against the torch reference, then the gate against fp16 (and
+# int4 with groups of 32, an experiment) and the speed beside fp16 ours and transformers' static
+(named quant || named quant_tests) && step 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quant.py
+named quant && step 330 python3 bench/bench_decode.py --batches 1 32 --gate-batches 1 8 32 --gate-paths static --quant int8 int4 int4-g32 --paths static "hf static"
+# peak memory of the whole 7B model (random weights) loaded and answering as chat does
+(named memory || named memory_int8) && step 90 python3 bench/bench_decode.py --memory int8
+named memory && step 90 python3 bench/bench_decode.py --memory int4
+named memory && step 90 python3 bench/bench_decode.py --memory fp16
 # the gate on the 7B shape for the max-autotune path (compiles for minutes)
 named gate_autotune && step 420 python3 bench/bench_decode.py --gate-only --gate-paths "static max-autotune-no-cudagraphs"
 exit 0

@@ -23,6 +23,8 @@ from transformers import LlamaForCausalLM
 from minigpt4 import checkpoints as ck
 from minigpt4.config import resolve_device, resolve_precision, to_container
 from minigpt4.conversation import Conversation, Template, get_template
+from minigpt4.decoding.quant import MODES as quant_modes
+from minigpt4.decoding.quant import quantize_llm
 from minigpt4.errors import UserError
 from minigpt4.extras import require
 from minigpt4.images import ImageSource, load_pixels
@@ -112,15 +114,21 @@ def load_model(cfg: DictConfig, device: torch.device | None = None, dtype: torch
         if not (Path(llm_dir) / "tokenizer.model").is_file():
             raise UserError(f"checkpoint.llm={llm_dir}: no tokenizer.model in it (copy the LLaMA tokenizer.model there)")
         tokenizer = Tokenizer.from_dir(llm_dir)
-        llm = _load_llm_dir(llm_dir, dtype, quant, device)
+        # ours quantises layer by layer on its way to the device: the fp16 LLM is never there whole
+        llm = _load_llm_dir(llm_dir, dtype, quant if quant in BNB else None,
+                            torch.device("cpu") if quant in quant_modes else device)
     else:
-        if quant:
+        if quant in BNB:
             raise UserError(f"precision={quant} quantises a loaded LLM: set checkpoint.llm=/path/to/llm")
         tok_file = Path(bundle_dir) / "tokenizer.model" if bundle_dir else None
         tokenizer = Tokenizer(tok_file if tok_file and tok_file.is_file() else cfg.model.tokenizer)
         if any(k.startswith("llm.") for k in bundle_state):  # the bundle provides every LLM weight
             with torch.device("meta"):
                 llm = LlamaForCausalLM(arch.llm_config())
+        elif quant in quant_modes:  # random weights, quantised layer by layer on the device
+            with torch.device("meta"):
+                llm = LlamaForCausalLM._from_config(arch.llm_config(), dtype=dtype)
+            quantize_llm(llm, quant, device)
         else:  # random weights, created right on the device and in the compute dtype (7B: seconds)
             with torch.device(device):
                 llm = LlamaForCausalLM._from_config(arch.llm_config(), dtype=dtype)
@@ -167,6 +175,8 @@ def load_model(cfg: DictConfig, device: torch.device | None = None, dtype: torch
         model.llm.tie_weights()  # assignment replaced the tied tensor objects
     model.set_trainable(sorted(set(PARTS) - model.frozen))  # re-apply to re-created parameters
 
+    if quant in quant_modes:
+        quantize_llm(model.llm, quant, device)
     if getattr(model.llm, "is_quantized", False):  # bitsandbytes weights cannot be moved
         for part in (model.vision_model, model.qformer, model.llama_proj):
             if part is not None:
@@ -272,7 +282,7 @@ def _load_llm_dir(path: str, dtype: torch.dtype, quant: str | None, device: torc
 
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_8bit=True)
-            if quant == "int8"
+            if quant == "bnb-int8"
             else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
         )
     if has_accelerate:
@@ -285,6 +295,8 @@ def _load_llm_dir(path: str, dtype: torch.dtype, quant: str | None, device: torc
         raise UserError(f"checkpoint.llm={path}: cannot load ({first[:200]})") from None
     return llm if has_accelerate else llm.to(device)
 
+
+BNB = ("bnb-int8", "bnb-nf4")  # precision= values that load the LLM through bitsandbytes
 
 _PART_NAMES = {"vit": "ViT", "qformer": "Q-Former", "proj": "projection", "llm": "LLM"}
 

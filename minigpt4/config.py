@@ -158,7 +158,8 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype, str | None]:
-    """(compute dtype, quantisation 'int8'/'int4' or None)."""
+    """(compute dtype, quantisation or None): 'int8'/'int4' are ours (decoding/quant.py, weight-only,
+    fast decoding); 'bnb-int8'/'bnb-nf4' load the LLM through bitsandbytes."""
     p = str(precision).lower()
     if p == "auto":
         return (torch.float16 if device.type == "cuda" else torch.float32), None
@@ -166,9 +167,9 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
         if device.type == "cpu" and p == "fp16":
             raise UserError("precision=fp16 needs a GPU (fp16 matmuls are not supported on CPU): use fp32 or bf16")
         return _DTYPES[p], None
-    if p in ("int8", "int4"):
+    if p in ("int8", "int4", "bnb-int8", "bnb-nf4"):
         return (torch.float16 if device.type == "cuda" else torch.float32), p
-    raise UserError(f"precision={precision}: choose auto, fp32, fp16, bf16, int8 or int4")
+    raise UserError(f"precision={precision}: choose auto, fp32, fp16, bf16, int8, int4, bnb-int8 or bnb-nf4")
 
 
 def to_container(cfg) -> dict:

@@ -345,5 +345,5 @@ def test_llm_directory_loads_without_accelerate(source, official, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
     assert_same(source, load(*official).model)
-    with pytest.raises(UserError, match=r"precision=int8 needs (bitsandbytes and )?accelerate: pip install -e '.\[quant\]'"):
-        load_model(compose("chat", ["gpu=cpu", "precision=int8", *official]))
+    with pytest.raises(UserError, match=r"precision=bnb-int8 needs (bitsandbytes and )?accelerate: pip install -e '.\[quant\]'"):
+        load_model(compose("chat", ["gpu=cpu", "precision=bnb-int8", *official]))

@@ -135,7 +135,8 @@ def test_precisions():
     assert resolve_precision("int4", cpu) == (torch.float32, "int4")
     with pytest.raises(UserError, match="precision=fp16 needs a GPU"):
         resolve_precision("fp16", cpu)
-    with pytest.raises(UserError, match="precision=fp8: choose auto, fp32, fp16, bf16, int8 or int4"):
+    assert resolve_precision("bnb-nf4", gpu) == (torch.float16, "bnb-nf4")
+    with pytest.raises(UserError, match="precision=fp8: choose auto, fp32, fp16, bf16, int8, int4, bnb-int8 or bnb-nf4"):
         resolve_precision("fp8", cpu)
 
 
@@ -151,16 +152,16 @@ def test_bf16_on_cpu_runs():
     assert soft.dtype == torch.bfloat16 and torch.isfinite(soft.float()).all()
 
 
-def test_quantisation_needs_an_llm_directory():
-    with pytest.raises(UserError, match="precision=int8 quantises a loaded LLM: set checkpoint.llm="):
+def test_bitsandbytes_needs_an_llm_directory():
+    with pytest.raises(UserError, match="precision=bnb-int8 quantises a loaded LLM: set checkpoint.llm="):
         from minigpt4.build import load_model
 
-        load_model(compose("chat", ["gpu=cpu", "precision=int8", "checkpoint=random"]))
+        load_model(compose("chat", ["gpu=cpu", "precision=bnb-int8", "checkpoint=random"]))
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["bnb-int8", "bnb-nf4"])
 def test_quantised_llm_through_bitsandbytes(tiny_loaded, tmp_path, quant):
-    """int8/int4 build a BitsAndBytesConfig; bitsandbytes 0.50 runs on CPU (it needs accelerate)."""
+    """bnb-int8/bnb-nf4 build a BitsAndBytesConfig; bitsandbytes 0.50 runs on CPU (it needs accelerate)."""
     from official_files import write_llama_dir
 
     from minigpt4.build import load_model
@@ -175,7 +176,7 @@ def test_quantised_llm_through_bitsandbytes(tiny_loaded, tmp_path, quant):
     loaded = load_model(cfg)
     assert loaded.model.llm.is_quantized
     quant_cfg = loaded.model.llm.config.quantization_config
-    assert (quant_cfg.load_in_8bit if quant == "int8" else quant_cfg.load_in_4bit)
+    assert (quant_cfg.load_in_8bit if quant == "bnb-int8" else quant_cfg.load_in_4bit)
     with torch.inference_mode():
         ids = torch.tensor([[1, 5, 6, 7]])
         ref = tiny_loaded.model(ids).logits

@@ -23,21 +23,25 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from minigpt4.decoding import kernels
+from minigpt4.decoding.quant import QuantLinear, concat
+
+Weight = torch.Tensor | QuantLinear  # [N,K] fp weight, or its int8/int4 form (quant.py)
 
 
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [(nh + 2 nkv) hd, H]
-    o: torch.Tensor  # [H, nh hd]
+    qkv: Weight  # [(nh + 2 nkv) hd, H]
+    o: Weight  # [H, nh hd]
     mlp_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2 I, H]
-    down: torch.Tensor  # [H, I]
+    gate_up: Weight  # [2 I, H]
+    down: Weight  # [H, I]
 
 
 def unsupported_reason(llm: LlamaForCausalLM) -> str | None:
-    """Why the fused step cannot run this LLM (None: it can). Quantized layers (bitsandbytes),
-    biases and rope variants other than the default go through transformers' own forward."""
+    """Why the fused step cannot run this LLM (None: it can). bitsandbytes layers, biases and
+    rope variants other than the default go through transformers' own forward; our own int8/int4
+    layers (quant.py) run here."""
     cfg = llm.config
     if getattr(cfg, "model_type", "llama") != "llama":
         return f"model_type {cfg.model_type}"
@@ -49,6 +53,8 @@ def unsupported_reason(llm: LlamaForCausalLM) -> str | None:
     for layer in llm.model.layers:
         a, m = layer.self_attn, layer.mlp
         for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            if type(lin) is QuantLinear:
+                continue
             if type(lin) is not nn.Linear or lin.bias is not None:
                 return f"{type(lin).__name__} layers" if type(lin) is not nn.Linear else "biases"
             if lin.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32) or lin.weight.is_meta:
@@ -67,8 +73,10 @@ def _padded_rows(weight: torch.Tensor, multiple: int = 64) -> torch.Tensor:
     return padded
 
 
-def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
+def _fuse(linears: list[nn.Module]) -> Weight:
     """One [sum(out), in] matrix; each Linear's weight becomes a row block (a view) of it."""
+    if all(type(lin) is QuantLinear for lin in linears):
+        return concat(linears)
     fused = torch.cat([lin.weight.detach() for lin in linears])
     start = 0
     for lin in linears:
@@ -98,10 +106,10 @@ class FusedLlama:
             self.layers.append(LayerWeights(
                 attn_norm=layer.input_layernorm.weight,
                 qkv=_fuse([a.q_proj, a.k_proj, a.v_proj]),
-                o=a.o_proj.weight,
+                o=_weight(a.o_proj),
                 mlp_norm=layer.post_attention_layernorm.weight,
                 gate_up=_fuse([m.gate_proj, m.up_proj]),
-                down=m.down_proj.weight,
+                down=_weight(m.down_proj),
             ))
         # rotary tables for every position, computed by the model's own rotary module
         positions = torch.arange(cfg.max_position_embeddings, device=self.embed.device)[None]
@@ -134,7 +142,7 @@ class FusedLlama:
         mask = torch.zeros(valid.shape[0], 1, 1, attend, dtype=x.dtype, device=x.device)
         mask.masked_fill_(~valid[:, None, None, :attend], float("-inf"))  # [B,1,1,attend]
         for i, w in enumerate(self.layers):
-            qkv = F.linear(norm(x, w.attn_norm, self.eps), w.qkv)  # [B,(nh+2nkv)hd]
+            qkv = _linear(norm(x, w.attn_norm, self.eps), w.qkv)  # [B,(nh+2nkv)hd]
             if triton:
                 q = kernels.rope_and_cache(qkv, self.cos, self.sin, positions, keys[i], values[i], slot, nh, nkv)
             else:
@@ -142,11 +150,22 @@ class FusedLlama:
             attn = F.scaled_dot_product_attention(  # [B,nh,1,hd]
                 q.view(b, nh, 1, hd), keys[i][:, :, :attend], values[i][:, :, :attend],
                 attn_mask=mask, enable_gqa=nkv != nh)
-            x = torch.addmm(x, attn.reshape(b, nh * hd), w.o.t())
-            gate_up = F.linear(norm(x, w.mlp_norm, self.eps), w.gate_up)  # [B,2I]
+            x = _linear(attn.reshape(b, nh * hd), w.o, residual=x)
+            gate_up = _linear(norm(x, w.mlp_norm, self.eps), w.gate_up)  # [B,2I]
             act = kernels.silu_mul(gate_up) if triton else silu_mul(gate_up)  # [B,I]
-            x = torch.addmm(x, act, w.down.t())
+            x = _linear(act, w.down, residual=x)
         return F.linear(norm(x, self.final_norm, self.eps), self.lm_head)[:, : self.vocab]  # [B,V]
+
+
+def _weight(linear: nn.Module) -> Weight:
+    return linear if type(linear) is QuantLinear else linear.weight
+
+
+def _linear(x: torch.Tensor, w: Weight, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B,K] @ w.T (+ residual [B,N], added inside the product: addmm, or the int kernels)."""
+    if type(w) is QuantLinear:
+        return w(x, residual)
+    return F.linear(x, w) if residual is None else torch.addmm(residual, x, w.t())
 
 
 # ---- the reference versions (CPU, and what the Triton kernels are tested against) -------------

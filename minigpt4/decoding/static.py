@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from minigpt4.decoding import fused
+from minigpt4.decoding.quant import quantized_mode
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,12 @@ class StaticDecoder:
                  use_fused: bool | None = None):
         device = llm.get_input_embeddings().weight.device
         config = llm.config
-        self.llm, self.batch_size, self.max_len, self.compile = llm, batch_size, max_len, compile
         self.requested_compile = compile
+        if compile and quantized_mode(llm):
+            log.info("generation.compile is off for precision=%s: its int kernels are Triton's already",
+                     quantized_mode(llm))
+            compile = False
+        self.llm, self.batch_size, self.max_len, self.compile = llm, batch_size, max_len, compile
         self.cache = StaticCache(config=config, max_cache_len=max_len)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache.early_initialization(batch_size, config.num_key_value_heads, head_dim, llm.dtype, device)

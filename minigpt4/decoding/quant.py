@@ -1,0 +1,298 @@
+"""Weight-only int8 and int4 quantization of the LLM's linear layers (`precision=int8|int4`).
+
+A batch-1 decode step reads every weight once, so its time is the weights' bytes over the
+memory bandwidth: int8 weights read half of fp16's bytes, int4 a quarter. The products stay in
+fp16: each weight tile is dequantized in registers inside the matrix kernel (Triton, below), so
+the full fp16 weight never exists in memory. Prefill-sized products (more than 64 rows) are
+compute-bound: there the weight is dequantized to fp16 and cuBLAS multiplies it.
+
+Formats (per output row n, so fusing q/k/v or gate/up is concatenating rows):
+  int8: q [N,K] int8, w = q * scale[n]            (symmetric, scale = absmax / 127)
+  int4: q [N,K/2] uint8, two values a byte,
+        w = q * scale[n,g] + low[n,g]             (asymmetric, groups of GROUP along K)
+        Byte j of group g holds k = g*GROUP + j in its low nibble and k = g*GROUP + GROUP/2 + j
+        in its high nibble, so a kernel unpacks a group into two contiguous halves.
+The torch functions are the reference and the CPU path; the GPU tests hold the kernels to them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minigpt4.decoding.kernels import triton
+
+MODES = ("int8", "int4")
+KERNEL_MAX_ROWS = 64  # more rows (prefills): dequantize + cuBLAS
+
+
+def _group_size(k: int, largest: int = 128) -> int:
+    for group in (128, 64, 32):
+        if group <= largest and k % group == 0:
+            return group
+    raise ValueError(f"int4 needs an input width divisible by 32 (got {k})")
+
+
+class QuantLinear(nn.Module):
+    """A bias-free Linear with int8 or int4 weights; forward(x) = x @ dequant(W).T in x's dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, bits: int,
+                 in_features: int):
+        super().__init__()
+        self.bits, self.in_features, self.out_features = bits, in_features, qweight.shape[0]
+        self.group = in_features // scale.shape[1] if bits == 4 else in_features
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("low", low)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype products are computed in: the model's (model.to(dtype) converts the scales)."""
+        return self.scale.dtype
+
+    @classmethod
+    @torch.no_grad()
+    def quantize(cls, weight: torch.Tensor, mode: str, group: int = 128) -> "QuantLinear":
+        """weight [N,K] (any float dtype, any device) -> its quantized replacement on that device.
+        int4: `group` values of K share a scale (the largest of 128/64/32 <= group dividing K)."""
+        w = weight.detach().float()
+        n, k = w.shape
+        if mode == "int8":
+            scale = (w.abs().amax(1) / 127).clamp(min=1e-8)  # [N]
+            q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            return cls(q, scale.to(weight.dtype), None, 8, k)
+        if mode != "int4":
+            raise ValueError(f"quantization mode {mode!r}: choose one of {MODES}")
+        group = _group_size(k, group)
+        g = w.view(n, k // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)  # [N,G]
+        scale = ((hi - lo) / 15).clamp(min=1e-8).to(weight.dtype)
+        low = lo.to(weight.dtype)
+        q = torch.round((g - low.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+        half = group // 2
+        packed = q[..., :half] | (q[..., half:] << 4)  # [N,G,group/2]
+        return cls(packed.reshape(n, k // 2).contiguous(), scale, low, 4, k)
+
+    def dequantize(self) -> torch.Tensor:
+        """-> the fp weight [N,K] in self.dtype (what the kernels multiply by, tile by tile)."""
+        if self.bits == 8:
+            return (self.qweight.float() * self.scale.float()[:, None]).to(self.dtype)
+        n, groups = self.out_features, self.in_features // self.group
+        packed = self.qweight.view(n, groups, self.group // 2)
+        q = torch.cat([packed & 15, packed >> 4], dim=-1).float()  # [N,G,group]
+        w = q * self.scale.float()[..., None] + self.low.float()[..., None]
+        return w.to(self.dtype).view(n, self.in_features)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] -> [..., N]; residual (same shape as the output) is added in fp32 when given."""
+        rows = x.reshape(-1, self.in_features)
+        res = None if residual is None else residual.reshape(-1, self.out_features)
+        if rows.is_cuda and triton is not None and rows.shape[0] <= KERNEL_MAX_ROWS:
+            out = _kernel_matmul(rows, self, res)
+        else:
+            out = F.linear(rows, self.dequantize().to(rows.dtype))
+            out = out if res is None else out + res
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}" + (
+            f", group={self.group}" if self.bits == 4 else "")
+
+
+def concat(parts: list[QuantLinear]) -> QuantLinear:
+    """One QuantLinear of the parts' rows stacked (q/k/v, gate/up); each part's buffers become
+    views into it, so no memory is added."""
+    first = parts[0]
+    fused = QuantLinear(torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]),
+                        None if first.low is None else torch.cat([p.low for p in parts]),
+                        first.bits, first.in_features)
+    start = 0
+    for p in parts:
+        rows = slice(start, start + p.out_features)
+        p.qweight, p.scale = fused.qweight[rows], fused.scale[rows]
+        p.low = None if fused.low is None else fused.low[rows]
+        start += p.out_features
+    return fused
+
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@torch.no_grad()
+def quantize_llm(llm: nn.Module, mode: str, device: torch.device | str | None = None, group: int = 128) -> nn.Module:
+    """Replace every attention and MLP Linear of a Llama by its QuantLinear, layer by layer:
+    each layer is moved to `device` (when given) only to be quantized there, so a model loaded on
+    the CPU reaches the GPU without its fp16 copy ever being there whole. A layer still on the
+    meta device (random weights) is initialised there first, as transformers initialises it.
+    Embeddings, norms and lm_head stay in the model's dtype (lm_head: the logits themselves;
+    bitsandbytes keeps it too); the caller moves or materialises them."""
+    for layer in llm.model.layers:
+        if device is not None and any(p.is_meta for p in layer.parameters()):
+            layer.to_empty(device=device)
+            for module in layer.modules():
+                llm._init_weights(module)
+        for block in (layer.self_attn, layer.mlp):
+            for name in LINEAR_NAMES:
+                lin = getattr(block, name, None)
+                if isinstance(lin, nn.Linear):
+                    if lin.bias is not None:
+                        raise ValueError(f"precision={mode}: the LLM's {name} has a bias (not supported)")
+                    weight = lin.weight if device is None else lin.weight.to(device)
+                    setattr(block, name, QuantLinear.quantize(weight, mode, group))
+                    del weight
+        if device is not None:
+            layer.to(device)
+    llm.config.minigpt4_quantization = mode
+    return llm
+
+
+def quantized_mode(llm: nn.Module) -> str | None:
+    """'int8' / 'int4' when quantize_llm ran on this LLM, else None."""
+    return getattr(llm.config, "minigpt4_quantization", None)
+
+
+# ---- Triton kernels -------------------------------------------------------------------------------
+def _kernel_matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | None) -> torch.Tensor:
+    """x [M,K] (M <= 64) @ dequant(w).T (+ residual [M,N]) -> [M,N] in x's dtype."""
+    m, k = x.shape
+    x = x.contiguous()
+    out = torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
+    block_m = max(16, triton.next_power_of_2(m))
+    res = out if residual is None else residual.contiguous()
+    grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]),)  # noqa: E731
+    if m == 1:  # one row (chat's decode step): a matrix-vector product, no tensor cores
+        if w.bits == 8:
+            _int8_gemv_tuned[grid](x, w.qweight, w.scale, res, out, w.out_features, k, HAS_RES=residual is not None)
+        else:
+            _int4_gemv_tuned[grid](x, w.qweight, w.scale, w.low, res, out, w.out_features, k, GROUP=w.group,
+                                   HAS_RES=residual is not None)
+        return out
+    if w.bits == 8:
+        _int8_tuned[grid](x, w.qweight, w.scale, res, out, m, w.out_features, k,
+                          HAS_RES=residual is not None, BLOCK_M=block_m)
+    else:
+        _int4_tuned[grid](x, w.qweight, w.scale, w.low, res, out, m, w.out_features, k,
+                          GROUP=w.group, HAS_RES=residual is not None, BLOCK_M=block_m)
+    return out
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _int8_kernel(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, M, N, K,
+                     HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program n: out[:, n-block] = x @ (q[n-block] * scale).T (+ residual). K % BLOCK_K == 0."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        keep_n = rn < N
+        keep_m = rm < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(q_ptr + rn[None, :] * K + (k0 + rk)[:, None], mask=keep_n[None, :], other=0)  # [BK,BN]
+            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=keep_m[:, None], other=0.0)  # [BM,BK]
+            acc += tl.dot(x, w.to(x.dtype))
+        scale = tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
+        acc = acc * scale[None, :]
+        out_offsets = rm[:, None] * N + rn[None, :]
+        keep = keep_m[:, None] & keep_n[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + out_offsets, mask=keep, other=0.0).to(tl.float32)
+        tl.store(o_ptr + out_offsets, acc.to(o_ptr.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _int4_kernel(x_ptr, q_ptr, s_ptr, l_ptr, r_ptr, o_ptr, M, N, K,
+                     GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program n: out[:, n-block] = x @ dequant(q[n-block]).T (+ residual), one group of K a
+        step: its bytes' low nibbles are the group's first half, high nibbles its second."""
+        HALF: tl.constexpr = GROUP // 2
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        rh = tl.arange(0, HALF)
+        keep_n = rn < N
+        keep_m = rm < M
+        groups = K // GROUP
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(groups):
+            byte = tl.load(q_ptr + rn[None, :] * (K // 2) + (g * HALF + rh)[:, None], mask=keep_n[None, :], other=0)
+            scale = tl.load(s_ptr + rn * groups + g, mask=keep_n, other=0.0).to(tl.float32)[None, :]
+            low = tl.load(l_ptr + rn * groups + g, mask=keep_n, other=0.0).to(tl.float32)[None, :]
+            x_lo = tl.load(x_ptr + rm[:, None] * K + (g * GROUP + rh)[None, :], mask=keep_m[:, None], other=0.0)
+            x_hi = tl.load(x_ptr + rm[:, None] * K + (g * GROUP + HALF + rh)[None, :], mask=keep_m[:, None], other=0.0)
+            w_lo = ((byte & 15).to(tl.float32) * scale + low).to(x_lo.dtype)  # [HALF,BN]
+            w_hi = ((byte >> 4).to(tl.float32) * scale + low).to(x_lo.dtype)
+            acc += tl.dot(x_lo, w_lo)
+            acc += tl.dot(x_hi, w_hi)
+        out_offsets = rm[:, None] * N + rn[None, :]
+        keep = keep_m[:, None] & keep_n[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + out_offsets, mask=keep, other=0.0).to(tl.float32)
+        tl.store(o_ptr + out_offsets, acc.to(o_ptr.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _int8_gemv(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, N, K,
+                   HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program n: out[n-block] = (q[n-block] @ x) * scale (+ residual), x one row [K]."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        keep_n = rn < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None], other=0)
+            x = tl.load(x_ptr + k0 + rk).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
+        if HAS_RES:
+            out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
+        tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
+
+    @triton.jit
+    def _int4_gemv(x_ptr, q_ptr, s_ptr, l_ptr, r_ptr, o_ptr, N, K,
+                   GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program n: out[n-block] = dequant(q[n-block]) @ x (+ residual), one group a step."""
+        HALF: tl.constexpr = GROUP // 2
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rh = tl.arange(0, HALF)
+        keep_n = rn < N
+        groups = K // GROUP
+        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        for g in range(groups):
+            byte = tl.load(q_ptr + rn[:, None] * (K // 2) + (g * HALF + rh)[None, :], mask=keep_n[:, None], other=0)
+            scale = tl.load(s_ptr + rn * groups + g, mask=keep_n, other=0.0).to(tl.float32)[:, None]
+            low = tl.load(l_ptr + rn * groups + g, mask=keep_n, other=0.0).to(tl.float32)[:, None]
+            x_lo = tl.load(x_ptr + g * GROUP + rh).to(tl.float32)[None, :]
+            x_hi = tl.load(x_ptr + g * GROUP + HALF + rh).to(tl.float32)[None, :]
+            acc += ((byte & 15).to(tl.float32) * scale + low) * x_lo + ((byte >> 4).to(tl.float32) * scale + low) * x_hi
+        out = tl.sum(acc, axis=1)
+        if HAS_RES:
+            out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
+        tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
+
+    def _configs(block_ks: tuple[int, ...]) -> list:
+        return [triton.Config({"BLOCK_N": n, **({"BLOCK_K": bk} if bk else {})}, num_warps=warps, num_stages=stages)
+                for n, warps in ((16, 2), (32, 4), (64, 4), (128, 8)) for bk in block_ks for stages in (3, 5)]
+
+    def _fits_k(configs, named_args, **_):
+        return [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0] or [
+            triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
+
+    def _autotune(**kwargs):
+        """Tuned once per key on the machine, at the first step (the warm-up before graph capture);
+        the choices are kept on disk where this Triton can (cache_results)."""
+        try:
+            return triton.autotune(**kwargs, cache_results=True)
+        except TypeError:  # an older Triton
+            return triton.autotune(**kwargs)
+
+    _int8_tuned = _autotune(configs=_configs((64, 128, 256)), key=["N", "K", "BLOCK_M"],
+                            prune_configs_by={"early_config_prune": _fits_k})(_int8_kernel)
+    _gemv_configs = [triton.Config({"BLOCK_N": n, **({"BLOCK_K": bk} if bk else {})}, num_warps=warps, num_stages=3)
+                     for n in (4, 8, 16, 32) for bk in (256, 512, 1024) for warps in (4, 8)]
+    _int8_gemv_tuned = _autotune(configs=_gemv_configs, key=["N", "K"],
+                                 prune_configs_by={"early_config_prune": _fits_k})(_int8_gemv)
+    _int4_gemv_tuned = _autotune(configs=[triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
+                                          for n in (4, 8, 16, 32, 64) for warps in (2, 4, 8) for stages in (2, 4)],
+                                 key=["N", "K", "GROUP"])(_int4_gemv)
+    _int4_tuned = _autotune(configs=_configs((None,)), key=["N", "K", "BLOCK_M", "GROUP"])(_int4_kernel)

@@ -1,0 +1,115 @@
+"""Weight-only int8/int4 (minigpt4/decoding/quant.py): the formats, the layer, the decode paths
+on quantized weights, and `precision=int8|int4` end to end. On the GPU (-m gpu) the Triton
+kernels are held to the torch reference on the 7B shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from minigpt4.decoding import DynamicDecoder, make_decoder
+from minigpt4.decoding.gate import run_gate, table
+from minigpt4.decoding.quant import QuantLinear, concat, quantize_llm, quantized_mode
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_dequantized_weights_are_within_half_a_step(mode):
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * 0.02
+    w[3, 7] = 0.5  # an outlier widens only its own row's (int8) or group's (int4) step
+    q = QuantLinear.quantize(w, mode)
+    err = (q.dequantize() - w).abs()
+    if mode == "int8":
+        step = w.abs().amax(1, keepdim=True) / 127  # [N,1]
+    else:
+        g = w.view(48, 2, 128)
+        step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(128, dim=1)  # [N,K]
+    assert (err <= step / 2 + 1e-6).all()
+    assert err[0].max() < step[3].max() / 4  # row 0 did not pay for row 3's outlier
+    assert q.qweight.nbytes == (48 * 256 if mode == "int8" else 48 * 128)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_forward_is_the_product_with_the_dequantized_weight(mode):
+    torch.manual_seed(1)
+    q = QuantLinear.quantize(torch.randn(40, 192), mode)  # 192: int4 groups of 64
+    assert q.group == (64 if mode == "int4" else 192)
+    x, res = torch.randn(3, 5, 192), torch.randn(3, 5, 40)
+    torch.testing.assert_close(q(x), x @ q.dequantize().T)
+    torch.testing.assert_close(q(x, res), x @ q.dequantize().T + res)
+
+
+def test_fused_rows_are_views_of_one_matrix():
+    torch.manual_seed(2)
+    parts = [QuantLinear.quantize(torch.randn(n, 128), "int4") for n in (32, 16, 16)]
+    x = torch.randn(2, 128)
+    before = [p(x) for p in parts]
+    fused = concat(parts)
+    torch.testing.assert_close(fused(x), torch.cat(before, -1))
+    for p, out in zip(parts, before):
+        assert p.qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
+        torch.testing.assert_close(p(x), out)
+
+
+def small_llm() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_every_decode_path_on_int8_weights_passes_the_gate_against_the_fp_model():
+    """The fused static step and the dynamic loop on int8 weights, teacher-forced against the
+    unquantized model's eager forward (int8's rounding must not change the argmax)."""
+    reference = small_llm()
+    llm = quantize_llm(small_llm(), "int8")
+    assert quantized_mode(llm) == "int8"
+    paths = {"int8 static": lambda b, n: make_decoder(llm, b, n, static=True),
+             "int8 dynamic": lambda b, n: DynamicDecoder(llm, b)}
+    results = run_gate(llm, paths, batches=(1, 3), new_tokens=8, reference_llm=reference)
+    assert all(r.ok() for r in results), table(results)
+
+
+def test_int4_decode_paths_equal_the_int4_model_s_own_forward():
+    """int4 changes the model more than int8 (its agreement with fp16 is measured on the 7B by
+    bench/bench_decode.py --quant): every path must still compute the int4 model exactly."""
+    llm = quantize_llm(small_llm(), "int4")
+    paths = {"int4 static": lambda b, n: make_decoder(llm, b, n, static=True),
+             "int4 dynamic": lambda b, n: DynamicDecoder(llm, b)}
+    results = run_gate(llm, paths, batches=(1, 3), new_tokens=8)
+    assert all(r.agreement == 1.0 for r in results), table(results)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_precision_quantizes_the_demo_model(mode):
+    from conftest import build_tiny
+
+    from minigpt4.training.heldout import heldout_accuracy
+
+    loaded = build_tiny([f"precision={mode}", "checkpoint=demo"])
+    layer = loaded.model.llm.model.layers[0]
+    assert type(layer.mlp.down_proj) is QuantLinear and type(layer.self_attn.q_proj) is QuantLinear
+    assert loaded.model.llm.lm_head.weight.dtype == torch.float32  # lm_head and embeddings stay
+    result = heldout_accuracy(loaded, pictures=12, seed=1000, kinds=("colour", "count"))
+    assert result["accuracy"]["all"] >= (0.9 if mode == "int8" else 0.75), result
+
+
+# ---- GPU --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_triton_kernels_equal_the_torch_reference_on_7b_shapes(mode):
+    from minigpt4.decoding import kernels
+
+    if not kernels.available():
+        pytest.skip("no Triton")
+    torch.manual_seed(3)
+    for n, k in ((4096, 11008), (100, 4096)):  # the down projection's K; a row count no block divides
+        q = QuantLinear.quantize(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02, mode)
+        w = q.dequantize()
+        for m in (1, 5):  # the matrix-vector kernel, the tensor-core one
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            res = torch.randn(m, n, device="cuda", dtype=torch.float16)
+            expected = (x.float() @ w.float().T + res.float())
+            got = q(x, res).float()
+            torch.testing.assert_close(got, expected, rtol=1e-2, atol=2e-2, msg=f"{mode} {m}x{k} @ {n}x{k}")
