@@ -77,7 +77,7 @@ _VIT_BLOCK = re.compile(r"(?:visual_encoder\.)?blocks\.(\d+)\.")
 
 def _map_key(key: str) -> str | None:
     """Official key -> ours; None when the key is not one we know how to place."""
-    vit_key = key[len("visual_encoder.") :] if key.startswith("visual_encoder.") else key
+    vit_key = key.removeprefix("visual_encoder.")
     for pattern, repl in _VIT_RULES:
         if re.fullmatch(pattern, vit_key):
             return "vision_model." + re.sub(pattern, repl, vit_key)

@@ -15,9 +15,9 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -137,10 +137,10 @@ class TensorFiles:
         try:
             handle = safe_open(str(file), framework="pt", device=self.device)
             self._safe[file] = handle
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - a safe_open handle is no dict
                 piece = handle.get_slice(name)
                 self.info[name] = TensorInfo(tuple(piece.get_shape()), _SAFETENSORS_DTYPES[piece.get_dtype()], file)
-        except Exception as err:  # safetensors raises its own error types
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             raise UserError(f"{self.where(file)} is not a readable safetensors file ({str(err)[:160]})") from None
 
     def _add_torch(self, file: Path) -> None:
@@ -175,7 +175,7 @@ class TensorFiles:
         file = self.info[name].file
         try:
             return self._safe[file].get_tensor(name)
-        except Exception as err:  # a truncated file fails here, not in its header
+        except Exception as err:  # noqa: BLE001 - a truncated file fails here, not in its header
             raise UserError(f"{self.where(file)} is not a readable safetensors file ({str(err)[:160]})") from None
 
     def load(self, keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
