@@ -33,24 +33,6 @@ from minigpt4.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Which checkpoint key supplies which of our keys (by prefix).
-_OWNER = {
-    "vit": ("vision_model.",),
-    "qformer": ("qformer.", "query_tokens", "vision_model.post_layernorm."),
-    "llm": ("llm.",),
-    "proj": ("llama_proj.",),
-}
-
-
-def _owner(key: str) -> str:
-    if key.startswith("vision_model.post_layernorm."):
-        return "qformer"
-    for owner, prefixes in _OWNER.items():
-        if key.startswith(prefixes):
-            return owner
-    raise KeyError(key)
-
-
 @dataclass
 class LoadedModel:
     """A model with everything needed to talk to it."""
@@ -63,6 +45,7 @@ class LoadedModel:
     name: str
     random_parts: list[str] = field(default_factory=list)  # parts left randomly initialised
     load_seconds: float = 0.0
+    sources: dict[str, str] = field(default_factory=dict)  # checkpoint.<key> -> the path it loaded
 
     @property
     def trained(self) -> bool:
@@ -101,10 +84,10 @@ def load_model(cfg: DictConfig, device: torch.device | None = None, dtype: torch
     bundle_state: dict[str, torch.Tensor] = {}
     bundle_dir = ckpt.get("bundle")
     if bundle_dir:
-        bundle_state, meta = ck.read_own(_existing(bundle_dir, "checkpoint.bundle"), "checkpoint.bundle", device)
-        arch_dict = meta.get("arch", arch_dict)  # the checkpoint knows its own architecture
-        template_name = meta.get("template", template_name)
-        image_size = int(meta.get("image_size", image_size))
+        bundle_state, info = ck.read_bundle(_existing(bundle_dir, "checkpoint.bundle"), "checkpoint.bundle", device)
+        arch_dict = info.arch or arch_dict  # the checkpoint knows its own architecture
+        template_name = info.template or template_name
+        image_size = int(info.image_size or image_size)
     arch = MiniGPT4Config.from_dict(arch_dict)
 
     # ---- tokenizer and LLM ----------------------------------------------------------------
@@ -145,30 +128,9 @@ def load_model(cfg: DictConfig, device: torch.device | None = None, dtype: torch
     sources: dict[str, dict[str, torch.Tensor]] = {}
     if bundle_state:
         sources["bundle"] = bundle_state
-    if ckpt.get("vit"):
-        path = _existing(ckpt["vit"], "checkpoint.vit", _VIT_HINT if _is_dir(ckpt.get("qformer")) else "")
-        if Path(path).is_dir():  # a Hugging Face BLIP-2 directory: its vision model only
-            sources["vit"] = _only(ck.read_hf_blip2(path, "checkpoint.vit"), "vit", "checkpoint.vit", path)
-        else:
-            sources["vit"] = _read_official(path, "checkpoint.vit", arch)
-    if ckpt.get("qformer"):
-        path = _existing(ckpt["qformer"], "checkpoint.qformer")
-        if Path(path).is_dir():
-            state = ck.read_hf_blip2(path, "checkpoint.qformer")
-            if ckpt.get("vit"):  # the file named for the ViT supplies the ViT
-                state = {k: v for k, v in state.items() if _owner(k) != "vit"}
-            sources["qformer"] = state
-        else:
-            sources["qformer"] = _read_official(path, "checkpoint.qformer", arch)
-    if ckpt.get("proj"):
-        path = _existing(ckpt["proj"], "checkpoint.proj")
-        if Path(path).is_dir() or path.endswith(".safetensors"):  # ours (finetune.py's output)
-            file = Path(path) / ck.OWN_WEIGHTS if Path(path).is_dir() else Path(path)
-            if not file.is_file():
-                raise UserError(f"checkpoint.proj={path}: no {ck.OWN_WEIGHTS} in this directory")
-            sources["proj"] = _only(ck.read_safetensors(file), "proj", "checkpoint.proj", path)
-        else:
-            sources["proj"] = _read_official(path, "checkpoint.proj", arch)
+    for part in ("vit", "qformer", "proj"):
+        if ckpt.get(part):
+            sources[part] = _read_part(part, ckpt, arch)
     loaded = _assign(model, sources, ckpt)
     random_parts = _materialize(model, device, loaded, ckpt)
     if getattr(model.llm.config, "tie_word_embeddings", False):
@@ -198,18 +160,28 @@ def load_model(cfg: DictConfig, device: torch.device | None = None, dtype: torch
         name=name,
         random_parts=random_parts,
         load_seconds=time.perf_counter() - start,
+        sources={k: v for k, v in ckpt.items() if v},
     )
     log.info("loaded %s on %s in %.1fs", result.label, device, result.load_seconds)
     return result
 
 
-def save_bundle(loaded: LoadedModel, directory: str | Path) -> Path:
-    """The whole model in our own format (safetensors + minigpt4.json + tokenizer.model), which
-    `checkpoint.bundle=DIR` loads with its own architecture and template."""
-    config = {"arch": loaded.model.config.to_dict(), "template": loaded.template.name,
-              "image_size": loaded.image_size, "name": loaded.name}
-    config["arch"]["llm"] = loaded.model.llm.config.to_diff_dict()  # the LLM as it is, not as configured
-    return ck.save_own(loaded.model.state_dict(), directory, config, tokenizer=loaded.tokenizer.path)
+def save_bundle(
+    loaded: LoadedModel, directory: str | Path, max_shard_bytes: int | None = None, trained_parts: list[str] | None = None
+) -> Path:
+    """The whole model in our own format (safetensors + minigpt4.json + tokenizer.model, see
+    checkpoints/bundle.py), which `checkpoint=bundle checkpoint.bundle=DIR` loads with its own
+    architecture and template. `python -m minigpt4.weights bundle` and finetune.py's exports write
+    theirs with it; `trained_parts` records what a fine-tuning run trained."""
+    model = loaded.model
+    arch = model.config.to_dict()
+    arch["llm"] = ck.llm_arch(model.llm.config)  # the LLM as it is (an LLM directory's), not as configured
+    info = ck.BundleInfo(
+        name=loaded.name, template=loaded.template.name, image_size=loaded.image_size, arch=arch,
+        dtype=str(model.llm.dtype).removeprefix("torch."), sources=loaded.sources,
+        random_parts=loaded.random_parts, trained_parts=trained_parts,
+    )
+    return ck.write_bundle(model.state_dict(), directory, info, loaded.tokenizer.path, max_shard_bytes)
 
 
 # cpu_threads=auto runs models below this size on one CPU thread: on a busy 2-core machine the
@@ -256,17 +228,28 @@ def _existing(path: str, key: str, hint: str = "") -> str:
     return path
 
 
-def _only(state: dict[str, torch.Tensor], owner: str, key: str, path: str) -> dict[str, torch.Tensor]:
-    """The keys of one part (e.g. llama_proj.* of a full bundle given as checkpoint.proj)."""
-    state = {k: v for k, v in state.items() if _owner(k) == owner}
+def _read_part(part: str, ckpt: dict, arch: MiniGPT4Config) -> dict[str, torch.Tensor]:
+    """What checkpoint.<part> supplies, in our names, read as its layout says (checkpoints.layout):
+    an official pickle (renamed), or our names in a safetensors file or a directory (a Hugging
+    Face BLIP-2 directory, a bundle, finetune.py's run folder), of which only this part is taken."""
+    key = f"checkpoint.{part}"
+    path = _existing(ckpt[part], key, _VIT_HINT if part == "vit" and _is_dir(ckpt.get("qformer")) else "")
+    where, layout = f"{key}={path}", ck.layout(path)
+    if layout == "pickle":
+        files = ck.TensorFiles(path, key)
+        if ck.tensor_kind(files) == "lightning":
+            raise UserError(f"{where} is a finetune.py training checkpoint (resume= continues the run): "
+                            "load what the run learnt with checkpoint.proj=RUN/projection.pth")
+        return ck.official_to_ours(files.state_dict(), arch.vision_config().num_hidden_layers, where)
+    if layout != "safetensors" and not ck.weight_files(Path(path)):
+        raise UserError(f"{where}: no {ck.BUNDLE_WEIGHTS} in this directory" if part == "proj"
+                        else f"{where}: no BLIP-2 weights (vision_model.*, qformer.*) found in it")
+    # a BLIP-2 directory given as checkpoint.qformer supplies its ViT too, unless checkpoint.vit is set
+    wanted = {part} | ({"vit"} if part == "qformer" and not ckpt.get("vit") else set())
+    state = ck.TensorFiles(path, key).load(lambda k: ck.part_of(k) in wanted)
     if not state:
-        raise UserError(f"{key}={path}: holds no {'/'.join(_OWNER[owner])}* weights")
+        raise UserError(f"{where}: holds no {ck.PART_NAMES[part]} weights ({'/'.join(ck.PART_PREFIXES[part])}*)")
     return state
-
-
-def _read_official(path: str, key: str, arch: MiniGPT4Config) -> dict[str, torch.Tensor]:
-    state = ck.read_torch_file(_existing(path, key), key)
-    return ck.official_to_ours(state, arch.vision_config().num_hidden_layers, f"{key}={path}")
 
 
 def _load_llm_dir(path: str, dtype: torch.dtype, quant: str | None, device: torch.device) -> LlamaForCausalLM:
@@ -298,8 +281,6 @@ def _load_llm_dir(path: str, dtype: torch.dtype, quant: str | None, device: torc
 
 BNB = ("bnb-int8", "bnb-nf4")  # precision= values that load the LLM through bitsandbytes
 
-_PART_NAMES = {"vit": "ViT", "qformer": "Q-Former", "proj": "projection", "llm": "LLM"}
-
 
 def _assign(model: MiniGPT4, sources: dict[str, dict[str, torch.Tensor]], ckpt: dict) -> set[str]:
     """Assign every source's tensors (later sources win, as the official load order does), then
@@ -329,15 +310,15 @@ def _assign(model: MiniGPT4, sources: dict[str, dict[str, torch.Tensor]], ckpt: 
             keep[key] = tensor
             loaded[key] = label
         model.load_state_dict(keep, strict=False, assign=True)
-    for owner in _PART_NAMES:
-        keys = [k for k in expected if _owner(k) == owner]
+    for owner in ck.PART_NAMES:
+        keys = [k for k in expected if ck.part_of(k) == owner]
         got = [k for k in keys if k in loaded]
         if owner == "llm" and ckpt.get("llm"):
             continue  # the directory provided the rest
         if (got or ckpt.get(owner)) and len(got) < len(keys):
             missing = sorted(set(keys) - set(got))
             by = sorted({loaded[k] for k in got}) or [f"checkpoint.{owner}={ckpt.get(owner)}"]
-            raise UserError(f"{', '.join(by)} lacks {len(missing)} of the {len(keys)} {_PART_NAMES[owner]} "
+            raise UserError(f"{', '.join(by)} lacks {len(missing)} of the {len(keys)} {ck.PART_NAMES[owner]} "
                             f"weights, e.g. {missing[:3]}")
     return set(loaded)
 

@@ -6,7 +6,7 @@
     token ids [B,T] with IMAGE_TOKEN slots --embed--> [B,T,H] --llm--> logits [B,T,V]
 
 The network classes are transformers' own (Blip2VisionModel, Blip2QFormerModel,
-LlamaForCausalLM); official key names are mapped onto them in checkpoints.py.
+LlamaForCausalLM); official key names are mapped onto them in checkpoints/keys.py.
 """
 
 from __future__ import annotations

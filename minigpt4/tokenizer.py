@@ -35,7 +35,7 @@ class Tokenizer:
         self.eos_id = self.sp.eos_id()
         self.unk_id = self.sp.unk_id()
         self.vocab_size = self.sp.get_piece_size()
-        self.pad_id = self.unk_id if self.unk_id >= 0 else 0
+        self.pad_id = max(self.unk_id, 0)
         self._specials = {
             self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.unk_id) if i >= 0
         }
@@ -43,7 +43,7 @@ class Tokenizer:
         self._special_re = re.compile(f"({pattern})") if pattern else None
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "Tokenizer":
+    def from_dir(cls, directory: str | Path) -> Tokenizer:
         return cls(Path(directory) / "tokenizer.model")
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
@@ -65,3 +65,13 @@ class Tokenizer:
         embedding rows for 32000 pieces) are dropped."""
         keep = [i for i in ids if 0 <= i < self.vocab_size and i not in (self.bos_id, self.eos_id)]
         return self.sp.decode(keep)
+
+
+def sentencepiece_pieces(file: Path) -> int | None:
+    """The number of pieces of a sentencepiece model file; None if `file` is not one."""
+    if not file.is_file():
+        return None
+    try:
+        return spm.SentencePieceProcessor(model_file=str(file)).get_piece_size()
+    except (RuntimeError, OSError):
+        return None

@@ -24,17 +24,21 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from safetensors.torch import save_file
 
 from minigpt4 import checkpoints as ck
-from minigpt4.build import LoadedModel, load_model
+from minigpt4.build import LoadedModel, load_model, save_bundle
 from minigpt4.config import ASSETS, gpu_indices, resolve_device
 from minigpt4.errors import UserError
 from minigpt4.extras import require_logger
 from minigpt4.model import PARTS
 from minigpt4.training.data import FinetuneDataModule
 from minigpt4.training.module import IMAGE_SIDE, FinetuneModule
-from minigpt4.training.trainer import StopRequest, build_trainer, check_trainer_keys, quiet_lightning
+from minigpt4.training.trainer import (
+    StopRequest,
+    build_trainer,
+    check_trainer_keys,
+    quiet_lightning,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,24 +120,16 @@ def prepare_model(cfg: DictConfig, device: torch.device) -> LoadedModel:
 
 def export(lm: LoadedModel, run_dir: Path, cfg: DictConfig, whole_model: bool = True) -> dict[str, str]:
     """Projection in both formats; with more than llama_proj trained (or install_demo=true) the
-    whole model in our format too: <run>/model, export_dir, and with install_demo the shipped demo.
-    Every target is written atomically (checkpoints.atomic_write)."""
-    model = lm.model
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.startswith("llama_proj.")}
-    out = {"projection_official": str(ck.save_official_projection(state, run_dir / "projection.pth"))}
-    with ck.atomic_write(run_dir / "projection.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "minigpt4": "1"})
-    out["projection"] = str(run_dir / "projection.safetensors")
+    whole model as a bundle too (build.save_bundle): <run>/model, export_dir, and with install_demo
+    the shipped demo. Every target is written atomically (checkpoints.atomic_write)."""
+    state = {k: v.detach().float() for k, v in lm.model.state_dict().items() if k.startswith("llama_proj.")}
+    out = {"projection_official": str(ck.save_official_projection(state, run_dir / "projection.pth")),
+           "projection": str(ck.save_tensors(state, run_dir / "projection.safetensors"))}
     if whole_model and (set(cfg.trainable) - {"llama_proj"} or cfg.get("install_demo")):
-        arch = model.config.to_dict()
-        if cfg.checkpoint.get("llm"):  # an LLM directory: record its real architecture
-            arch["llm"] = model.llm.config.to_diff_dict()
-        meta = {"arch": arch, "template": lm.template.name, "image_size": lm.image_size, "name": lm.name,
-                "trained_parts": list(cfg.trainable)}
         targets = [run_dir / "model"] + ([Path(cfg.export_dir)] if cfg.get("export_dir") else [])
         targets += [SHIPPED_DEMO] if cfg.get("install_demo") else []
         for target in targets:
-            ck.save_own(model.state_dict(), target, meta, tokenizer=lm.tokenizer.path)
+            save_bundle(lm, target, trained_parts=list(cfg.trainable))
         out["model"] = ", ".join(str(t) for t in targets)
         if cfg.get("install_demo"):
             log.warning("install_demo=true: the shipped demo model %s is now this run's model "

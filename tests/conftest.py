@@ -1,26 +1,25 @@
-"""Shared fixtures: one tiny random model per session (built in-process, CPU, fp32)."""
+"""Shared fixtures: the tiny random model and the shipped demo model, one of each per session
+(helpers in tiny_models.py; import them from there, not from this file)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build_tiny, load_demo
 
 torch.set_num_threads(1)  # 2 shared cores: more threads made tiny-model tests ~70x slower
-
-
-def build_tiny(overrides: list[str] | None = None, seed: int = 0):
-    """load_model on the tiny architecture with random weights (fp32, CPU), seeded."""
-    from minigpt4.build import load_model
-    from minigpt4.config import compose
-
-    torch.manual_seed(seed)
-    return load_model(compose("chat", ["gpu=cpu", "precision=fp32", "checkpoint=random", *(overrides or [])]))
 
 
 @pytest.fixture(scope="session")
 def tiny_loaded():
     """The tiny model with random weights. Treat it as read-only (copy before changing it)."""
     return build_tiny()
+
+
+@pytest.fixture(scope="session")
+def demo_loaded():
+    """The shipped demo model (test_checkpoints asserts it exists and loads). Read-only."""
+    return load_demo()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,17 +13,63 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from minigpt4.checkpoints import ours_to_official
 from minigpt4.config import ASSETS
 from minigpt4.model import MiniGPT4
 
 TINY_TOKENIZER = ASSETS / "tiny_tokenizer.model"
+
+
+# ---- the inverse of checkpoints.official_to_ours ---------------------------------------------------
+def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse map (ViT keys without a prefix, as eva_vit_g.pth has them)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        m = re.fullmatch(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias", key)
+        if m:
+            q, _, v = tensor.chunk(3)
+            out[f"blocks.{m.group(1)}.attn.q_bias"] = q
+            out[f"blocks.{m.group(1)}.attn.v_bias"] = v
+            continue
+        new = _unmap_key(key)
+        if new is None:
+            raise KeyError(f"no official name for {key}")
+        out[new] = tensor
+    return out
+
+
+_INVERSE_RULES = [
+    (r"vision_model\.embeddings\.class_embedding", "cls_token"),
+    (r"vision_model\.embeddings\.position_embedding", "pos_embed"),
+    (r"vision_model\.embeddings\.patch_embedding\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm(1|2)\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight", r"blocks.\1.attn.qkv.weight"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    (r"vision_model\.post_layernorm\.(weight|bias)", r"ln_vision.\1"),
+    (r"qformer\.layernorm\.(weight|bias)", r"Qformer.bert.embeddings.LayerNorm.\1"),
+    (
+        r"qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.(query|key|value)\.(weight|bias)",
+        r"Qformer.bert.encoder.layer.\1.\2.self.\3.\4",
+    ),
+    (r"qformer\.encoder\.layer\.(\d+)\.(.+)", r"Qformer.bert.encoder.layer.\1.\2"),
+    (r"query_tokens", "query_tokens"),
+    (r"llama_proj\.(weight|bias)", r"llama_proj.\1"),
+    (r"llm\.(.+)", r"llama_model.\1"),
+]
+
+
+def _unmap_key(key: str) -> str | None:
+    for pattern, repl in _INVERSE_RULES:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
 
 
 def official_source(model: MiniGPT4, vit_fp16: bool = False) -> MiniGPT4:

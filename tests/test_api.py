@@ -16,13 +16,14 @@ import torch
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from tiny_models import build_tiny  # noqa: E402
+
 from minigpt4.chat import ChatSession  # noqa: E402
 from minigpt4.data.synthetic import make_picture, sample_specs  # noqa: E402
 from minigpt4.errors import UserError  # noqa: E402
 from minigpt4.generation import GenerationSettings  # noqa: E402
 from minigpt4.serving.api import ApiSettings, check_bind, create_app  # noqa: E402
 from minigpt4.serving.engine import Engine  # noqa: E402
-from tests.conftest import build_tiny  # noqa: E402
 
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=40)
 

@@ -34,22 +34,21 @@ def test_own_folder_is_written_with_usual_modes_and_replaced_whole(tmp_path, uma
     target = tmp_path / "model"
     target.mkdir()
     (target / "stale.txt").write_text("from an older model")
-    ck.save_own(state, target, {"name": "x"}, tokenizer=ASSETS / "tiny_tokenizer.model")
+    ck.write_bundle(state, target, ck.BundleInfo(name="x"), tokenizer=ASSETS / "tiny_tokenizer.model")
     assert siblings(tmp_path) == ["model"]  # no .partial-/.old- folder left behind
     assert siblings(target) == ["minigpt4.json", "model.safetensors", "tokenizer.model"]
     assert modes(target) == {"model": 0o755, "model/minigpt4.json": 0o644, "model/model.safetensors": 0o644,
                              "model/tokenizer.model": 0o644}
-    loaded, config = ck.read_own(target, "test")
-    assert torch.equal(loaded["llama_proj.weight"], state["llama_proj.weight"]) and config == {"name": "x"}
+    loaded, info = ck.read_bundle(target, "test")
+    assert torch.equal(loaded["llama_proj.weight"], state["llama_proj.weight"]) and info.name == "x"
 
 
 def test_a_failed_write_leaves_the_old_target_and_no_temporary(tmp_path):
     target = tmp_path / "projection.pth"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with ck.atomic_write(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), ck.atomic_write(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
     assert target.read_bytes() == b"old" and siblings(tmp_path) == ["projection.pth"]
 
 

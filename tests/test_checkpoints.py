@@ -3,6 +3,7 @@ they were written from, exactly (fp32, CPU); every mistake a user can make is on
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -14,11 +15,13 @@ import torch
 from official_files import (
     TINY_TOKENIZER,
     official_source,
+    ours_to_official,
     write_blip2,
     write_eva_vit,
     write_hf_blip2_dir,
     write_official_set,
 )
+from tiny_models import DEMO, build_tiny
 
 from minigpt4 import checkpoints as ck
 from minigpt4.build import load_model, save_bundle
@@ -101,7 +104,7 @@ def test_fp16_stored_vit_loads_into_fp32(tiny_loaded, tmp_path):
 
 def test_key_map_is_its_own_inverse(source):
     ours = {k: v for k, v in source.state_dict().items() if not k.startswith("llm.")}
-    back = ck.official_to_ours(ck.ours_to_official(ours), source.vision_model.config.num_hidden_layers, "test")
+    back = ck.official_to_ours(ours_to_official(ours), source.vision_model.config.num_hidden_layers, "test")
     assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
 
 
@@ -126,7 +129,7 @@ def test_hugging_face_blip2_pytorch_bin_and_as_vit(source, official, tmp_path):
 
 def test_own_format_round_trip(tiny_loaded, tmp_path):
     bundle = save_bundle(tiny_loaded, tmp_path / "bundle")
-    assert (bundle / "tokenizer.model").is_file() and ck.is_own_dir(bundle)
+    assert (bundle / "tokenizer.model").is_file() and ck.is_bundle(bundle)
     rng = torch.random.get_rng_state()
     loaded = load(f"checkpoint.bundle={bundle}")
     assert torch.equal(rng, torch.random.get_rng_state())
@@ -136,9 +139,49 @@ def test_own_format_round_trip(tiny_loaded, tmp_path):
     assert torch.equal(rotary.inv_freq, tiny_loaded.model.llm.model.rotary_emb.inv_freq)
 
 
-def test_own_format_with_tied_embeddings(tmp_path):
-    from conftest import build_tiny
+def test_own_format_records_its_schema_and_origin(official, tmp_path):
+    loaded = load(*official)
+    info = ck.read_bundle_info(save_bundle(loaded, tmp_path / "bundle", trained_parts=["llama_proj"]), "test")
+    assert info.format == ck.BUNDLE_FORMAT and info.name == "tiny" and info.template == loaded.template.name
+    assert info.sources == {k: _path(official, k) for k in ("vit", "qformer", "llm", "proj")}
+    assert info.random_parts == [] and info.trained_parts == ["llama_proj"] and info.dtype == "float32"
+    assert info.arch["llm"]["hidden_size"] == loaded.model.llm.config.hidden_size
 
+
+@pytest.mark.parametrize("version", ["no format key", "format 1"])
+def test_bundles_written_before_the_schema_version_still_load(tiny_loaded, tmp_path, version):
+    """finetune.py and save_bundle wrote no "format" (the shipped demo is one), the bundle
+    command "format": 1, each with fewer fields: they load as they always did."""
+    bundle = save_bundle(tiny_loaded, tmp_path / "bundle")
+    old = {"arch": tiny_loaded.model.config.to_dict(), "template": "vicuna_v0", "image_size": 64, "name": "tiny",
+           **({"format": 1, "dtype": "fp32", "sources": {}} if version == "format 1" else {"trained_parts": ["llm"]})}
+    (bundle / ck.BUNDLE_JSON).write_text(json.dumps(old))
+    assert ck.read_bundle_info(bundle, "test").format == 1
+    assert_same(tiny_loaded.model, load(f"checkpoint.bundle={bundle}").model)
+
+
+def test_a_bundle_from_a_newer_minigpt4_or_with_broken_json_is_one_line(tiny_loaded, tmp_path):
+    bundle = save_bundle(tiny_loaded, tmp_path / "bundle")
+    meta = json.loads((bundle / ck.BUNDLE_JSON).read_text())
+    (bundle / ck.BUNDLE_JSON).write_text(json.dumps({**meta, "format": ck.BUNDLE_FORMAT + 1}))
+    with pytest.raises(UserError) as err:
+        load(f"checkpoint.bundle={bundle}")
+    assert f"is format {ck.BUNDLE_FORMAT + 1}, newer than this minigpt4 reads" in one_line(err)
+    (bundle / ck.BUNDLE_JSON).write_text("{not json")
+    with pytest.raises(UserError) as err:
+        load(f"checkpoint.bundle={bundle}")
+    assert one_line(err).startswith(f"checkpoint.bundle={bundle}: minigpt4.json is not valid JSON")
+
+
+def test_the_shipped_demo_model_is_there_and_loads(demo_loaded):
+    """The one check of minigpt4/assets/demo: every test that uses the demo model (chat, evaluate,
+    engine, web, API, fine-tuning) relies on it being a complete, trained bundle."""
+    assert sorted(p.name for p in DEMO.iterdir()) == ["minigpt4.json", "model.safetensors", "tokenizer.model"]
+    assert ck.read_bundle_info(DEMO, "checkpoint.bundle").name == "tiny"
+    assert demo_loaded.trained and demo_loaded.label == "tiny" and demo_loaded.sources == {"bundle": str(DEMO)}
+
+
+def test_own_format_with_tied_embeddings(tmp_path):
     tied = build_tiny(["model.arch.llm.tie_word_embeddings=true"])
     assert tied.model.llm.lm_head.weight is tied.model.llm.get_input_embeddings().weight
     loaded = load(f"checkpoint.bundle={save_bundle(tied, tmp_path / 'tied')}")
@@ -160,8 +203,6 @@ def test_projection_from_own_safetensors_or_bundle(tiny_loaded, official, tmp_pa
 
 
 def test_llama2_variant(tmp_path):
-    from conftest import build_tiny
-
     random = build_tiny(LLAMA2)
     model = random.model
     assert model.qformer is None and model.num_image_tokens == 16
@@ -263,6 +304,15 @@ def test_other_unreadable_inputs(tmp_path, official):
         load(f"checkpoint.llm={tmp_path / 'empty_llm'}")
 
 
+def test_a_training_checkpoint_given_as_weights_says_what_it_is(tiny_loaded, tmp_path):
+    state = {f"model.{k}": v for k, v in tiny_loaded.model.state_dict().items() if k.startswith("llama_proj.")}
+    torch.save({"state_dict": state, "global_step": 6, "optimizer_states": [], "pytorch-lightning_version": "2"},
+               tmp_path / "last.ckpt")
+    with pytest.raises(UserError) as err:
+        load(f"checkpoint.proj={tmp_path / 'last.ckpt'}")
+    assert "is a finetune.py training checkpoint" in one_line(err) and "projection.pth" in str(err.value)
+
+
 def test_unknown_and_missing_keys(source, tmp_path):
     state = torch.load(write_eva_vit(source, tmp_path / "vit.pth"), weights_only=True)
     torch.save({**state, "decoder.head.weight": torch.zeros(2)}, tmp_path / "unknown.pth")
@@ -305,12 +355,12 @@ def test_no_traceback_reaches_the_user(tmp_path):
     run = subprocess.run(
         [sys.executable, "chat.py", "gpu=cpu", "checkpoint.llm=/nonexistent/vicuna", "chat.prompt=hi",
          f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert run.returncode == 2, run.stderr
-    assert lines == ["error: checkpoint.llm=/nonexistent/vicuna: no such file or directory; "
-                     "set checkpoint.llm=/path/to/it (or MINIGPT4_WEIGHTS)"], run.stderr
+    assert lines == [("error: checkpoint.llm=/nonexistent/vicuna: no such file or directory; "
+                      "set checkpoint.llm=/path/to/it (or MINIGPT4_WEIGHTS)")], run.stderr
 
 
 # ---- no random initialisation of weights a file provides --------------------------------------

@@ -141,7 +141,7 @@ def test_precisions():
 
 
 def test_bf16_on_cpu_runs():
-    from conftest import build_tiny
+    from tiny_models import build_tiny
 
     loaded = build_tiny(["precision=bf16"])
     assert loaded.model.llm.dtype == torch.bfloat16
@@ -215,7 +215,7 @@ def test_docs_api_examples_run(tmp_path, monkeypatch):
 # ---- CPU threads (conf/base.yaml cpu_threads) ---------------------------------------------------
 def test_cpu_threads_auto_is_one_thread_for_a_small_model_on_the_cpu(monkeypatch):
     """Measured (docs/CHAT.md, "CPU threads"): on 2 busy cores the demo ran 5-20x faster on one."""
-    from conftest import build_tiny
+    from tiny_models import build_tiny
 
     from minigpt4 import build
 

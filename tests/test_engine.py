@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build_tiny
 
 from minigpt4.chat import ChatSession
 from minigpt4.conversation import clean_answer
 from minigpt4.data.synthetic import make_picture, sample_specs
 from minigpt4.generation import GenerationSettings
 from minigpt4.serving.engine import Engine
-from tests.conftest import build_tiny
 
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=40)
 

@@ -11,15 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from minigpt4.config import ROOT, compose
+from minigpt4.config import compose
 from minigpt4.errors import UserError
 from minigpt4.evaluation import metrics, store
-from minigpt4.evaluation.prompts import PromptFile, parse_files, read_prompt_file
 from minigpt4.evaluation.answering import answer_rows
+from minigpt4.evaluation.prompts import PromptFile, parse_files, read_prompt_file
 from minigpt4.evaluation.runner import Plan, run_evaluation
 from minigpt4.generation import GenerationSettings
 
-DEMO = ROOT / "minigpt4" / "assets" / "demo" / "minigpt4.json"
 FAST = ["gpu=cpu", "precision=fp32", "checkpoint=random", "evaluate.progress=false"]
 
 
@@ -178,7 +177,6 @@ def test_compile_auto_compiles_only_jobs_long_enough_to_pay_it_back(prompt_set, 
     assert GenerationSettings(compile="max-autotune-no-cudagraphs").compile_for(None) == "max-autotune-no-cudagraphs"
 
 
-@pytest.mark.skipif(not DEMO.is_file(), reason="the demo model is not shipped yet")
 def test_demo_model_answers_the_example_set_identically_at_batch_1_and_16_and_through_the_engine():
     from minigpt4.build import load_model
 
@@ -268,7 +266,7 @@ def test_score_only_rescores_without_loading_a_model(prompt_set, tmp_path, monke
 
 def test_resume_retries_failed_rows_only_when_asked(prompt_set, tmp_path):
     run_dir = run_evaluation(cfg_for(prompt_set), tmp_path / "run")
-    failed = lambda: {r["id"] for r in read_predictions(run_dir) if r["error"]}  # noqa: E731
+    failed = lambda: {r["id"] for r in read_predictions(run_dir) if r["error"]}
     assert failed() == {"f", "g"}
     picture(prompt_set.parent / "missing.png")  # the user fixes one image
     run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "x")
@@ -291,7 +289,7 @@ def test_score_only_metrics_replace_every_files_own_choice(prompt_set, tmp_path)
 
 
 def test_resume_says_which_overrides_it_ignores_and_logs_into_the_run(prompt_set, tmp_path, monkeypatch, caplog):
-    import minigpt4.evaluation.runner as runner
+    from minigpt4.evaluation import runner
 
     run_dir = run_evaluation(cfg_for(prompt_set), tmp_path / "run")
     monkeypatch.setattr(runner, "_command_line_overrides", lambda: [
@@ -329,13 +327,11 @@ def test_columns_named_like_output_columns_are_refused(tmp_path, caplog):
 
 
 def test_example_set_end_to_end():
-    """The shipped example set on the default checkpoint (`python evaluate.py gpu=cpu`). Without
-    the demo model: structure only, on random weights. With it: held-out accuracy (thresholds
-    below what the demo model measured: colour, shape and count 22/24, text-only 6/6,
-    description BLEU 81)."""
-    demo = DEMO.is_file()
-    overrides = ["gpu=cpu", "precision=fp32", "evaluate.progress=false", "evaluate.batch_size=16"]
-    overrides += ["generation.max_new_tokens=40"] if demo else ["checkpoint=random", "generation.max_new_tokens=3"]
+    """The shipped example set on the default checkpoint, the demo model (`python evaluate.py
+    gpu=cpu`): structure and held-out accuracy (thresholds below what the demo model measured:
+    colour, shape and count 22/24, text-only 6/6, description BLEU 81)."""
+    overrides = ["gpu=cpu", "precision=fp32", "evaluate.progress=false", "evaluate.batch_size=16",
+                 "generation.max_new_tokens=40"]
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -347,8 +343,6 @@ def test_example_set_end_to_end():
     assert list(summary["per_csv"]["descriptions.csv"]["metrics"]) == ["exact_match", "bleu"]
     assert list(summary["per_csv"]["shapes.csv"]["metrics"]) == ["exact_match", "contains", "vqa_accuracy"]
     assert {"colour", "shape", "count", "text_only", "multi_image", "description"} <= set(summary["per_category"])
-    if not demo:
-        return
     assert summary["model"] == "tiny"  # the default checkpoint is the trained demo (no UNTRAINED label)
     cat = summary["per_category"]
     for kind in ("colour", "count"):

@@ -49,7 +49,8 @@ def test_tokenizer_takes_lone_surrogates(tiny_loaded):
 def test_chat_py_with_non_utf8_stdin():
     proc = subprocess.run([sys.executable, "chat.py", "gpu=cpu", "checkpoint=random", "generation.max_new_tokens=4",
                            "hydra.run.dir=" + str(ROOT / "outputs/test_chat")],
-                          input=LATIN1, capture_output=True, cwd=ROOT, timeout=120, env={**os.environ, "LC_ALL": "C"})
+                          input=LATIN1, capture_output=True, cwd=ROOT, timeout=120, env={**os.environ, "LC_ALL": "C"},
+                          check=False)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert len(proc.stdout.splitlines()) == 2 and b"Traceback" not in proc.stderr
 
@@ -140,12 +141,12 @@ def test_a_pickle_that_runs_code_is_refused_by_name_when_building(tmp_path):
 
 
 def test_a_pickle_that_runs_code_is_refused_by_name_by_the_weight_tools(tmp_path):
-    from minigpt4.weights.tensors import TensorFiles
+    from minigpt4.checkpoints import TensorFiles
 
     path = _hostile(tmp_path / "delta.bin")
     with pytest.raises(UserError) as err:
         TensorFiles(path, "--delta")
-    assert str(err.value) == f"--delta: {path} {REFUSED}"
+    assert str(err.value) == f"--delta={path} {REFUSED}"
     assert not path.with_suffix(".ran").exists()
 
 

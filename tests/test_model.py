@@ -90,7 +90,7 @@ def test_image_features_then_project_equals_encode(model):
 
 
 def test_llama2_variant_merges_runs_of_four_tokens():
-    from conftest import build_tiny
+    from tiny_models import build_tiny
 
     model = build_tiny(["model.arch.qformer=null"]).model
     pixels = torch.randn(2, 3, 64, 64)

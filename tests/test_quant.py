@@ -83,7 +83,7 @@ def test_int4_decode_paths_equal_the_int4_model_s_own_forward():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_precision_quantizes_the_demo_model(mode):
-    from conftest import build_tiny
+    from tiny_models import build_tiny
 
     from minigpt4.training.heldout import heldout_accuracy
 

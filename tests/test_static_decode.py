@@ -8,13 +8,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny_models import build_tiny
 
 from minigpt4.chat import ChatSession
 from minigpt4.conversation import encode_prompt
 from minigpt4.decoding import StaticDecoder
 from minigpt4.data.synthetic import make_picture, sample_specs
 from minigpt4.generation import GenerationSettings, generate
-from tests.conftest import build_tiny
 
 
 def batch_of_prompts(loaded) -> list[list[int]]:

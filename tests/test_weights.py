@@ -9,12 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from official_files import TINY_TOKENIZER, official_source, write_official_set
+from official_files import (
+    TINY_TOKENIZER,
+    official_source,
+    ours_to_official,
+    write_official_set,
+)
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from minigpt4 import checkpoints as ck
 from minigpt4.build import load_model
+from minigpt4.checkpoints import TensorFiles
 from minigpt4.config import compose, to_container
 from minigpt4.conversation import encode_prompt
 from minigpt4.errors import UserError
@@ -23,7 +29,6 @@ from minigpt4.weights.bundle import bundle
 from minigpt4.weights.delta import apply_delta
 from minigpt4.weights.export import export_hf, hf_input_ids
 from minigpt4.weights.identify import inspect_path
-from minigpt4.weights.tensors import TensorFiles
 
 FP32_CPU = ["gpu=cpu", "precision=fp32"]
 TINY = to_container(compose("chat", ["model=tiny"]).model.arch)  # tests follow conf/model/tiny.yaml
@@ -190,7 +195,7 @@ def test_inspect_official_files(official, tmp_path):
 
 
 def test_inspect_llama_versions(tmp_path, pieces):
-    small = dict(hidden_size=8, num_hidden_layers=1)  # only shapes matter here
+    small = {"hidden_size": 8, "num_hidden_layers": 1}  # only shapes matter here
     v0 = inspect_path(_llama(tmp_path / "v0", 32001, tokenizer=None, **small))
     assert "32001 embedding rows" in v0.title and any("Vicuna v0" in n for n in v0.notes)
     assert any("no tokenizer.model" in n for n in v0.notes)
@@ -214,12 +219,12 @@ def test_inspect_says_what_a_file_is_when_it_is_not_a_weight_part(tiny_loaded, t
     assert inspect_path(TINY_TOKENIZER, model="tiny").kind == "tokenizer"
 
     state = {k: v.clone() for k, v in tiny_loaded.model.state_dict().items()}
-    bundle_dir = ck.save_own(state, tmp_path / "bundle", {"name": "tiny"})
-    whole = inspect_path(bundle_dir / ck.OWN_WEIGHTS, model="tiny")
+    bundle_dir = ck.write_bundle(state, tmp_path / "bundle", ck.BundleInfo(name="tiny"))
+    whole = inspect_path(bundle_dir / ck.BUNDLE_WEIGHTS, model="tiny")
     assert whole.kind == "model" and "not a projection" in whole.title and "LLM" in whole.title and whole.fits
     assert any(f"checkpoint.bundle={bundle_dir}" in n for n in whole.notes)
     official = tmp_path / "whole_official.pth"
-    torch.save({"model": ck.ours_to_official(state)}, official)
+    torch.save({"model": ours_to_official(state)}, official)
     report = inspect_path(official, model="tiny")
     assert report.kind == "model" and "official key names" in " ".join(report.notes) and report.fits
 
@@ -249,7 +254,7 @@ def test_bundle_round_trip(official, tmp_path, capsys):
     assert main(["bundle", *FP32_CPU, *overrides, "--out", str(out), "--dtype", "fp32", "--max-shard-gb", "0.002"]) == 0
     assert "checkpoint.bundle=" in capsys.readouterr().out
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "tokenizer.model").is_file()
-    meta = json.loads((out / ck.OWN_CONFIG).read_text())
+    meta = json.loads((out / ck.BUNDLE_JSON).read_text())
     assert meta["arch"]["llm"]["hidden_size"] == H and meta["sources"]["vit"].endswith("eva_vit_g.pth")
 
     official_lm = load_model(compose("chat", [*FP32_CPU, *overrides]))
@@ -270,7 +275,7 @@ def test_bundle_round_trip(official, tmp_path, capsys):
 def test_bundle_fp16_is_the_inference_layout_and_refuses_random_parts(official, tmp_path):
     overrides, _ = official
     out = bundle([*FP32_CPU, *overrides], tmp_path / "b16", dtype="fp16")
-    state = load_file(str(out / ck.OWN_WEIGHTS))
+    state = load_file(str(out / ck.BUNDLE_WEIGHTS))
     assert state["llm.model.embed_tokens.weight"].dtype == torch.float16
     assert state["vision_model.encoder.layers.0.mlp.fc1.weight"].dtype == torch.float16
     assert state["vision_model.post_layernorm.weight"].dtype == torch.float32  # ln_vision stays fp32
@@ -285,7 +290,7 @@ def test_bundle_fp16_is_the_inference_layout_and_refuses_random_parts(official, 
 def test_bundle_reads_straight_to_gpu(official, tmp_path):
     overrides, _ = official
     out = bundle([*FP32_CPU, *overrides], tmp_path / "bundle", dtype="fp16")
-    state, _ = ck.read_own(out, "checkpoint.bundle", device="cuda:0")
+    state, _ = ck.read_bundle(out, "checkpoint.bundle", device="cuda:0")
     assert all(t.is_cuda for t in state.values())
     lm = load_model(compose("chat", ["gpu=0", "checkpoint=bundle", f"checkpoint.bundle={out}"]))
     assert lm.model.llm.lm_head.weight.is_cuda and lm.trained

@@ -4,7 +4,6 @@
     identify.py  what a file/directory is, and whether it fits a model config
     bundle.py    a configured model -> this project's own fast-loading format
     export.py    a Vicuna MiniGPT-4 -> transformers' Blip2ForConditionalGeneration
-    tensors.py   lazy, one-tensor-at-a-time reading of .safetensors/.bin/.pth
-    output.py    output directories that are complete or absent (temp dir, rename at the end)
-See docs/WEIGHTS.md for the whole preparation path.
+They read and write through minigpt4/checkpoints/ (one reader, one format detector, one key map,
+one bundle writer, one atomic writer). See docs/WEIGHTS.md for the whole preparation path.
 """

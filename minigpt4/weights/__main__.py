@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "apply-delta":
+        from minigpt4.checkpoints import GB
         from minigpt4.weights.delta import apply_delta
-        from minigpt4.weights.output import GB
 
         apply_delta(args.base, args.delta, args.target, int(args.max_shard_gb * GB), args.force,
                     check_kind=not args.skip_kind_check)

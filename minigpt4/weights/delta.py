@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -24,15 +25,32 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minigpt4 import checkpoints as ck
+from minigpt4.checkpoints import (
+    GB,
+    TensorFiles,
+    atomic_write,
+    check_target,
+    layout,
+    read_config,
+    save_shards,
+)
 from minigpt4.errors import UserError
-from minigpt4.weights.output import GB, check_target, staged_dir
-from minigpt4.weights.tensors import DELTA_NORM_LIMIT, TensorFiles, looks_like_delta, numel, read_config
 
 log = logging.getLogger(__name__)
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")  # rows = vocabulary entries
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
+
+
+DELTA_NORM_LIMIT = 0.25  # mean |model.norm.weight| below this looks like a delta
+
+
+def looks_like_delta(files: TensorFiles) -> float | None:
+    """Mean |model.norm.weight|: a trained LLM's final RMSNorm weights are far from zero (they
+    start at 1), a delta's (fine-tuned minus base) are close to zero. A heuristic, not a proof."""
+    if "model.norm.weight" not in files:
+        return None
+    return float(files.get("model.norm.weight").float().abs().mean())
 
 
 def _skip(name: str) -> bool:
@@ -43,7 +61,7 @@ def _llama_dir(path: Path, role: str) -> TensorFiles:
     """A Hugging Face Llama directory, or a one-line reason why not."""
     if not path.is_dir():
         raise UserError(f"--{role} {path}: no such directory")
-    if (path / "params.json").is_file() or list(path.glob("consolidated.*.pth")):
+    if layout(path) == "meta_llama":
         raise UserError(
             f"--{role} {path} is an original Meta LLaMA checkpoint (consolidated.*.pth): convert it first with "
             "transformers' convert_llama_weights_to_hf.py --model_size 7B --llama_version 1 (from the transformers "
@@ -124,10 +142,10 @@ def apply_delta(
     if not (delta_dir / "tokenizer.model").is_file():
         raise UserError(f"--delta {delta_dir}: no tokenizer.model (the target takes the delta's tokenizer)")
     shapes = check_pair(base, delta, check_kind)
-    out_bytes = sum(2 * numel(s) for s in shapes.values())
+    out_bytes = sum(2 * math.prod(s) for s in shapes.values())
     check_target(target, out_bytes, force, "--target")
 
-    with staged_dir(target) as tmp:
+    with atomic_write(target, folder=True) as tmp:
         bar = tqdm(total=len(shapes), desc="Applying delta", unit="tensor", disable=not progress)
 
         def merged():
@@ -139,7 +157,7 @@ def apply_delta(
                 bar.update()
                 yield name, b + d
 
-        ck.save_shards(merged(), tmp, max_shard_bytes, metadata={"format": "pt"})
+        save_shards(merged(), tmp, max_shard_bytes, metadata={"format": "pt"})
         bar.close()
         _write_config(base_dir, tmp, vocab_rows=shapes["model.embed_tokens.weight"][0])
         for name in TOKENIZER_FILES:

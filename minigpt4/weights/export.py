@@ -1,8 +1,8 @@
 """`export-hf`: a Vicuna MiniGPT-4 as a stock transformers `Blip2ForConditionalGeneration`.
 
 Blip2ForConditionalGeneration is already ViT -> Q-Former -> language_projection -> causal LM;
-with a Llama text config it is MiniGPT-4 (Vicuna variants). Names: ours `llama_proj.*` ->
-`language_projection.*`, `llm.*` -> `language_model.*`, everything else unchanged.
+with a Llama text config it is MiniGPT-4 (Vicuna variants). Names (checkpoints.hf_name): ours
+`llama_proj.*` -> `language_projection.*`, `llm.*` -> `language_model.*`, everything else unchanged.
 
 How transformers 5 places the image: forward/generate embed `input_ids`, then overwrite (masked
 scatter) the positions whose id is `config.image_token_id` (alias of `image_token_index`) with the
@@ -29,28 +29,23 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipImageProcessorPil
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    BlipImageProcessorPil,
+)
 from transformers.image_utils import PILImageResampling
 
-from minigpt4 import checkpoints as ck
+from minigpt4.checkpoints import GB, atomic_write, check_target, clone_aliases, hf_name
 from minigpt4.errors import UserError
 from minigpt4.images import CLIP_MEAN, CLIP_STD
 from minigpt4.model import IMAGE_TOKEN
 from minigpt4.weights.bundle import load_for_conversion
-from minigpt4.weights.output import GB, check_target
 
 log = logging.getLogger(__name__)
 
 EXPORT_INFO = "minigpt4_export.json"
 _TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-
-
-def hf_name(key: str) -> str:
-    if key.startswith("llama_proj."):
-        return "language_projection." + key[len("llama_proj.") :]
-    if key.startswith("llm."):
-        return "language_model." + key[len("llm.") :]
-    return key
 
 
 def hf_input_ids(ids: list[int], image_token_id: int) -> list[int]:
@@ -76,10 +71,10 @@ def export_hf(
             "export-hf: the LLaMA-2 variant has no Q-Former (it merges runs of 4 ViT tokens), which "
             "Blip2ForConditionalGeneration cannot express; use `bundle` for it"
         )
-    lm, cfg = load_for_conversion(overrides, dtype, allow_random)
+    lm = load_for_conversion(overrides, dtype, allow_random)
     model = lm.model
     # tied weights cloned so that save_pretrained writes both names (the export declares no tying)
-    state = {hf_name(k): v for k, v in ck.clone_aliases(lm.model.state_dict().items())}
+    state = {hf_name(k): v for k, v in clone_aliases(lm.model.state_dict().items())}
     rows, pieces = model.llm.config.vocab_size, lm.tokenizer.vocab_size
     text_config = model.llm.config.to_dict()
     if rows > pieces:
@@ -105,16 +100,16 @@ def export_hf(
     size = sum(t.numel() * t.element_size() for t in state.values())
     check_target(out, size, force)
     info = {
-        "template": str(cfg.model.template),
+        "template": lm.template.name,
         "image_token_id": image_token_id,
         "num_query_tokens": model.config.num_query_tokens,
         "image_size": lm.image_size,
         "ln_vision_eps": model.config.ln_vision_eps,
         "note": "MiniGPT-4 export: put num_query_tokens copies of image_token_id where the prompt has "
         "<ImageHere>; for exact parity set model.vision_model.post_layernorm.eps = ln_vision_eps after loading",
-        "sources": {k: v for k, v in to_container(cfg.checkpoint).items() if v},
+        "sources": lm.sources,
     }
-    with ck.atomic_write(out, folder=True) as stage:
+    with atomic_write(out, folder=True) as stage:
         hf.save_pretrained(stage, max_shard_size=int(max_shard_gb * GB))
         _copy_tokenizer(lm, stage)
         BlipImageProcessorPil(  # writes image_processor_type BlipImageProcessor; needs no torchvision

@@ -10,7 +10,7 @@ v1.1), it says so.
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from minigpt4 import checkpoints as ck
+from minigpt4.checkpoints import TensorFiles, read_config
 from minigpt4.errors import UserError
-from minigpt4.weights.tensors import DELTA_NORM_LIMIT, TensorFiles, looks_like_delta, numel, read_config
+from minigpt4.tokenizer import sentencepiece_pieces
+from minigpt4.weights.delta import DELTA_NORM_LIMIT, looks_like_delta
 
 LLAMA_SIZES = {(4096, 32): "7B", (5120, 40): "13B", (6656, 60): "33B", (8192, 80): "65B/70B"}
 
@@ -60,12 +62,12 @@ def inspect_path(path: str | Path, model: str | None = None, overrides: list[str
     if path.is_dir():
         report = _inspect_dir(path)
         if report.kind not in ("meta_llama", "unknown"):
-            files = TensorFiles(path, "inspect")
+            files = TensorFiles(path)
     else:
         try:
-            files = TensorFiles(path, "inspect")
+            files = TensorFiles(path)
         except UserError:
-            pieces = _sentencepiece_pieces(path)  # no weights: perhaps a tokenizer.model
+            pieces = sentencepiece_pieces(path)  # no weights: perhaps a tokenizer.model
             if pieces is None:
                 raise
             report = _tokenizer_report(path, pieces)
@@ -80,64 +82,39 @@ def inspect_path(path: str | Path, model: str | None = None, overrides: list[str
 
 # ---- what is it --------------------------------------------------------------------------------
 def _inspect_file(path: Path, files: TensorFiles) -> Report:
-    names = set(files.names())
-    strip = lambda n: n[len("visual_encoder.") :] if n.startswith("visual_encoder.") else n  # noqa: E731
-    if _is_lightning(files):
-        return _lightning_report(path, files)
-    if "llama_proj.weight" in names:
-        if _parts(names) != ["projection"]:
-            return _model_report(path, files)
-        shape = files.info["llama_proj.weight"].shape
-        r = Report(path, "projection", f"MiniGPT-4 projection llama_proj {list(shape)}: for {ck.projection_size_name(shape)}")
-        other = sorted(n for n in names if not n.startswith("llama_proj."))
-        if other:
-            r.notes.append(f"{len(other)} other tensors the loader skips (e.g. {other[0]})")
-        if files.extras:
-            r.notes.append(f"trainer state beside the weights: {', '.join(files.extras)} (ignored)")
-        return r
-    if any(strip(n) == "patch_embed.proj.weight" for n in names) and not any(n.startswith("Qformer.") for n in names):
-        return _eva_report(path, files, strip)
-    if any(n.startswith("Qformer.bert.") for n in names):
-        return _blip2_report(path, files)
-    if not names:
+    kind = ck.tensor_kind(files)
+    reports = {"lightning": _lightning_report, "model": _model_report, "projection": _projection_report,
+               "eva_vit": _eva_report, "blip2": _blip2_report}
+    if kind in reports:
+        return reports[kind](path, files)
+    if kind == "empty":
         return Report(path, "unknown", "a PyTorch file without tensors (none at the top level, under \"model\" or "
                       "under \"state_dict\"): not a weight file")
-    return Report(path, "unknown", f"{len(names)} tensors in no layout MiniGPT-4 uses")
+    return Report(path, "unknown", f"{len(files)} tensors in no layout MiniGPT-4 uses")
 
 
-# Which part of MiniGPT-4 a tensor name belongs to, in our names and in the official ones; buffers
-# that files carry but nobody loads (position ids, rotary inv_freq) belong to none.
-_PART_PREFIXES = {
-    "ViT": ("vision_model.embeddings.", "vision_model.encoder.", "visual_encoder.", "blocks.", "patch_embed.",
-            "cls_token", "pos_embed"),
-    "Q-Former": ("qformer.", "Qformer.bert.encoder.", "Qformer.bert.embeddings.LayerNorm.", "query_tokens"),
-    "projection": ("llama_proj.",),
-    "LLM": ("llm.", "llama_model."),
-}
-
-
-def _parts(names) -> list[str]:
-    """The MiniGPT-4 parts whose weights `names` hold, in pipeline order."""
-    names = [n for n in names if not n.endswith(("inv_freq", "position_ids"))]
-    return [part for part, prefixes in _PART_PREFIXES.items() if any(n.startswith(prefixes) for n in names)]
-
-
-def _own_names(names) -> bool:
-    """This project's key names (a bundle's), rather than the official ones."""
-    return any(n.startswith(("llm.", "vision_model.", "qformer.")) for n in names)
+def _projection_report(path: Path, files: TensorFiles) -> Report:
+    shape = files.info["llama_proj.weight"].shape
+    r = Report(path, "projection", f"MiniGPT-4 projection llama_proj {list(shape)}: for {ck.projection_size_name(shape)}")
+    other = sorted(n for n in files.names() if not n.startswith("llama_proj."))
+    if other:
+        r.notes.append(f"{len(other)} other tensors the loader skips (e.g. {other[0]})")
+    if files.extras:
+        r.notes.append(f"trainer state beside the weights: {', '.join(files.extras)} (ignored)")
+    return r
 
 
 def _model_report(path: Path, files: TensorFiles) -> Report:
     """A file with the projection and other parts: a whole (or partial) model, not a projection."""
-    parts, shape = _parts(files.names()), files.info["llama_proj.weight"].shape
-    own = _own_names(files.names())
+    parts, shape = ck.parts_in(files.names()), files.info["llama_proj.weight"].shape
+    own = ck.uses_our_names(files.names())
     r = Report(path, "model", f"MiniGPT-4 model weights ({', '.join(parts)}), not a projection alone; "
                               f"llama_proj {list(shape)}: for {ck.projection_size_name(shape)}")
-    if own and ck.is_own_dir(path.parent):
+    if own and ck.is_bundle(path.parent):
         r.notes.append(f"the weights file of the bundle {path.parent}: load the whole model with "
                        f"checkpoint=bundle checkpoint.bundle={path.parent}")
     elif own:
-        r.notes.append(f"in this project's key names, without the {ck.OWN_CONFIG} and tokenizer.model beside it that "
+        r.notes.append(f"in this project's key names, without the {ck.BUNDLE_JSON} and tokenizer.model beside it that "
                        "make a bundle (python -m minigpt4.weights bundle writes complete ones)")
     else:
         r.notes.append("in the official key names (visual_encoder.*, Qformer.*, llama_model.*): a whole model saved "
@@ -147,17 +124,10 @@ def _model_report(path: Path, files: TensorFiles) -> Report:
     return r
 
 
-_LIGHTNING_KEYS = {"pytorch-lightning_version", "optimizer_states", "lr_schedulers", "loops"}
-
-
-def _is_lightning(files: TensorFiles) -> bool:
-    return bool(_LIGHTNING_KEYS & set(files.extras))
-
-
 def _lightning_report(path: Path, files: TensorFiles) -> Report:
     """finetune.py's checkpoints/*.ckpt: for resuming a run, not for loading a model."""
     step, epoch = files.scalars.get("global_step", "?"), files.scalars.get("epoch", "?")
-    parts = _parts(n.removeprefix("model.") for n in files.names())
+    parts = ck.parts_in(n.removeprefix("model.") for n in files.names())
     r = Report(path, "lightning", f"PyTorch Lightning checkpoint of a fine-tuning run (step {step}, epoch {epoch}): "
                                   f"{len(files)} trained tensors ({', '.join(parts) or 'none'}) with the optimizer "
                                   "and scheduler state")
@@ -183,8 +153,8 @@ def _tokenizer_report(path: Path, pieces: int) -> Report:
     return r
 
 
-def _eva_report(path: Path, files: TensorFiles, strip) -> Report:
-    info = {strip(n): i for n, i in files.info.items()}
+def _eva_report(path: Path, files: TensorFiles) -> Report:
+    info = {n.removeprefix("visual_encoder."): i for n, i in files.info.items()}
     blocks = 1 + max(int(m.group(1)) for n in info if (m := re.match(r"blocks\.(\d+)\.", n)))
     pos = info["pos_embed"].shape if "pos_embed" in info else None
     width = info["patch_embed.proj.weight"].shape[0]
@@ -214,7 +184,7 @@ def _blip2_report(path: Path, files: TensorFiles) -> Report:
         r.notes.append(f"query_tokens {list(files.info['query_tokens'].shape)}")
     if "ln_vision.weight" in files.info:
         r.notes.append(f"ln_vision {list(files.info['ln_vision.weight'].shape)} (the ViT's output norm)")
-    extras = [n for n in names if any(re.fullmatch(p, n) for p in ck._KNOWN_EXTRAS)]
+    extras = [n for n in names if ck.is_known_extra(n)]
     groups = sorted({_extra_group(n) for n in extras})
     if extras:
         r.notes.append(f"{len(extras)} tensors MiniGPT-4 ignores (text branch, T5 projection, ...): {', '.join(groups[:6])}")
@@ -232,20 +202,22 @@ def _extra_group(name: str) -> str:
 
 
 def _inspect_dir(path: Path) -> Report:
-    if ck.is_own_dir(path):
-        meta = json.loads((path / ck.OWN_CONFIG).read_text())
-        r = Report(path, "own", f"minigpt4 own format (bundle): model {meta.get('name', '?')}, template {meta.get('template', '?')}")
-        if meta.get("sources"):
-            r.notes.append("made from " + ", ".join(f"{k}={v}" for k, v in meta["sources"].items() if v))
+    layout = ck.layout(path)
+    if layout == "bundle":
+        info = ck.read_bundle_info(path, "inspect")
+        r = Report(path, "own", f"minigpt4 own format (bundle, format {info.format}): model {info.name or '?'}, "
+                                f"template {info.template or '?'}")
+        if info.sources:
+            r.notes.append("made from " + ", ".join(f"{k}={v}" for k, v in info.sources.items() if v))
         r.notes.append(f"load it with: checkpoint=bundle checkpoint.bundle={path}")
         return r
-    if (path / "params.json").is_file() or list(path.glob("consolidated.*.pth")):
+    if layout == "meta_llama":
         return Report(path, "meta_llama", "original Meta LLaMA checkpoint (params.json + consolidated.*.pth)", [
-            "convert it with transformers' convert_llama_weights_to_hf.py --input_dir DIR --model_size 7B "
-            "--llama_version 1 --output_dir OUT (from the transformers source: docs/WEIGHTS.md step 2)"])
-    config = read_config(path)
-    if config is None:
+            ("convert it with transformers' convert_llama_weights_to_hf.py --input_dir DIR --model_size 7B "
+             "--llama_version 1 --output_dir OUT (from the transformers source: docs/WEIGHTS.md step 2)")])
+    if layout != "hf":
         return Report(path, "unknown", "a directory without config.json or minigpt4.json: not a model directory")
+    config = read_config(path)
     kind = str(config.get("model_type", "")).lower()
     if kind == "llama":
         return _llama_report(path, config)
@@ -261,16 +233,16 @@ def _inspect_dir(path: Path) -> Report:
 
 
 def _llama_report(path: Path, config: dict) -> Report:
-    files = TensorFiles(path, "inspect")
+    files = TensorFiles(path)
     hidden, layers = config.get("hidden_size"), config.get("num_hidden_layers")
     size = LLAMA_SIZES.get((hidden, layers), f"hidden {hidden}, {layers} layers")
     embed = files.info.get("model.embed_tokens.weight")
     rows = embed.shape[0] if embed else config.get("vocab_size")
-    params = sum(numel(i.shape) for n, i in files.info.items() if not n.endswith("inv_freq"))
+    params = sum(math.prod(i.shape) for n, i in files.info.items() if not n.endswith("inv_freq"))
     dtype = str(embed.dtype).replace("torch.", "") if embed else "?"
     count = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     r = Report(path, "llama", f"Llama {size} ({count} parameters, {dtype}), {rows} embedding rows")
-    pieces = _sentencepiece_pieces(path / "tokenizer.model")
+    pieces = sentencepiece_pieces(path / "tokenizer.model")
     if pieces is None:
         r.notes.append("no tokenizer.model: chat and evaluate need it (copy it from LLaMA or the delta)")
     else:
@@ -298,18 +270,6 @@ def _version_guess(rows, pieces, max_pos, eps) -> str:
         return ("LLaMA-1 or Vicuna v1.1 (both have 32000 rows; shapes cannot tell them apart): MiniGPT-4's "
                 "released projections were trained with Vicuna v0")
     return f"no known LLaMA/Vicuna release has {rows} rows with max_position_embeddings {max_pos}"
-
-
-def _sentencepiece_pieces(file: Path) -> int | None:
-    """The number of pieces of a sentencepiece model file; None if `file` is not one."""
-    if not file.is_file():
-        return None
-    import sentencepiece as spm
-
-    try:
-        return spm.SentencePieceProcessor(model_file=str(file)).get_piece_size()
-    except (RuntimeError, OSError):
-        return None
 
 
 # ---- key summary --------------------------------------------------------------------------------
@@ -340,7 +300,7 @@ def _check_fit(r: Report, files: TensorFiles | None, model: str, overrides: list
     arch = MiniGPT4Config.from_dict(to_container(cfg.model.arch))
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in MiniGPT4(arch).state_dict().items()}
-    meta = lambda: {n: torch.empty(i.shape, dtype=i.dtype, device="meta") for n, i in files.info.items()}  # noqa: E731
+    meta = lambda: {n: torch.empty(i.shape, dtype=i.dtype, device="meta") for n, i in files.info.items()}
     layers = arch.vision_config().num_hidden_layers
     if r.kind in ("eva_vit", "blip2", "projection"):
         try:
@@ -352,7 +312,7 @@ def _check_fit(r: Report, files: TensorFiles | None, model: str, overrides: list
         if part == "qformer" and arch.qformer is None:
             r.problems.append(f"model={model} (LLaMA-2 variant) has no Q-Former: set checkpoint.qformer=null")
             return
-        _compare(r, {k: tuple(v.shape) for k, v in ours.items()}, expected, _owned(part, expected))
+        _compare(r, {k: tuple(v.shape) for k, v in ours.items()}, expected, [k for k in expected if ck.part_of(k) == part])
         blocks = {int(m.group(1)) for n in files.info if (m := re.match(r"(?:visual_encoder\.)?blocks\.(\d+)\.", n))}
         if part == "vit" and blocks and max(blocks) >= layers:
             extra = f"block {layers}" if max(blocks) == layers else f"blocks {layers}-{max(blocks)}"
@@ -367,7 +327,7 @@ def _check_fit(r: Report, files: TensorFiles | None, model: str, overrides: list
         _compare(r, {n: i.shape for n, i in files.info.items()}, expected, list(expected), vocab_ok=True)
     elif r.kind == "model":
         try:
-            got = {n: i.shape for n, i in files.info.items()} if _own_names(files.names()) \
+            got = {n: i.shape for n, i in files.info.items()} if ck.uses_our_names(files.names()) \
                 else {k: v.shape for k, v in ck.official_to_ours(meta(), layers, str(r.path)).items()}
         except UserError as err:
             r.problems.append(str(err))
@@ -378,7 +338,7 @@ def _check_fit(r: Report, files: TensorFiles | None, model: str, overrides: list
         _compare(r, {n.removeprefix("model."): i.shape for n, i in files.info.items()}, expected, [])
     elif r.kind == "tokenizer":
         rows = to_container(cfg.model.arch)["llm"]["vocab_size"]
-        pieces = _sentencepiece_pieces(r.path)
+        pieces = sentencepiece_pieces(r.path)
         if pieces > rows:
             r.problems.append(f"{pieces} pieces, but model={model}'s LLM has only {rows} embedding rows")
         elif pieces < rows - 1:
@@ -387,14 +347,6 @@ def _check_fit(r: Report, files: TensorFiles | None, model: str, overrides: list
         _llm_fit(r, files, to_container(cfg.model.arch).get("llm", {}), str(cfg.model.template), model)
     else:
         r.problems.append("this path is not one of MiniGPT-4's inputs")
-
-
-def _owned(part: str, expected: dict) -> list[str]:
-    if part == "vit":
-        return [k for k in expected if k.startswith("vision_model.") and "post_layernorm" not in k]
-    if part == "qformer":
-        return [k for k in expected if k.startswith(("qformer.", "query_tokens", "vision_model.post_layernorm"))]
-    return [k for k in expected if k.startswith("llama_proj.")]
 
 
 def _compare(r: Report, got: dict, expected: dict, needed: list[str], vocab_ok: bool = False) -> None:
