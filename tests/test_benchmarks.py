@@ -192,6 +192,19 @@ def test_every_format_reads_into_rows_with_prompts_references_and_pictures(files
     assert pope == {"coco_pope_random", "coco_pope_popular", "coco_pope_adversarial"}
 
 
+def test_answers_files_in_each_form_and_a_row_limit(tmp_path, files):
+    from minigpt4.evaluation.benchmarks.answers import read_answers
+
+    (tmp_path / "labels.jsonl").write_text('{"question_id": 1, "label": "yes"}\n{"question_id": 2, "label": "no"}\n')
+    assert read_answers(tmp_path / "labels.jsonl")["2"]["label"] == "no"
+    (tmp_path / "textvqa.json").write_text(json.dumps({"data": [{"question_id": 7, "answers": ["a"] * 10}]}))
+    assert read_answers(tmp_path / "textvqa.json")["7"]["answers"] == ["a"] * 10
+    (tmp_path / "odd.json").write_text(json.dumps({"version": 1}))
+    with pytest.raises(UserError, match="not a form of answers file this reads"):
+        read_answers(tmp_path / "odd.json")
+    assert len(plan_for(files["mmbench"], "benchmark.limit=3").rows) == 3
+
+
 def test_mme_pairs_share_the_picture_of_the_row_they_point_to(files):
     rows = plan_for(files["mme"]).rows
     first, second = rows[0], rows[1]
@@ -303,7 +316,8 @@ def test_multiple_choice_problems_are_one_line(tmp_path, options, answer, messag
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["benchmark=mme"], "benchmark=MME needs its file: benchmark.path="),
+    (["benchmark=mme"], "the benchmark MME needs its file: benchmark.path="),
+    (["benchmark=vqa"], "the benchmark needs its file: benchmark.path="),
     (["benchmark=mme", "benchmark.path=/no/such.tsv"], "benchmark.path=/no/such.tsv: no such file or folder"),
     (["benchmark=vqa", "benchmark.path=.", "benchmark.prompt=What? {nothing"], "benchmark.prompt='What? {nothing'"),
     (["benchmark=vqa", "benchmark.path=.", "benchmark.prompt=Answer: {options}"], "the prompt must hold {question}"),

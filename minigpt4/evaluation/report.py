@@ -62,7 +62,8 @@ def write_report(run_dir: Path, cfg: DictConfig, plan, records: list[dict], thro
     }
     store.write_json(run_dir / "summary.json", summary)
     panels = _metric_panels(summary) + (plan.benchmark.scorer.panels(benchmark[0]) if benchmark else [])
-    _chart(run_dir / "metrics_by_category.png", panels, summary.get("model"), plan.benchmark)
+    what = plan.benchmark.name if benchmark else "metrics per category"
+    _chart(run_dir / "metrics_by_category.png", panels, f"{summary.get('model') or ''} - {what}".strip(" -"))
     wandb_cfg = OmegaConf.select(cfg, "logger.wandb")
     if wandb_cfg is not None and wandb_cfg.get("enabled"):
         _log_wandb(run_dir, OmegaConf.to_container(wandb_cfg, resolve=True), summary, run_dir / "predictions.csv")
@@ -93,7 +94,7 @@ def _benchmark(plan, records: list[dict]) -> tuple[dict, list[dict]] | None:
     scorer = plan.benchmark.scorer
     rows = [scorer.score(r["input"], r.get("answer") if r.get("error") is None else None) for r in records]
     block = {"name": plan.benchmark.name, "scorer": scorer.name, **scorer.summary(rows)}
-    return block, [{"extracted": r.extracted, "score": r.score} for r in rows]
+    return block, [{"extracted": r.extracted, "score": None if r.score is None else round(r.score, 4)} for r in rows]
 
 
 def _headline(block: dict) -> str:
@@ -157,7 +158,7 @@ def _metric_panels(summary: dict) -> list[Panel]:
     return panels
 
 
-def _chart(path: Path, panels: list[Panel], model: str | None, benchmark=None) -> None:
+def _chart(path: Path, panels: list[Panel], title: str) -> None:
     """The panels side by side, each a bar per label (the last, 'all' or 'mean', in grey)."""
     import matplotlib
 
@@ -178,8 +179,7 @@ def _chart(path: Path, panels: list[Panel], model: str | None, benchmark=None) -
         ax.set_ylim(0, panel.top * 1.12)  # room for the value labels
         ax.set_yticks([panel.top * k / 5 for k in range(6)])
         ax.set_title(panel.title, fontsize=9 if len(panel.title) < 40 else 7)
-    what = benchmark.name if benchmark else "metrics per category"
-    fig.suptitle(f"{model or ''} - {what}".strip(" -"), fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     try:
         store.write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)

@@ -87,7 +87,8 @@ class Benchmark:
         re-scoring saved answers, which needs the settings but not the files."""
         where = _existing if files_needed else (lambda value, key: Path(str(value)))
         if OmegaConf.is_missing(node, "path") or not node.get("path"):
-            raise UserError(f"benchmark={node.get('name', '?')} needs its file: benchmark.path=/path/to/FILE "
+            name = f" {node.name}" if node.get("name") else ""
+            raise UserError(f"the benchmark{name} needs its file: benchmark.path=/path/to/FILE "
                             "(docs/BENCHMARKS_VLM.md says where each benchmark's file comes from)")
         path = where(node.path, "benchmark.path")
         fmt = str(node.get("format") or "auto")
@@ -225,7 +226,7 @@ class Benchmark:
 
     def _prompt_row(self, raw: RawRow, q: dict, line: int) -> PromptRow:
         options = "\n".join(f"{letter}. {text}" for letter, text in q["options"].items())
-        values = {**{k: _text(v) for k, v in raw.fields.items() if not _empty(v)},
+        values = {**{k: "" if _empty(v) else _text(v) for k, v in raw.fields.items()},
                   "question": q["question"], "hint": q["hint"], "options": options}
         prompt = render(self.prompt, values, raw.where)
         names = [image if isinstance(image, str) else image.name for image in q["images"]]
@@ -233,7 +234,7 @@ class Benchmark:
                  "reference": REFERENCE_SEP.join(q["reference"]), "category": q["category"],
                  "l2-category": q["l2-category"], "split": q["split"], "group": q["group"], "image": ";".join(names)}
         return PromptRow(key=f"{self.label}#{q['id']}", csv=self.label, id=q["id"], line=line, prompt=prompt,
-                         images=list(q["images"]), references=[], category=q["category"],
+                         images=list(q["images"]), references=list(q["reference"]), category=q["category"],
                          input={k: v for k, v in saved.items() if v != ""})
 
 

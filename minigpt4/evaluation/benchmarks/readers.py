@@ -302,10 +302,12 @@ class TableFile:
         for batch in self._batches():
             if self.image_column is None:
                 self.image_column = next((c for c in self.image_candidates if c in batch.schema.names), "")
-            for fields in batch.to_pylist():
+            pictures = batch.column(self.image_column) if self.image_column else None
+            others = batch.select([n for n in batch.schema.names if n != self.image_column])
+            for i, fields in enumerate(others.to_pylist()):  # pictures are copied out one row at a time
                 number += 1
                 where = f"{self.path.name}[{number}]"
-                cell = fields.pop(self.image_column, None) if self.image_column else None
+                cell = pictures[i].as_py() if pictures is not None else None
                 images, key = self._images(cell, number - 1, where)
                 yield RawRow(where, fields, images, key)
 

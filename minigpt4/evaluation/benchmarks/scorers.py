@@ -272,32 +272,35 @@ class Choice(Scorer):
             summary["accuracy_first_rotation"] = _percent(group[0].score for group in questions.values())
         for field, key in (("category", "per_category"), ("l2-category", "per_l2_category")):
             if any(group[0].fields.get(field) for group in questions.values()):
-                summary[key] = _per(questions, right, field)
+                summary[key] = _per((group[0].fields.get(field), right[q]) for q, group in questions.items())
         answered = [r for r in rows if r.score is not None and r.answer is not None]
         summary["unanswerable"] = sum(r.extracted is None for r in answered)
         summary["unanswerable_examples"] = [r.answer[:120] for r in answered if r.extracted is None][:5]
         return {**summary, **_counts(rows)}
 
 
-def _per(questions: dict[str, list[Scored]], right: dict[str, float], field: str) -> dict[str, float]:
+def _per(pairs) -> dict[str, float]:
+    """[(category, score)] -> {category: accuracy (x100)}."""
     by: dict[str, list[float]] = defaultdict(list)
-    for q, group in questions.items():
-        by[group[0].fields.get(field) or NO_CATEGORY].append(right[q])
+    for name, value in pairs:
+        by[name or NO_CATEGORY].append(value)
     return {name: _percent(values) for name, values in sorted(by.items())}
 
 
 class VQA(Scorer):
     name = "vqa"
 
+    def extract(self, answer, fields):
+        return normalize(answer)  # what is compared with the references
+
     def row_score(self, extracted, fields):
         return vqa_accuracy(extracted, references(fields))
 
     def summary(self, rows):
-        scored = {str(i): [r] for i, r in enumerate(rows) if r.score is not None}
-        right = {q: group[0].score for q, group in scored.items()}
-        summary = {"accuracy": _percent(right.values()), "questions": len(scored)}
-        if any(group[0].fields.get("category") for group in scored.values()):
-            summary["per_category"] = _per(scored, right, "category")
+        scored = [r for r in rows if r.score is not None]
+        summary = {"accuracy": _percent(r.score for r in scored), "questions": len(scored)}
+        if any(r.fields.get("category") for r in scored):
+            summary["per_category"] = _per((r.fields.get("category"), r.score) for r in scored)
         return {**summary, **_counts(rows)}
 
 
