@@ -38,7 +38,7 @@ for _name, _resolver in (("asset", lambda name: str(ASSETS / name)),  # a file s
         OmegaConf.register_new_resolver(_name, _resolver)
 
 # Keys whose value is a sentence a user types: taken exactly as typed, never as Hydra syntax.
-FREE_TEXT_KEYS = ("chat.prompt", "chat.system", "chat.system_text_only")
+FREE_TEXT_KEYS = ("chat.prompt", "chat.system", "chat.system_text_only", "benchmark.prompt")
 _FREE_TEXT = re.compile(r"(\+{0,2})(" + "|".join(re.escape(k) for k in FREE_TEXT_KEYS) + r")=(.*)", re.S)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_PIXELS = 64_000_000  # beyond this a file is treated as a decompression bomb
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
-ImageSource = str | os.PathLike | bytes | Image.Image
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A picture kept inside another file (a benchmark's TSV or parquet), read only when it is
+    needed: the rows of a 1 GB benchmark file hold these, not the pictures. `read` returns the
+    encoded bytes (or raises a UserError naming `name`, e.g. for bad base64)."""
+
+    name: str  # how messages name it, e.g. "MME.tsv:12"
+    read: Callable[[], bytes]
+
+
+ImageSource = str | os.PathLike | bytes | Image.Image | StoredImage
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -44,8 +57,12 @@ def load_image(source: ImageSource, name: str | None = None, exif_transpose: boo
         image = source
         label = name or "<image>"
     else:
+        if isinstance(source, StoredImage):
+            name, source = name or source.name, source.read()
         if isinstance(source, bytes):
             label, fp = name or "<bytes>", io.BytesIO(source)
+            if len(source) > MAX_FILE_BYTES:
+                raise UserError(f"image {label}: larger than {MAX_FILE_BYTES // 2**20} MB")
         else:
             path = Path(source)
             label = name or str(path)

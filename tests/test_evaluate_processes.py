@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_evaluate import FAST, picture, read_predictions, write_csv
 
 from minigpt4.config import ROOT, compose
 from minigpt4.evaluation import store
 from minigpt4.evaluation.runner import run_evaluation
-from test_evaluate import FAST, picture, read_predictions, write_csv
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +24,18 @@ def evaluate_cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def kill_9_after(proc: subprocess.Popen, run_dir: Path, rows: int = 3) -> None:
+    """SIGKILL the evaluate.py that this test started once `rows` rows are saved."""
+    jsonl, deadline = run_dir / "predictions.jsonl", time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if jsonl.is_file() and jsonl.read_text().count("\n") >= rows:
+            os.kill(proc.pid, signal.SIGKILL)  # the process this test started
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 def test_a_bad_csv_is_one_line_on_stderr_and_exit_2_before_any_model_loads(tmp_path):
@@ -41,16 +53,7 @@ def test_kill_9_mid_run_then_resume_loses_and_duplicates_no_row(tmp_path):
     prompts = write_csv(tmp_path / "many.csv", ["id", "prompt", "reference"], rows)
     run_dir = tmp_path / "run"
     common = [f"evaluate.prompts=[{prompts}]", "generation.max_new_tokens=8", "evaluate.progress=false"]
-    proc = evaluate_cli(*FAST, *common, "evaluate.batch_size=1", f"hydra.run.dir={run_dir}")
-    jsonl = run_dir / "predictions.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if jsonl.is_file() and jsonl.read_text().count("\n") >= 3:
-            os.kill(proc.pid, signal.SIGKILL)  # the process this test started
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_9_after(evaluate_cli(*FAST, *common, "evaluate.batch_size=1", f"hydra.run.dir={run_dir}"), run_dir)
     done = len(store.collect(run_dir))
     assert 3 <= done < 30
     resumed = run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}", "evaluate.batch_size=8"]), tmp_path / "x")

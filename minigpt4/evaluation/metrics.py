@@ -7,9 +7,12 @@
                   BLEU as the aggregate                                       (0..100)
 The first three are the default; BLEU is for free-text references and must be chosen.
 
-Normalisation (VQA evaluation style): lower case, commas inside numbers dropped, other
-punctuation to spaces, number words zero..ten to digits, articles a/an/the dropped, spaces
-collapsed. So "Two." == "2", "a red circle" == "Red circle".
+Normalisation: the official VQA evaluation's (vqaEval.py, also the EvalAI server's): newlines
+and tabs to spaces; punctuation ; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? ! dropped where it
+touches a space (or anywhere when the text holds a number like 1,000), else turned into a
+space; full stops dropped unless a digit follows; lower case; number words none/zero..ten to
+digits; articles a/an/the dropped; contractions written without an apostrophe restored
+("dont" -> "don't"). So "Two." == "2", "a red circle" == "Red circle".
 
 VQA accuracy with n references (alternatives of the `reference` column, "|"-separated):
 min(1, matches / min(3, n)); with more than 3 references it is averaged over the n
@@ -22,23 +25,53 @@ A row that failed (no answer) scores 0 on every metric: failures are never silen
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from minigpt4.errors import UserError
 
-_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[!\"#$%&'()*+,\-/:;<=>?@\[\\\]^_`{|}~]")
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_NUMBER_WITH_COMMA = re.compile(r"(\d)(,)(\d)")
+_FULL_STOP = re.compile(r"\.(?!\d)")
+_CONTRACTED = [
+    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
+    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's", "i'd've", "i'm",
+    "i've", "isn't", "it'd", "it'd've", "it'll", "let's", "ma'am", "mightn't", "mightn't've", "might've",
+    "mustn't", "must've", "needn't", "not've", "o'clock", "oughtn't", "shan't", "she'd've", "she's",
+    "should've", "shouldn't", "shouldn't've", "somebody'd've", "somebody'll", "somebody's", "someone'd",
+    "someone'd've", "someone'll", "someone's", "something'd", "something'd've", "something'll", "that's",
+    "there'd", "there'd've", "there're", "there's", "they'd", "they'd've", "they'll", "they're", "they've",
+    "'twas", "wasn't", "we'd've", "we've", "weren't", "what'll", "what're", "what's", "what've", "when's",
+    "where'd", "where's", "where've", "who'd", "who'd've", "who'll", "who's", "who've", "why'll", "why're",
+    "why's", "won't", "would've", "wouldn't", "wouldn't've", "y'all", "y'all'll", "y'all'd've", "you'd",
+    "you'd've", "you'll", "you're", "you've",
+]
+
+
+def _without_apostrophes(word: str) -> list[str]:
+    """Every way of writing `word` with one or more of its apostrophes left out."""
+    parts = word.split("'")
+    forms = [parts[0]]
+    for part in parts[1:]:
+        forms = [f + sep + part for f in forms for sep in ("'", "")]
+    return [f for f in forms if f != word]
+
+
+_CONTRACTIONS = {form: word for word in _CONTRACTED for form in _without_apostrophes(word)}
 
 
 def normalize(text: str) -> str:
-    text = text.lower().replace("\u2019", "'")
-    text = re.sub(r"(?<=\d),(?=\d)", "", text)  # 1,000 -> 1000
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)  # full stops, not decimal points
-    text = re.sub(r"'", "", text)  # don't -> dont
-    text = _PUNCT.sub(" ", text)
-    words = [_NUMBERS.get(w, w) for w in text.split()]
-    return " ".join(w for w in words if w not in _ARTICLES)
+    """The official VQA answer normalisation (processPunctuation + processDigitArticle)."""
+    text = text.replace("\n", " ").replace("\t", " ").replace("\u2019", "'").strip()
+    drop_all = _NUMBER_WITH_COMMA.search(text) is not None
+    out = text
+    for p in _PUNCTUATION:
+        out = out.replace(p, "" if drop_all or p + " " in text or " " + p in text else " ")
+    out = _FULL_STOP.sub("", out)
+    words = [_NUMBERS.get(w, w) for w in out.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def exact_match(answer: str, references: list[str]) -> float:

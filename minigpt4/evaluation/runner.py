@@ -1,6 +1,7 @@
-"""Batch evaluation: prompt CSVs -> answers saved row by row -> scores and a report.
+"""Batch evaluation: prompt CSVs (or a benchmark's file) -> answers saved row by row -> scores
+and a report.
 
-    rows (validated, no model) -> shard rank::world -> group by length -> batches
+    rows (validated, no model; benchmarks/ reads benchmark files) -> shard rank::world -> group by length -> batches
       -> conversation.build_prompt + encode_prompt -> generation.generate (left padding)
       -> clean_answer -> predictions.jsonl (append + fsync per row) -> merge on rank 0
       -> predictions.csv, summary.json, metrics_by_category.png (report.py)
@@ -27,6 +28,7 @@ from minigpt4.config import ROOT, resolve_device
 from minigpt4.errors import UserError
 from minigpt4.evaluation import store
 from minigpt4.evaluation.answering import answer_rows
+from minigpt4.evaluation.benchmarks.benchmark import Benchmark
 from minigpt4.evaluation.metrics import DEFAULT_METRICS, check_metrics
 from minigpt4.evaluation.prompts import PromptFile, PromptRow, load_prompt_set, parse_files
 from minigpt4.evaluation.report import write_report
@@ -51,22 +53,47 @@ class RowsFailed(UserError):
 
 @dataclass
 class Plan:
-    """The validated prompt set and the metrics chosen for each of its files."""
+    """The validated prompt set (CSV files, or one benchmark's file) and the metrics chosen for
+    each of its files."""
 
     files: list[PromptFile]
     rows: list[PromptRow]
     metrics: dict[str, tuple[str, ...]]  # file label -> metric names
+    benchmark: Benchmark | None = None  # benchmark=NAME: its file replaces evaluate.prompts
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, read_rows: bool = True) -> "Plan":
-        files = [PromptFile(_locate(f.path), f.metrics, f.label) for f in parse_files(_plain(cfg.evaluate.prompts))]
         run_metrics = _plain(cfg.evaluate.get("metrics"))
-        default = check_metrics(run_metrics, "evaluate.metrics") if run_metrics is not None else DEFAULT_METRICS
-        metrics = {
-            f.label: check_metrics(f.metrics, f"evaluate.prompts {f.path}") if f.metrics is not None else default
-            for f in files
-        }
-        return cls(files, load_prompt_set(files) if read_rows else [], metrics)
+        chosen = check_metrics(run_metrics, "evaluate.metrics") if run_metrics is not None else None
+        if cfg.get("benchmark"):  # scored by its own scorer; evaluate.metrics only when asked for
+            benchmark = Benchmark.from_cfg(cfg.benchmark, files_needed=read_rows)
+            plan = cls([PromptFile(benchmark.path, None, benchmark.label)], [], {benchmark.label: chosen or ()},
+                       benchmark)
+        else:
+            files = [PromptFile(_locate(f.path), f.metrics, f.label) for f in parse_files(_plain(cfg.evaluate.prompts))]
+            metrics = {f.label: check_metrics(f.metrics, f"evaluate.prompts {f.path}") if f.metrics is not None
+                       else chosen or DEFAULT_METRICS for f in files}
+            plan = cls(files, [], metrics)
+        if read_rows:
+            plan.rows = plan.read_rows()
+        return plan
+
+    def read_rows(self) -> list[PromptRow]:
+        """Every row, validated in full before anything else happens."""
+        return self.benchmark.read_rows() if self.benchmark else load_prompt_set(self.files)
+
+    def saved(self, cfg: DictConfig) -> DictConfig:
+        """cfg with absolute paths to the prompt files (or benchmark files), so resume works from
+        any directory."""
+        cfg = copy.deepcopy(cfg)
+        if self.benchmark:
+            for key, value in self.benchmark.saved_paths().items():
+                cfg.benchmark[key] = value
+            cfg.evaluate.prompts = None  # not used: the benchmark's file is the prompt set
+        else:
+            cfg.evaluate.prompts = [{"path": str(f.path), "metrics": list(f.metrics) if f.metrics else None}
+                                    for f in self.files]
+        return cfg
 
     def order(self, record: dict) -> tuple[int, int]:
         """Sort key of a saved record: file order in the config, then line in the file."""
@@ -119,8 +146,7 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> Path:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"{key}={value}: use a whole number of 1 or more")
     GenerationSettings.from_cfg(cfg.generation)
-    cfg = copy.deepcopy(cfg)  # save absolute prompt paths, so resume works from any directory
-    cfg.evaluate.prompts = [{"path": str(f.path), "metrics": list(f.metrics) if f.metrics else None} for f in plan.files]
+    cfg = plan.saved(cfg)
     launch = _fabric_settings(cfg)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +329,7 @@ def _pending_rows(plan: Plan, saved: dict) -> int | None:
     """Rows of the run's prompt files with no saved record; None when the files cannot be read
     any more (re-scoring needs only the saved predictions)."""
     try:
-        rows = load_prompt_set(plan.files)
+        rows = plan.read_rows()
     except (UserError, OSError):
         return None
     return sum(row.key not in saved for row in rows)
