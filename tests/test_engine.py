@@ -117,3 +117,48 @@ def test_an_llm_the_fused_step_cannot_run_is_served_one_request_at_a_time(caplog
     got, _ = engine_answers(loaded, jobs, slots=4)
     assert got == expected
     assert "one request at a time" in caplog.text and "biases" in caplog.text
+
+
+def test_arrivals_are_admitted_together_images_and_prompts_batched():
+    """Requests waiting when rows free up are admitted in one round: their pixels through the image
+    side in one forward, their prompts in one right-padded prefill; each answer is still the one it
+    gets alone. A prompt sharing a cached prefix prefills only the rest (a group of its own)."""
+    torch.set_num_threads(1)
+    loaded = build_tiny(["checkpoint=demo"])
+    jobs = jobs_for(loaded)
+    expected = [alone(loaded, *job) for job in jobs]
+    engine = Engine(loaded, slots=8, max_context=2000)
+    prefills, encodes = [], []
+    prefill_rows, encode = engine.decoder.prefill_rows, loaded.model.encode_images
+    engine.decoder.prefill_rows = lambda rows, *a, **k: prefills.append((list(rows), k.get("start", 0))) or prefill_rows(rows, *a, **k)
+    loaded.model.encode_images = lambda pixels: encodes.append(len(pixels)) or encode(pixels)
+    try:
+        with engine.wake:  # hold the engine thread: everything below waits in the queue together
+            requests = []
+            for images, question in jobs:
+                conv = loaded.conversation()
+                for i, _ in enumerate(images):
+                    conv.add_image(i)
+                conv.ask(question)
+                pixels = loaded.pixels(images) if images else None
+                requests.append(engine.submit(engine.prompt_ids(conv), None, GREEDY, pixels=pixels))
+        for r in requests:
+            assert r.done.wait(120)
+        assert [clean_answer(r.text, loaded.template) for r in requests] == expected
+        assert encodes == [5]  # the 5 pictures of 4 requests in one forward
+        assert sorted(len(rows) for rows, _ in prefills) == [5] and prefills[0][1] == 0
+        again = engine.submit(requests[0].ids, None, GREEDY, pixels=loaded.pixels(jobs[0][0]))
+        assert again.done.wait(120) and clean_answer(again.text, loaded.template) == expected[0]
+        assert prefills[-1][1] > 0 and again.prefilled < len(again.ids)  # its prefix came from the cache
+    finally:
+        engine.close()
+
+
+def test_admission_chunks_keep_each_prefill_within_its_position_budget():
+    from minigpt4.serving.engine import _chunks
+
+    sizes = [100, 30, 300, 50, 5000, 10]
+    runs = _chunks(sizes, lambda n: n, budget=600)
+    assert [n for run in runs for n in run] == sizes  # order kept, nothing lost
+    assert all(len(run) * max(run) <= 600 or len(run) == 1 for run in runs)
+    assert runs == [[100, 30], [300, 50], [5000], [10]]

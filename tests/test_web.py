@@ -190,7 +190,7 @@ class ModelProbe:
             self.rows.add(ids.shape[0] if ids is not None else 0)
 
         decoder = engine.decoder
-        decoder.prefill_row = self.wrap(decoder.prefill_row)
+        decoder.prefill_rows = self.wrap(decoder.prefill_rows)
         decoder.step_rows = self.wrap(decoder.step_rows, step_rows)
         llm.forward = self.wrap(llm.forward, forward)
 

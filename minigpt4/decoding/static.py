@@ -165,24 +165,38 @@ class StaticDecoder:
     @torch.inference_mode()
     def prefill_row(self, row: int, embeds: torch.Tensor, positions: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Cache embeds [1,T,H] (positions [1,T]) in row `row` after its first `start` slots (the
-        rest of the row is dropped), leaving the other rows as they are -> last logits [1,V].
-        Runs eagerly through a DynamicCache holding the row's prefix; its keys and values are
-        then copied into the row's slots."""
-        t = embeds.shape[1]
+        rest of the row is dropped), leaving the other rows as they are -> last logits [1,V]."""
+        return self.prefill_rows([row], embeds, [embeds.shape[1]], start)
+
+    @torch.inference_mode()
+    def prefill_rows(self, rows: list[int], embeds: torch.Tensor, lengths: list[int], start: int = 0) -> torch.Tensor:
+        """Cache R new prompts at once, each after the first `start` slots of its own row (the
+        rest of each row is dropped; other rows stay as they are): embeds [R,T,H] right-padded,
+        row r's first lengths[r] positions real, at positions start.. -> each row's last logits [R,V].
+        One eager forward through a DynamicCache holding the rows' common-length prefixes; its keys
+        and values are then copied into the rows' slots (a padding position's too: it is never
+        marked valid, and the row's next decode step overwrites it)."""
+        r, t = embeds.shape[:2]
         if start + t > self.max_len:
             raise ValueError(f"{start + t} positions do not fit the static cache of {self.max_len}")
+        device = embeds.device
+        index = torch.tensor(rows, device=device)
         prefix = DynamicCache()
+        if start:
+            for i, layer in enumerate(self.cache.layers):
+                prefix.update(layer.keys[index, :, :start], layer.values[index, :, :start], i)
+        real = torch.arange(t, device=device)[None] < torch.tensor(lengths, device=device)[:, None]  # [R,T]
+        mask = torch.cat([real.new_ones(r, start), real], dim=1).long()  # [R,start+T]
+        positions = torch.arange(start, start + t, device=device).expand(r, t)
+        hidden = self.llm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                                past_key_values=prefix, use_cache=True).last_hidden_state  # [R,T,H]
         for i, layer in enumerate(self.cache.layers):
-            if start:
-                prefix.update(layer.keys[row : row + 1, :, :start], layer.values[row : row + 1, :, :start], i)
-        hidden = self.llm.model(inputs_embeds=embeds, position_ids=positions, past_key_values=prefix,
-                                use_cache=True).last_hidden_state  # [1,T,H]
-        for i, layer in enumerate(self.cache.layers):
-            layer.keys[row, :, start : start + t] = prefix.layers[i].keys[0, :, start : start + t]
-            layer.values[row, :, start : start + t] = prefix.layers[i].values[0, :, start : start + t]
-        self.valid[row] = False
-        self.valid[row, : start + t] = True
-        return self.llm.get_output_embeddings()(hidden[:, -1])
+            layer.keys[index, :, start : start + t] = prefix.layers[i].keys[:, :, start : start + t]
+            layer.values[index, :, start : start + t] = prefix.layers[i].values[:, :, start : start + t]
+        self.valid[index] = False
+        self.valid[index, : start + t] = torch.cat([real.new_ones(r, start), real], dim=1)
+        last = hidden[torch.arange(r, device=device), torch.tensor(lengths, device=device) - 1]  # [R,H]
+        return self.llm.get_output_embeddings()(last)
 
     @torch.inference_mode()
     def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, longest: int) -> torch.Tensor:

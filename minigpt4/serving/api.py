@@ -242,9 +242,10 @@ def _submit(engine: Engine, loaded: LoadedModel, body: dict, defaults: Generatio
             settings: ApiSettings, notify) -> Request:
     conv, sources = build_conversation(loaded, body.get("messages"), settings.allow_local_files)
     generation, stops, seed = settings_for(body, defaults)
-    embeds = loaded.encode_images(sources) if sources else None  # one batch per request; UserError if bad
+    pixels = loaded.pixels(sources) if sources else None  # UserError if unreadable; the engine encodes them
     stops = tuple(loaded.template.stop) + (stops or ())
-    return engine.submit(engine.prompt_ids(conv), embeds, generation, stops=stops, seed=seed, notify=notify)
+    return engine.submit(engine.prompt_ids(conv), None, generation, stops=stops, seed=seed, notify=notify,
+                         pixels=pixels)
 
 
 def _usage(request: Request) -> dict:

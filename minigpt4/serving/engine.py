@@ -38,6 +38,8 @@ from minigpt4.generation import GenerationSettings, next_tokens, StreamState
 
 log = logging.getLogger(__name__)
 
+PREFILL_POSITIONS = 8192  # positions (rows x longest new part) one admission forward computes at most
+
 
 class QueueFull(Exception):
     """More requests are waiting than serve.max_queue allows."""
@@ -66,6 +68,7 @@ class Request:
     first_token_at: float = 0.0
     prefilled: int = 0  # prompt positions computed (the rest came from the row's cached prefix)
     keys: list = field(default_factory=list)  # one per prompt position: token id, or (image digest, slot)
+    pixels: torch.Tensor | None = None  # [N,3,S,S]: images the engine encodes (batched with other arrivals)
 
     @property
     def prompt_tokens(self) -> int:
@@ -152,8 +155,10 @@ class Engine:
 
     def submit(self, ids: list[int], image_embeds: torch.Tensor | None, settings: GenerationSettings,
                stops: tuple[str, ...] | None = None, seed: int | None = None,
-               notify: Callable[[], None] | None = None) -> Request:
+               notify: Callable[[], None] | None = None, pixels: torch.Tensor | None = None) -> Request:
         """Queue one answer; raises UserError when it cannot fit and QueueFull when too many wait.
+        Images come encoded (image_embeds [N,Q,H]) or as pixels [N,3,S,S], which the engine
+        encodes together with the images of the other requests it admits at the same time.
         notify() is called on the engine thread after each of the request's events."""
         if settings.num_beams != 1:
             raise UserError("num_beams > 1 is not served by the engine: use num_beams=1")
@@ -167,7 +172,8 @@ class Engine:
             generator.manual_seed(int(seed)) if seed is not None else generator.seed()
         request = Request(ids, image_embeds, replace(settings, max_new_tokens=min(settings.max_new_tokens, room)),
                           tuple(stops if stops is not None else self.loaded.template.stop), generator,
-                          keys=self._keys(ids, image_embeds), notify=notify)
+                          keys=self._keys(ids, image_embeds if pixels is None else pixels), notify=notify,
+                          pixels=pixels)
         with self.wake:
             if self.closed:
                 raise UserError("the engine is shut down")
@@ -177,19 +183,20 @@ class Engine:
             self.wake.notify()
         return request
 
-    def _keys(self, ids: list[int], image_embeds: torch.Tensor | None) -> list:
-        """Cache keys of a prompt; an image is known by a digest of its soft tokens."""
-        digests = [hashlib.sha1(e.float().cpu().numpy().tobytes()).hexdigest() for e in image_embeds] \
-            if image_embeds is not None else []
+    def _keys(self, ids: list[int], images: torch.Tensor | None) -> list:
+        """Cache keys of a prompt; an image is known by a digest of its soft tokens or pixels
+        (the same picture gives the same pixels, and so the same soft tokens)."""
+        digests = [f"{tuple(e.shape)}:" + hashlib.sha1(e.float().cpu().numpy().tobytes()).hexdigest()
+                   for e in images] if images is not None else []
         return cache_keys(ids, digests, self.loaded.model.num_image_tokens)
 
-    def _pick_row(self, keys: list) -> tuple[int, int]:
-        """The free row holding the longest prefix of `keys` (ties: the least recently used)
-        -> (row, reusable positions: at least one position is left to compute, and never a
-        part of an image)."""
+    def _pick_row(self, keys: list, taken: set[int]) -> tuple[int, int]:
+        """The free row (not in `taken`) holding the longest prefix of `keys` (ties: the least
+        recently used) -> (row, reusable positions: at least one position is left to compute,
+        and never a part of an image)."""
         best, best_n = None, -1
         for row, active in enumerate(self.rows):
-            if active is not None:
+            if active is not None or row in taken:
                 continue
             n = reusable_prefix(self.row_keys[row], keys)
             if n > best_n or (n == best_n and self.row_freed[row] < self.row_freed[best]):
@@ -228,41 +235,83 @@ class Engine:
                         self._free(i)
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows and sample their first tokens."""
-        while None in self.rows:
-            with self.wake:
-                request = self.waiting.popleft() if self.waiting else None
-                self.admitting = int(request is not None)
-            if request is None:
-                return
-            try:
-                self._admit_one(request)
-            finally:
-                self.admitting = 0
-
-    def _admit_one(self, request: Request) -> None:
-        """Prefill one request into a free row and sample its first token."""
-        if request.cancelled.is_set():
-            return self._finish(request, "cancelled")
-        row, start = self._pick_row(request.keys)
-        self.row_keys[row] = []  # the row is rewritten from `start` on
-        request.prefilled = len(request.ids) - start
+        """Admit as many waiting requests as there are free rows: their images in one forward,
+        their prompts in batched prefills, then their first tokens."""
+        with self.wake:
+            free = self.rows.count(None)
+            batch = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            self.admitting = len(batch)
         try:
-            model, device = self.loaded.model, self.loaded.device
-            ids = torch.tensor([request.ids], device=device)
-            images = request.image_embeds
-            if images is not None:  # the images inside the reused prefix are in the cache already
-                images = images[sum(isinstance(k, tuple) and k[1] == 0 for k in request.keys[:start]):]
-            embeds = model.embed(ids[:, start:], images if images is not None and len(images) else None)  # [1,T',H]
-            positions = torch.arange(start, len(request.ids), device=device)[None]
-            logits = self.decoder.prefill_row(row, embeds, positions, start=start).float()
-        except Exception as err:  # noqa: BLE001 - this request fails, the others go on
-            log.warning("request %d: prefill failed", request.id, exc_info=True)
-            self._fail(request, f"{type(err).__name__}: {err}")
-            return self._free(row)
-        active = _Active(request, StreamState(self.loaded.tokenizer, request.stops), len(request.ids))
-        self.rows[row] = active
-        self._take(row, active, int(self._sample(active, logits)[0]))
+            live = []
+            for request in batch:
+                if request.cancelled.is_set():
+                    self._finish(request, "cancelled")
+                else:
+                    live.append(request)
+            self._encode_pixels(live)
+            placed, taken = collections.defaultdict(list), set()  # start -> [(request, row)]
+            for request in live:
+                if request.done.is_set():  # its images failed
+                    continue
+                row, start = self._pick_row(request.keys, taken)
+                taken.add(row)
+                self.row_keys[row] = []  # the row is rewritten from `start` on
+                placed[start].append((request, row))
+            for start, group in placed.items():
+                for chunk in _chunks(group, lambda item, start=start: len(item[0].ids) - start, PREFILL_POSITIONS):
+                    self._prefill(chunk, start)
+        finally:
+            self.admitting = 0
+
+    def _encode_pixels(self, requests: list[Request]) -> None:
+        """The soft tokens of every request that brought pixels, in one forward of the image side."""
+        todo = [r for r in requests if r.pixels is not None and r.image_embeds is None]
+        if not todo:
+            return
+        try:
+            embeds = self.loaded.model.encode_images(torch.cat([r.pixels for r in todo]).to(self.loaded.device))
+        except Exception as err:  # noqa: BLE001 - these requests fail, the others go on
+            log.warning("encoding the images of %d requests failed", len(todo), exc_info=True)
+            for request in todo:
+                self._fail(request, f"{type(err).__name__}: {err}")
+            return
+        for request, part in zip(todo, embeds.split([len(r.pixels) for r in todo])):
+            request.image_embeds, request.pixels = part, None
+
+    def _prefill(self, chunk: list[tuple[Request, int]], start: int) -> None:
+        """Prefill requests into their rows (all reusing `start` cached positions) in one forward
+        and take their first tokens; a request that cannot be embedded fails alone."""
+        model, device = self.loaded.model, self.loaded.device
+        embeds, ready = [], []
+        for request, row in chunk:
+            request.prefilled = len(request.ids) - start
+            try:
+                images = request.image_embeds
+                if images is not None:  # the images inside the reused prefix are in the cache already
+                    images = images[sum(isinstance(k, tuple) and k[1] == 0 for k in request.keys[:start]):]
+                ids = torch.tensor([request.ids[start:]], device=device)
+                embeds.append(model.embed(ids, images if images is not None and len(images) else None)[0])  # [T,H]
+                ready.append((request, row))
+            except Exception as err:  # noqa: BLE001
+                log.warning("request %d: embedding failed", request.id, exc_info=True)
+                self._fail(request, f"{type(err).__name__}: {err}")
+                self._free(row)
+        if not ready:
+            return
+        rows = [row for _, row in ready]
+        try:
+            padded = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)  # [R,T,H], right-padded
+            logits = self.decoder.prefill_rows(rows, padded, [len(e) for e in embeds], start=start).float()
+        except Exception as err:  # noqa: BLE001 - these requests fail, the others go on
+            log.warning("prefill of %d requests failed", len(ready), exc_info=True)
+            for request, row in ready:
+                self._fail(request, f"{type(err).__name__}: {err}")
+                self._free(row)
+            return
+        for request, row in ready:
+            self.rows[row] = _Active(request, StreamState(self.loaded.tokenizer, request.stops), len(request.ids))
+        for row, token in zip(rows, self._sample_rows(rows, logits)):
+            self._take(row, self.rows[row], token)
 
     def _step(self) -> None:
         """One decode step for every active row, then each row's next token."""
@@ -289,18 +338,30 @@ class Engine:
                 live.append(i)
         if not live:
             return
-        # every row samples on the device; the host reads all the tokens in one transfer
-        tokens = torch.cat([self._sample(self.rows[i], logits[i : i + 1]) for i in live]).tolist()
-        for i, token in zip(live, tokens):
+        for i, token in zip(live, self._sample_rows(live, logits[live])):
             self._take(i, self.rows[i], token)
 
-    def _sample(self, active: _Active, logits: torch.Tensor) -> torch.Tensor:
-        """The row's next token [1] (on the device) from its logits [1,V], with its own settings."""
-        request = active.request
-        generated = (torch.tensor([active.generated], dtype=torch.long, device=logits.device)
-                     if request.settings.repetition_penalty != 1.0 else logits.new_zeros((1, 0), dtype=torch.long))
-        return next_tokens(logits, request.settings, generated, len(active.generated), self.loaded.tokenizer.eos_id,
-                            request.generator)
+    def _sample_rows(self, rows: list[int], logits: torch.Tensor) -> list[int]:
+        """Each row's next token from its logits (logits[k] for rows[k]), with its own settings.
+        Rows that need no state of their own (no generator, no repetition penalty) and share
+        settings sample in one call; the rest one by one. All on the device, read in one transfer."""
+        groups: dict[tuple, list[int]] = collections.defaultdict(list)
+        for k, row in enumerate(rows):
+            active = self.rows[row]
+            settings = active.request.settings
+            shared = active.request.generator is None and settings.repetition_penalty == 1.0
+            key = (repr(settings), len(active.generated) < settings.min_new_tokens) if shared else ("own", k)
+            groups[key].append(k)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for members in groups.values():
+            index = torch.tensor(members, device=logits.device)
+            active = self.rows[rows[members[0]]]
+            request = active.request
+            generated = (torch.tensor([active.generated], dtype=torch.long, device=logits.device)
+                         if request.settings.repetition_penalty != 1.0 else logits.new_zeros((1, 0), dtype=torch.long))
+            tokens[index] = next_tokens(logits[index], request.settings, generated, len(active.generated),
+                                        self.loaded.tokenizer.eos_id, request.generator)
+        return tokens.tolist()
 
     def _take(self, row: int, active: _Active, token: int) -> None:
         """Take the row's next token: stream it, finish the row if done."""
@@ -354,3 +415,17 @@ class Engine:
         request.finish_reason, request.error = "error", message
         request.put("error", message)
         request.done.set()
+
+
+def _chunks(items: list, size, budget: int) -> list[list]:
+    """items in order, cut into runs whose len(run) x largest size(item) stays within budget
+    (a single item always forms a run)."""
+    runs, run, longest = [], [], 0
+    for item in items:
+        longest_with = max(longest, size(item))
+        if run and longest_with * (len(run) + 1) > budget:
+            runs.append(run)
+            run, longest_with = [], size(item)
+        run.append(item)
+        longest = longest_with
+    return runs + ([run] if run else [])
