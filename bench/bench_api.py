@@ -7,7 +7,11 @@ Each client sends its requests one after another over HTTP (server-sent events),
 question of ~100 tokens answered with exactly --new tokens (random weights never stop:
 min_new_tokens and no stop string force the length, as the other benches do). Reported per
 client count: aggregate generated tokens/s, p50/p99 time to first token, p50 time between
-tokens, peak GPU memory, and the same requests sent one after another ("sequential").
+tokens, peak GPU memory, and the same requests sent one after another ("sequential"). The
+same two latencies per token as the engine saw them ("per token (engine)"): random weights emit
+byte tokens that reach the client only when a UTF-8 character completes, which delays its text
+chunks. --soak: 32 clients for that many seconds, GPU memory sampled every 5 s. Peer: evaluate.py's
+path (one static batch of 32, the same prompt), in the same process.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from minigpt4.serving.engine import Engine  # noqa: E402
 
 def start_server(loaded, slots: int, new: int):
     engine = Engine(loaded, slots=slots, max_context=2000, max_queue=1024)
+    engine.seen = []  # every request, for the engine-side token timings
+    submit = engine.submit
+    engine.submit = lambda *a, **k: engine.seen.append(submit(*a, **k)) or engine.seen[-1]
     fixed = GenerationSettings(do_sample=False, max_new_tokens=new, min_new_tokens=new)
     app = create_app(engine, loaded, fixed, ApiSettings(port=0), model_name="bench")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
@@ -60,10 +67,24 @@ def one_request(url: str, question: str) -> dict:
             "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
 
 
-def run_clients(url: str, clients: int, per_client: int, question: str) -> dict:
+def token_timings(requests) -> dict:
+    """Engine-side, per token (random weights emit byte tokens that reach the client only once a
+    character completes, which delays the client's text chunks): submit -> first token, and the
+    mean time between a request's tokens."""
+    ttft = sorted(r.first_token_at - r.submitted_at for r in requests if r.first_token_at)
+    itl = sorted((r.finished_at - r.first_token_at) / (r.completion_tokens - 1)
+                 for r in requests if r.completion_tokens > 1 and r.finished_at)
+    if not ttft:
+        return {}
+    return {"token_ttft_p50_ms": 1e3 * ttft[len(ttft) // 2], "token_ttft_p99_ms": 1e3 * ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))],
+            "token_itl_p50_ms": 1e3 * itl[len(itl) // 2] if itl else float("nan")}
+
+
+def run_clients(url: str, clients: int, per_client: int, question: str, engine=None) -> dict:
     def client(_):
         return [one_request(url, question) for _ in range(per_client)]
 
+    first = len(engine.seen) if engine is not None else 0
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [r for batch in pool.map(client, range(clients)) for r in batch]
@@ -72,7 +93,8 @@ def run_clients(url: str, clients: int, per_client: int, question: str) -> dict:
     gaps = [g for r in results for g in r["gaps"]]
     return {"clients": clients, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / seconds,
             "ttft_p50_ms": 1e3 * ttft[len(ttft) // 2], "ttft_p99_ms": 1e3 * ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))],
-            "itl_p50_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"), "seconds": seconds}
+            "itl_p50_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"), "seconds": seconds,
+            **(token_timings(engine.seen[first:]) if engine is not None else {})}
 
 
 def soak(url: str, clients: int, seconds: float, question: str) -> dict:
@@ -131,12 +153,12 @@ def main() -> None:
     rows = []
     try:
         one_request(url, question)  # warm-up: graphs for the first shapes
-        sequential = run_clients(url, 1, max(args.clients) * args.per_client // 4 or 1, question)
+        sequential = run_clients(url, 1, max(args.clients) * args.per_client // 4 or 1, question, engine)
         print(f"sequential: {sequential['tok_s']:.1f} tok/s", flush=True)
         for n in args.clients:
             if loaded.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            row = run_clients(url, n, args.per_client, question)
+            row = run_clients(url, n, args.per_client, question, engine)
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if loaded.device.type == "cuda" else None
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -148,9 +170,12 @@ def main() -> None:
         engine.close()
     peer = batch_decode_peer(loaded, 32, question, args.new)
     print(f"evaluate.py's path, one static batch of 32: {peer:.1f} tok/s", flush=True)
-    print(f"\n{'clients':>7} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}")
+    print(f"\n{'clients':>7} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}   per token (engine): "
+          f"{'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}")
     for r in rows:
-        print(f"{r['clients']:>7} {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms")
+        print(f"{r['clients']:>7} {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms"
+              f"                       {r.get('token_ttft_p50_ms', float('nan')):>7.1f}ms "
+              f"{r.get('token_ttft_p99_ms', float('nan')):>7.1f}ms {r.get('token_itl_p50_ms', float('nan')):>6.1f}ms")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_api.json").write_text(json.dumps(
             {"rows": rows, "sequential": sequential, "args": vars(args), "batch32_peer_tok_s": peer,

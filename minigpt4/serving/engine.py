@@ -66,6 +66,7 @@ class Request:
     completion_tokens: int = 0
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float = 0.0
+    finished_at: float = 0.0
     prefilled: int = 0  # prompt positions computed (the rest came from the row's cached prefix)
     keys: list = field(default_factory=list)  # one per prompt position: token id, or (image digest, slot)
     pixels: torch.Tensor | None = None  # [N,3,S,S]: images the engine encodes (batched with other arrivals)
@@ -406,12 +407,14 @@ class Engine:
 
     @staticmethod
     def _finish(request: Request, reason: str) -> None:
+        request.finished_at = time.perf_counter()
         request.finish_reason = reason
         request.put("done", reason)
         request.done.set()
 
     @staticmethod
     def _fail(request: Request, message: str) -> None:
+        request.finished_at = time.perf_counter()
         request.finish_reason, request.error = "error", message
         request.put("error", message)
         request.done.set()
