@@ -113,3 +113,22 @@ def test_triton_kernels_equal_the_torch_reference_on_7b_shapes(mode):
             expected = (x.float() @ w.float().T + res.float())
             got = q(x, res).float()
             torch.testing.assert_close(got, expected, rtol=1e-2, atol=2e-2, msg=f"{mode} {m}x{k} @ {n}x{k}")
+
+
+def test_an_llm_directory_is_quantized_on_its_way_to_the_device(tiny_loaded, tmp_path):
+    """precision=int8 with checkpoint.llm=DIR: the LLM is read into CPU memory and each layer is
+    quantized as it moves (here the device is the CPU too); the answers stay the fp32 model's."""
+    from official_files import write_llama_dir
+
+    from minigpt4.build import load_model
+    from minigpt4.config import compose
+
+    llm = write_llama_dir(tiny_loaded.model, tmp_path / "llm")
+    loaded = load_model(compose("chat", ["gpu=cpu", "precision=int8", "checkpoint=random", f"checkpoint.llm={llm}"]))
+    assert quantized_mode(loaded.model.llm) == "int8"
+    assert type(loaded.model.llm.model.layers[-1].mlp.up_proj) is QuantLinear
+    with torch.inference_mode():
+        ids = torch.tensor([[1, 5, 6, 7, 8]])
+        ref, out = tiny_loaded.model.llm(ids).logits, loaded.model.llm(ids).logits
+    assert (ref.argmax(-1) == out.argmax(-1)).float().mean() >= 0.8
+    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)
