@@ -14,7 +14,7 @@ import pytest
 from minigpt4.config import compose
 from minigpt4.errors import UserError, exit_on_user_error
 from minigpt4.evaluation import store
-from minigpt4.evaluation.runner import run_evaluation
+from minigpt4.recipes.evaluate import run as run_evaluation
 from test_evaluate import FAST, cfg_for, picture, prompt_set, read_predictions, write_csv  # noqa: F401
 
 FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

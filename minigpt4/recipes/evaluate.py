@@ -1,4 +1,4 @@
-"""Batch evaluation: prompt CSVs (or a benchmark's file) -> answers saved row by row -> scores
+"""`python evaluate.py`: prompt CSVs prompt CSVs (or a benchmark's file) -> answers saved row by row -> scores
 and a report.
 
     rows (validated, no model; benchmarks/ reads benchmark files) -> shard rank::world -> group by length -> batches
@@ -8,7 +8,7 @@ and a report.
 
 The run directory holds config.yaml (resolved), so `resume=<run dir>` continues with the same
 model, prompts and decoding, and `score_only=<run dir>` re-scores without a model. Several
-processes go through Lightning Fabric: `gpu=[0,1]`, or trainer.* for anything else.
+processes go through Lightning Fabric: `gpu=[0,1]`, or launch.* for anything else.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from minigpt4.config import ROOT, resolve_device
+from minigpt4.config import ROOT, evaluate_options, generation_settings, load_spec, to_container
+from minigpt4.settings import Launch
+from minigpt4.devices import resolve_device
 from minigpt4.errors import UserError
 from minigpt4.evaluation import store
 from minigpt4.evaluation.answering import answer_rows
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 # On resume everything comes from the run's saved config except how it is run:
-RESUME_KEEPS_CURRENT = ("gpu", "trainer", "evaluate.batch_size", "evaluate.progress", "evaluate.retry_failed",
+RESUME_KEEPS_CURRENT = ("gpu", "launch", "evaluate.batch_size", "evaluate.progress", "evaluate.retry_failed",
                         "evaluate.fail_on_error", "logger")
 # Set by launchers (Lightning, torchrun, SLURM) in the processes they start for ranks other than 0:
 RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "RANK", "GROUP_RANK", "SLURM_PROCID")
@@ -114,7 +116,7 @@ def _locate(path: Path) -> Path:
 
 
 # ---- entry --------------------------------------------------------------------------------------
-def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> Path:
+def run(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Evaluate (or resume, or re-score) and return the directory that holds the results."""
     require_logger(cfg)
     if cfg.get("score_only"):
@@ -141,11 +143,8 @@ def _first_process() -> bool:
 
 def _evaluate(cfg: DictConfig, run_dir: Path) -> Path:
     plan = Plan.from_cfg(cfg)  # every CSV and setting is validated before a model loads
-    for key in ("evaluate.batch_size", "evaluate.max_context"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{key}={value}: use a whole number of 1 or more")
-    GenerationSettings.from_cfg(cfg.generation)
+    evaluate_options(cfg)
+    generation_settings(cfg)
     cfg = plan.saved(cfg)
     launch = _fabric_settings(cfg)
     try:
@@ -164,9 +163,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> Path:
 
 def _fabric_settings(cfg: DictConfig) -> dict | None:
     """Lightning Fabric arguments when more than one process is asked for, else None."""
-    trainer = _plain(cfg.get("trainer")) or {}
-    devices = trainer.get("devices")
-    accelerator = trainer.get("accelerator")
+    launch = Launch(**to_container(cfg.launch))
+    devices, accelerator = launch.devices, launch.accelerator
     if devices is None:
         gpu = _plain(cfg.gpu)
         if not isinstance(gpu, list) or len(gpu) < 2:
@@ -176,8 +174,8 @@ def _fabric_settings(cfg: DictConfig) -> dict | None:
     return {
         "accelerator": accelerator or ("cuda" if torch.cuda.is_available() else "cpu"),
         "devices": devices,
-        "strategy": trainer.get("strategy") or "auto",
-        "num_nodes": int(trainer.get("num_nodes") or 1),
+        "strategy": launch.strategy or "auto",
+        "num_nodes": int(launch.num_nodes or 1),
     }
 
 
@@ -259,9 +257,9 @@ def evaluate_shard(cfg: DictConfig, run_dir: Path, rank: int, world_size: int, d
         from minigpt4.build import load_model
 
         torch.manual_seed(int(cfg.seed))
-        lm = load_model(cfg, device)
+        lm = load_model(load_spec(cfg), device)
         stats["model"] = lm.label
-        settings = GenerationSettings.from_cfg(cfg.generation)
+        settings = generation_settings(cfg)
         with store.RecordWriter(store.rank_file(run_dir, rank, world_size)) as writer:
             stats.update(answer_rows(lm, shard, settings, int(cfg.evaluate.batch_size), writer.write,
                                      max_context=int(cfg.evaluate.max_context),
