@@ -4,7 +4,7 @@ notebook calls it without Hydra (`load_model(LoadSpec(ModelSpec.tiny(), Checkpoi
 The YAML files in conf/ hold the defaults a user sees and overrides (the option groups here have
 none of their own, so they cannot drift apart); minigpt4/config.py turns a
 composed config into these objects once, at the entry point (`config.chat_settings(cfg)` and its
-siblings). Nothing here imports Hydra or OmegaConf. The one default both sides need, the context
+siblings). Nothing here imports Hydra. The one default both sides need, the context
 limit, lives here (MAX_CONTEXT) and the YAML files refer to it (${max_context:}).
 """
 

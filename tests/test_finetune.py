@@ -190,7 +190,7 @@ def test_demo_experiment_keeps_the_shipped_model_unless_asked(tmp_path, monkeypa
     shipped.mkdir(parents=True)
     (shipped / "model.safetensors").write_bytes(b"the model shipped before")
     monkeypatch.setattr(minigpt4.recipes.finetune, "SHIPPED_DEMO", shipped)
-    demo = ["experiment=demo", "trainer.precision=32-true", "heldout.pictures=0", "data.size=8",
+    demo = ["experiment=demo", "precision=fp32", "heldout.pictures=0", "data.size=8",
             "trainer.batch_size=4", "trainer.max_steps=1"]
     run = run_finetune(finetune_cfg(tmp_path / "trial", *demo))
     assert (run / "model" / "model.safetensors").is_file()

@@ -68,7 +68,7 @@ class Plan:
         run_metrics = _plain(cfg.evaluate.get("metrics"))
         chosen = check_metrics(run_metrics, "evaluate.metrics") if run_metrics is not None else None
         if cfg.get("benchmark"):  # scored by its own scorer; evaluate.metrics only when asked for
-            benchmark = Benchmark.from_cfg(cfg.benchmark, files_needed=read_rows)
+            benchmark = Benchmark.from_dict(_plain(cfg.benchmark), files_needed=read_rows)
             plan = cls([PromptFile(benchmark.path, None, benchmark.label)], [], {benchmark.label: chosen or ()},
                        benchmark)
         else:
@@ -118,7 +118,7 @@ def _locate(path: Path) -> Path:
 # ---- entry --------------------------------------------------------------------------------------
 def run(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Evaluate (or resume, or re-score) and return the directory that holds the results."""
-    require_logger(cfg)
+    require_logger(_plain(cfg.logger).get("wandb"))
     if cfg.get("score_only"):
         with _log_into(Path(str(cfg.score_only))):
             result = score_only(cfg)
@@ -276,7 +276,7 @@ def evaluate_shard(cfg: DictConfig, run_dir: Path, rank: int, world_size: int, d
         throughput["rows_done_before"] = len(plan.rows) - len(pending)  # by earlier invocations
         if not throughput["rows"] and (run_dir / "summary.json").is_file():  # resumed a finished run
             throughput = store.read_json(run_dir / "summary.json").get("throughput") or throughput
-        write_report(run_dir, cfg, plan, list(records.values()), throughput)
+        write_report(run_dir, _plain(cfg), plan, list(records.values()), throughput)
 
 
 def _throughput(all_stats: list[dict], cfg: DictConfig) -> dict:
@@ -319,7 +319,7 @@ def score_only(cfg: DictConfig) -> Path:
             log.warning("score_only=%s: %d row(s) of the prompt set have no saved answer yet (resume=%s "
                         "answers them); the scores cover the %d saved", run_dir, pending, run_dir, len(records))
         previous = store.read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
-        write_report(run_dir, saved, plan, records, previous.get("throughput"), score_only=True, pending=pending)
+        write_report(run_dir, _plain(saved), plan, records, previous.get("throughput"), score_only=True, pending=pending)
     return run_dir
 
 

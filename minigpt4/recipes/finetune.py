@@ -27,7 +27,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from minigpt4 import checkpoints as ck
 from minigpt4.build import LoadedModel, load_model, save_bundle
-from minigpt4.config import ASSETS, load_spec
+from minigpt4.config import ASSETS, load_spec, to_container
 from minigpt4.devices import gpu_indices, resolve_device
 from minigpt4.errors import UserError
 from minigpt4.extras import require_logger
@@ -90,7 +90,7 @@ def check_settings(cfg: DictConfig) -> None:
     if unknown:
         raise UserError(f"trainable: unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
     check_trainer_keys(cfg.trainer)
-    require_logger(cfg)
+    require_logger(to_container(cfg.logger).get("wandb"))
     if cfg.get("install_demo") and str(cfg.model.name) != "tiny":
         raise UserError(f"install_demo=true replaces the shipped demo model (model=tiny), but this run trains "
                         f"model={cfg.model.name}: leave install_demo out (the model is in the run folder)")
