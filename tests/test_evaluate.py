@@ -290,7 +290,7 @@ def test_score_only_metrics_replace_every_files_own_choice(prompt_set, tmp_path)
 
 
 def test_resume_says_which_overrides_it_ignores_and_logs_into_the_run(prompt_set, tmp_path, monkeypatch, caplog):
-    from minigpt4.evaluation import runner
+    from minigpt4.recipes import evaluate as runner
 
     run_dir = run_evaluation(cfg_for(prompt_set), tmp_path / "run")
     monkeypatch.setattr(runner, "_command_line_overrides", lambda: [
