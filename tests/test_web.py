@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minigpt4.config import ROOT, compose, load_spec
+from minigpt4.config import ROOT, chat_settings, compose, load_spec
 from minigpt4.errors import UserError
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -140,7 +140,7 @@ def test_busy_port_is_a_user_error(tiny_loaded):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(UserError, match="ui.port"):
-            serve(web_cfg(taken.getsockname()[1]), tiny_loaded, block=False)
+            serve(chat_settings(web_cfg(taken.getsockname()[1])), tiny_loaded, block=False)
 
 
 @pytest.mark.slow
@@ -215,7 +215,7 @@ def server():
 
     cfg = web_cfg(free_port())
     loaded = load_model(load_spec(cfg))
-    app = serve(cfg, loaded, block=False)
+    app = serve(chat_settings(cfg), loaded, block=False)
     probe = ModelProbe(app.engine, loaded.model.llm)
     port = cfg.ui.port
     yield f"http://127.0.0.1:{port}/", probe
@@ -620,7 +620,7 @@ def save_screenshot(path: str, overrides: list[str]) -> None:
 
     port = free_port()
     cfg = compose("chat", ["gpu=cpu", "ui=web", f"ui.port={port}", "generation=greedy", *overrides])
-    app = serve(cfg, load_model(load_spec(cfg)), block=False)
+    app = serve(chat_settings(cfg), load_model(load_spec(cfg)), block=False)
     folder = Path(tempfile.mkdtemp())
     pictures = []
     for i, spec in enumerate(sample_specs(2, seed=11)):
