@@ -11,7 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 from minigpt4 import settings
 from minigpt4.errors import UserError
 from minigpt4.generation import GenerationSettings
-from minigpt4.settings import ChatOptions, ChatSettings, EvaluateOptions, LoadSpec, ServeOptions
+from minigpt4.settings import (
+    ChatOptions,
+    ChatSettings,
+    EvaluateOptions,
+    LoadSpec,
+    ServeOptions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"

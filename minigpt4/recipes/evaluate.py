@@ -17,25 +17,35 @@ import contextlib
 import copy
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from minigpt4.config import ROOT, evaluate_options, generation_settings, load_spec, to_container
-from minigpt4.settings import Launch
+from minigpt4.config import (
+    ROOT,
+    evaluate_options,
+    generation_settings,
+    load_spec,
+    to_container,
+)
 from minigpt4.devices import resolve_device
 from minigpt4.errors import UserError
 from minigpt4.evaluation import store
 from minigpt4.evaluation.answering import answer_rows
 from minigpt4.evaluation.benchmarks.benchmark import Benchmark
 from minigpt4.evaluation.metrics import DEFAULT_METRICS, check_metrics
-from minigpt4.evaluation.prompts import PromptFile, PromptRow, load_prompt_set, parse_files
+from minigpt4.evaluation.prompts import (
+    PromptFile,
+    PromptRow,
+    load_prompt_set,
+    parse_files,
+)
 from minigpt4.evaluation.report import write_report
 from minigpt4.extras import require_logger
-from minigpt4.generation import GenerationSettings
+from minigpt4.settings import Launch
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +74,7 @@ class Plan:
     benchmark: Benchmark | None = None  # benchmark=NAME: its file replaces evaluate.prompts
 
     @classmethod
-    def from_cfg(cls, cfg: DictConfig, read_rows: bool = True) -> "Plan":
+    def from_cfg(cls, cfg: DictConfig, read_rows: bool = True) -> Plan:
         run_metrics = _plain(cfg.evaluate.get("metrics"))
         chosen = check_metrics(run_metrics, "evaluate.metrics") if run_metrics is not None else None
         if cfg.get("benchmark"):  # scored by its own scorer; evaluate.metrics only when asked for
