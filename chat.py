@@ -5,9 +5,10 @@ from minigpt4.cli import run
 
 
 def main(cfg) -> None:
-    from minigpt4.chat import run_chat
+    from minigpt4.config import chat_settings
+    from minigpt4.recipes import chat
 
-    run_chat(cfg)
+    chat.run(chat_settings(cfg))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from minigpt4.cli import run
 
 
 def main(cfg) -> None:
-    from minigpt4.train import run_finetune
+    from minigpt4.recipes import finetune
 
-    print(run_finetune(cfg))
+    print(finetune.run(cfg))
 
 
 if __name__ == "__main__":

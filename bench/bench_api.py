@@ -33,9 +33,9 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt4.build import load_model  # noqa: E402
-from minigpt4.config import compose  # noqa: E402
+from minigpt4.config import compose, load_spec  # noqa: E402
 from minigpt4.generation import GenerationSettings  # noqa: E402
-from minigpt4.serving.api import ApiSettings, create_app  # noqa: E402
+from minigpt4.frontends.api import ApiSettings, create_app  # noqa: E402
 from minigpt4.serving.engine import Engine  # noqa: E402
 
 
@@ -146,7 +146,7 @@ def main() -> None:
     args = ap.parse_args()
     overrides = ["model=tiny", "checkpoint=random", "gpu=cpu"] if args.tiny else ["model=7b", "checkpoint=random", "gpu=0"]
     torch.manual_seed(0)
-    loaded = load_model(compose("chat", overrides))
+    loaded = load_model(load_spec(compose("chat", overrides)))
     loaded.template = loaded.template.with_overrides(stop=())
     question = " ".join(["how many red circles are there in the picture"] * 11) + "?"
     engine, server, url = start_server(loaded, max(args.clients), args.new)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt4.build import LoadedModel, load_model  # noqa: E402
 from minigpt4.chat import ChatSession  # noqa: E402
-from minigpt4.config import compose  # noqa: E402
+from minigpt4.config import compose, load_spec  # noqa: E402
 from minigpt4.conversation import clean_answer, encode_prompt  # noqa: E402
 from minigpt4.data.synthetic import make_picture, sample_specs  # noqa: E402
 from minigpt4.generation import GenerationSettings  # noqa: E402
@@ -49,7 +49,7 @@ def sync(device: torch.device) -> None:
 def build(tiny: bool) -> LoadedModel:
     overrides = ["gpu=cpu", "precision=fp32"] if tiny else ["model=7b", "checkpoint=random", "gpu=0"]
     torch.manual_seed(0)
-    loaded = load_model(compose("chat", overrides + ["generation=greedy"]))
+    loaded = load_model(load_spec(compose("chat", overrides + ["generation=greedy"])))
     with torch.no_grad():  # logits only over pieces the tokenizer can print (see the docstring)
         loaded.model.llm.get_output_embeddings().weight[loaded.tokenizer.vocab_size :] = 0
     loaded.template = loaded.template.with_overrides(stop=())  # fixed-length answers

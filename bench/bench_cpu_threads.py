@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt4.build import load_model  # noqa: E402
 from minigpt4.chat import ChatSession  # noqa: E402
-from minigpt4.config import compose  # noqa: E402
+from minigpt4.config import compose, load_spec  # noqa: E402
 from minigpt4.conversation import IMAGE_TOKEN  # noqa: E402
 from minigpt4.data.synthetic import make_picture, sample_specs  # noqa: E402
 from minigpt4.generation import GenerationSettings  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
     counts = args.threads or sorted({1, 2, default})
 
     torch.manual_seed(0)
-    lm = load_model(compose("chat", ["gpu=cpu", "precision=fp32", "generation=greedy", *args.overrides]))
+    lm = load_model(load_spec(compose("chat", ["gpu=cpu", "precision=fp32", "generation=greedy", *args.overrides])))
     lm.template = lm.template.with_overrides(stop=())  # fixed-length answers
     params = sum(p.numel() for p in lm.model.parameters())
     picture = make_picture(sample_specs(1, seed=0)[0])

@@ -85,9 +85,9 @@ def memory_of_chat(precision: str, new: int) -> dict:
     """Peak GPU memory of the whole 7B MiniGPT-4 (random weights, loaded as chat loads it) answering
     one image + 100-token question with chat's 2,000-position cache, in this fresh process."""
     from minigpt4.build import load_model
-    from minigpt4.config import compose
+    from minigpt4.config import compose, load_spec
 
-    lm = load_model(compose("chat", ["model=7b", "checkpoint=random", f"precision={precision}", "gpu=0"]))
+    lm = load_model(load_spec(compose("chat", ["model=7b", "checkpoint=random", f"precision={precision}", "gpu=0"])))
     loaded_gib = torch.cuda.max_memory_allocated() / 2**30
     llm = lm.model.llm
     embeds = torch.randn(1, 132, llm.config.hidden_size, device="cuda", dtype=torch.float16) * 0.02

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt4.build import load_model  # noqa: E402
-from minigpt4.config import compose  # noqa: E402
+from minigpt4.config import compose, load_spec  # noqa: E402
 from minigpt4.conversation import build_prompt, encode_prompt, pad_batch  # noqa: E402
 from minigpt4.data import synthetic  # noqa: E402
 from minigpt4.evaluation.prompts import PromptRow  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> None:
     overrides = ["model=tiny", "checkpoint=random", "gpu=cpu"] if args.tiny else ["model=7b", "checkpoint=random", "gpu=0"]
     torch.manual_seed(0)
     start = time.perf_counter()
-    lm = load_model(compose("evaluate", overrides))
+    lm = load_model(load_spec(compose("evaluate", overrides)))
     load_s = time.perf_counter() - start
     lm.template = lm.template.with_overrides(stop=())  # random weights: no stop string either
     device_name = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else "cpu"

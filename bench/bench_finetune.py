@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from minigpt4.config import compose  # noqa: E402
 from minigpt4.data import synthetic  # noqa: E402
-from minigpt4.train import run_finetune  # noqa: E402
+from minigpt4.recipes.finetune import run as run_finetune  # noqa: E402
 
 
 def make_cc_sbu_align(root: Path, pictures: int, caption_words: int) -> Path:

@@ -32,9 +32,9 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch
 from minigpt4.build import load_model
-from minigpt4.config import compose
+from minigpt4.config import compose, load_spec
 t1 = time.perf_counter()
-lm = load_model(compose("chat", json.loads(sys.argv[1])))
+lm = load_model(load_spec(compose("chat", json.loads(sys.argv[1]))))
 if torch.cuda.is_available():
     torch.cuda.synchronize()
 t2 = time.perf_counter()
@@ -53,7 +53,7 @@ def make_official(directory: Path, model: str, device: str) -> list[str]:
 
     start = time.perf_counter()
     dtype = torch.float16 if device != "cpu" else torch.float32
-    lm = load_model(compose("chat", [f"model={model}", "checkpoint=random", f"gpu={device}"]), dtype=dtype)
+    lm = load_model(load_spec(compose("chat", [f"model={model}", "checkpoint=random", f"gpu={device}"])), dtype=dtype)
     m = lm.model
     for part in (m.vision_model, m.qformer, m.llama_proj):  # small parts to the CPU: files hold CPU tensors
         part.cpu()

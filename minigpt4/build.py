@@ -12,23 +12,23 @@ import importlib.util
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from transformers import LlamaForCausalLM
 
 from minigpt4 import checkpoints as ck
-from minigpt4.config import resolve_device, resolve_precision, to_container
 from minigpt4.conversation import Conversation, Template, get_template
 from minigpt4.decoding.quant import MODES as quant_modes
 from minigpt4.decoding.quant import quantize_llm
+from minigpt4.devices import resolve_precision
 from minigpt4.errors import UserError
 from minigpt4.extras import require
 from minigpt4.images import ImageSource, load_pixels
 from minigpt4.model import PARTS, MiniGPT4, MiniGPT4Config, apply_precision
+from minigpt4.settings import LoadSpec
 from minigpt4.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,17 +69,22 @@ class LoadedModel:
             return self.model.encode_images(self.pixels(images))
 
 
-def load_model(cfg: DictConfig, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Build the model a composed config describes (see conf/model and conf/checkpoint).
-    `dtype` overrides cfg.precision for tools that convert weights without computing (fp16 on CPU)."""
+def load_model(spec: LoadSpec, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Build the model a LoadSpec describes (conf/model, conf/checkpoint; config.load_spec(cfg)
+    makes one from a composed config). `dtype` overrides the precision setting for tools that
+    convert weights without computing (fp16 on CPU)."""
     start = time.perf_counter()
-    threads = _cpu_threads(cfg.get("cpu_threads", "auto"))
-    device = device or resolve_device(cfg.gpu)
-    dtype, quant = (dtype, None) if dtype is not None else resolve_precision(cfg.precision, device)
-    ckpt = {k: (str(v) if v is not None else None) for k, v in to_container(cfg.checkpoint).items()}
-    arch_dict = to_container(cfg.model.arch)
-    template_name = cfg.model.template
-    image_size = int(cfg.model.image_size)
+    threads = _cpu_threads(spec.hardware.cpu_threads)
+    device = device or spec.hardware.device()
+    if dtype is not None:
+        quant = None
+    else:
+        precision = resolve_precision(spec.hardware.precision, device)
+        dtype, quant = precision.dtype, precision.quant
+    ckpt = asdict(spec.checkpoint)
+    arch_dict = spec.model.arch
+    template_name = spec.model.template
+    image_size = int(spec.model.image_size)
 
     bundle_state: dict[str, torch.Tensor] = {}
     bundle_dir = ckpt.get("bundle")
@@ -104,7 +109,7 @@ def load_model(cfg: DictConfig, device: torch.device | None = None, dtype: torch
         if quant in BNB:
             raise UserError(f"precision={quant} quantises a loaded LLM: set checkpoint.llm=/path/to/llm")
         tok_file = Path(bundle_dir) / "tokenizer.model" if bundle_dir else None
-        tokenizer = Tokenizer(tok_file if tok_file and tok_file.is_file() else cfg.model.tokenizer)
+        tokenizer = Tokenizer(tok_file if tok_file and tok_file.is_file() else spec.model.tokenizer)
         if any(k.startswith("llm.") for k in bundle_state):  # the bundle provides every LLM weight
             with torch.device("meta"):
                 llm = LlamaForCausalLM(arch.llm_config())
@@ -150,7 +155,7 @@ def load_model(cfg: DictConfig, device: torch.device | None = None, dtype: torch
     apply_precision(model, dtype)  # also brings fp16-stored official files to the official dtypes
     model.eval()
     _set_cpu_threads(threads, model, device)
-    name = str(cfg.model.name)
+    name = str(spec.model.name)
     result = LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -20,15 +20,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
 
-from minigpt4.build import LoadedModel, load_model
-from minigpt4.config import to_container
+from minigpt4.build import LoadedModel
 from minigpt4.conversation import (
     ASSISTANT,
     IMAGE_MESSAGE,
@@ -40,8 +40,8 @@ from minigpt4.conversation import (
 )
 from minigpt4.decoding import Decoder, cache_keys, make_decoder, reusable_prefix
 from minigpt4.errors import UserError
-from minigpt4.extras import require
 from minigpt4.generation import GenerationSettings, generate
+from minigpt4.settings import MAX_CONTEXT, ChatSettings
 
 _uids = itertools.count()
 
@@ -109,7 +109,7 @@ def _stderr(message: str) -> None:
 class ChatSession:
     """A conversation with one loaded model (batch 1).
 
-    ChatSession(loaded, settings, max_context=2000, system=None, system_text_only=None, reuse_cache=True, seed=None)
+    ChatSession(loaded, settings, max_context=MAX_CONTEXT, system=None, system_text_only=None, reuse_cache=True, seed=None)
       settings     GenerationSettings for every answer (ask/regenerate may pass others)
       max_context  prompt + max_new_tokens stay within this many positions; the oldest whole
                    turns are dropped to fit (said once per conversation through `notify`)
@@ -125,7 +125,7 @@ class ChatSession:
         self,
         loaded: LoadedModel,
         settings: GenerationSettings,
-        max_context: int = 2000,
+        max_context: int = MAX_CONTEXT,
         system: str | None = None,
         system_text_only: str | None = None,
         reuse_cache: bool = True,
@@ -147,19 +147,11 @@ class ChatSession:
         self.reset()
 
     @classmethod
-    def from_cfg(cls, cfg, loaded: LoadedModel, **kwargs) -> "ChatSession":
-        """A session configured by conf/chat.yaml (chat.*, generation.*, seed)."""
-        chat = cfg.get("chat") or {}
-        return cls(
-            loaded,
-            GenerationSettings.from_cfg(cfg.get("generation")),
-            max_context=chat.get("max_context", 2000),
-            system=chat.get("system"),
-            system_text_only=chat.get("system_text_only"),
-            reuse_cache=chat.get("reuse_cache", True),
-            seed=cfg.get("seed"),
-            **kwargs,
-        )
+    def from_settings(cls, settings: ChatSettings, loaded: LoadedModel, **kwargs) -> ChatSession:
+        """A session configured as conf/chat.yaml says (chat.*, generation.*, seed)."""
+        chat = settings.chat
+        return cls(loaded, settings.generation, max_context=chat.max_context, system=chat.system,
+                   system_text_only=chat.system_text_only, reuse_cache=chat.reuse_cache, seed=settings.seed, **kwargs)
 
     # ---- conversation state ----------------------------------------------------------------
     def reset(self) -> None:
@@ -362,57 +354,3 @@ class ChatSession:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         return Reply(answer, result.n_steps, end - start, tokens_per_s, first - start, dropped,
                      result.finish_reason, result.prefilled, reused, peak)
-
-
-def one_shot(session: ChatSession, prompt: str, images: list[str]) -> Reply:
-    """Answer one prompt about `images` (they come first): the answer to stdout, stats to stderr."""
-    session.add_images(list(images))
-    reply = session.ask(prompt)
-    print(reply.text, flush=True)
-    _stderr(reply.summary())
-    return reply
-
-
-def run_chat(cfg) -> None:
-    """chat.py: load the model, then the web page (ui=web), a one-shot answer (chat.prompt=...)
-    or the terminal loop."""
-    ui = (cfg.get("ui") or {}).get("name", "terminal")
-    if ui not in ("terminal", "web", "api"):
-        raise UserError(f"ui={ui}: choose ui=terminal, ui=web or ui=api")
-    if ui == "api":  # before the model loads
-        require("ui=api", "api", "fastapi", "uvicorn")
-    torch.manual_seed(int(cfg.get("seed") or 0))  # an untrained (random) model is reproducible too
-    loaded = load_model(cfg)
-    _stderr(f"model: {loaded.label} on {loaded.device} (loaded in {loaded.load_seconds:.1f} s)")
-    files = {key: path for key, path in to_container(cfg.get("checkpoint")).items() if path}
-    if files:  # which files answer (a checkpoint.proj=... override among them)
-        _stderr("checkpoint: " + ", ".join(f"{key}={path}" for key, path in files.items()))
-    if not loaded.trained:
-        _stderr(
-            "WARNING: this model is UNTRAINED (random weights): its answers are noise. "
-            "Point checkpoint=... at real weights (see docs/CHAT.md)."
-        )
-    if ui == "web":
-        from minigpt4.web import serve
-
-        serve(cfg, loaded)
-        return
-    if ui == "api":
-        from minigpt4.serving.api import serve
-
-        serve(cfg, loaded)
-        return
-    session = ChatSession.from_cfg(cfg, loaded)
-    chat = cfg.get("chat") or {}
-    images = chat.get("images") or []
-    images = [str(images)] if isinstance(images, str) else [str(i) for i in images]  # chat.images=a.png works too
-    if chat.get("prompt"):
-        one_shot(session, str(chat.prompt), images)
-        return
-    from minigpt4.terminal import run_terminal
-
-    try:
-        session.add_images(images)  # chat.images without a prompt: attached to the first message
-    except UserError as err:  # the chat starts all the same, without them
-        _stderr(f"error: {err}")
-    run_terminal(session)

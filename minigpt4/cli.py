@@ -4,10 +4,13 @@ cannot take is one line with the fix before Hydra sees it, and a UserError is on
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.config import CONF_DIR, as_typed, check_syntax, compose
 from minigpt4.errors import exit_on_user_error
@@ -37,3 +40,30 @@ def _check_overrides(config_name: str, argv: list[str]) -> None:
         check_syntax([as_typed(o) for o in args.overrides], config_name)
     else:
         compose(config_name, args.overrides)  # takes free text as typed, too
+
+
+class RunDirCheck(Callback):
+    """Hydra callback (conf/evaluate.yaml): Hydra creates the run folder and writes into it
+    before evaluate.py starts, so a read-only or full disk would end in its traceback. Checked
+    first here, it is one line and exit 2, and no empty folder is left behind."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # for ${hydra:job.config_name}, as Hydra does next
+        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
+        if run_dir.is_dir() and OmegaConf.select(config, "hydra.output_subdir") is None:
+            return  # Hydra writes nothing there (resume= and score_only= check their own run folder)
+        created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write_test"
+            probe.write_bytes(b"ok\n")
+            probe.unlink()
+        except OSError as err:
+            for folder in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            print(f"error: cannot write {run_dir}: {(err.strerror or str(err)).lower()}; make room, or choose "
+                  "a writable folder with hydra.run.dir=DIR", file=sys.stderr)
+            sys.exit(2)

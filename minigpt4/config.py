@@ -1,14 +1,23 @@
-"""Hydra/OmegaConf glue: config composition for scripts and notebooks, devices and precision."""
+"""Hydra/OmegaConf glue: config composition for scripts and notebooks, and the one place a composed
+config becomes typed settings (minigpt4/settings.py)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from minigpt4 import settings
 from minigpt4.errors import UserError
+from minigpt4.generation import GenerationSettings
+from minigpt4.settings import (
+    ChatOptions,
+    ChatSettings,
+    EvaluateOptions,
+    LoadSpec,
+    ServeOptions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -33,13 +42,14 @@ def _run_folder(new_folder, *, _root_):
 for _name, _resolver in (("asset", lambda name: str(ASSETS / name)),  # a file shipped in minigpt4/assets
                          ("repo", lambda path: str(ROOT / path)),  # a file of this repository (--help names docs)
                          ("if_new_run", _if_new_run),
-                         ("run_folder", _run_folder)):
+                         ("run_folder", _run_folder),
+                         ("default", lambda name: getattr(settings, name.upper()))):  # ${default:max_context}
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)
 
 # Keys whose value is a sentence a user types: taken exactly as typed, never as Hydra syntax.
 FREE_TEXT_KEYS = ("chat.prompt", "chat.system", "chat.system_text_only", "benchmark.prompt")
-_FREE_TEXT = re.compile(r"(\+{0,2})(" + "|".join(re.escape(k) for k in FREE_TEXT_KEYS) + r")=(.*)", re.S)
+_FREE_TEXT = re.compile(r"(\+{0,2})(" + "|".join(re.escape(k) for k in FREE_TEXT_KEYS) + r")=(.*)", re.DOTALL)
 
 
 def _hydra_quoted(text: str) -> str:
@@ -94,10 +104,10 @@ def _one_line(message: str, config_name: str) -> str:
         return (f"{match[1]}: no such key in this config; check its spelling (python {config_name}.py --help "
                 f"lists the main keys; {match[2]} would add it)")
     if match := re.search(r"Could not (?:find|load) '(.+?)/(.+?)'", message):
-        options = re.findall(r"^\t(\S+)$", message.split("Config search path")[0], flags=re.M)
+        options = re.findall(r"^\t(\S+)$", message.split("Config search path")[0], flags=re.MULTILINE)
         choose = f"; choose {match[1]}={'|'.join(options)}" if options else ""
         return f"{match[1]}={match[2]}: no such option{choose}"
-    if match := re.match(r"Ambiguous value for argument '(.*?)=(.*)'$", message, flags=re.M):
+    if match := re.match(r"Ambiguous value for argument '(.*?)=(.*)'$", message, flags=re.MULTILINE):
         key, value = match.groups()
         return (f"{key}={value}: a comma makes a list or a sweep; write {key}=[{value}] for a list, "
                 f"or quote it for one value: {_shell_word(f'{key}={_hydra_quoted(value)}')}")
@@ -122,55 +132,29 @@ def compose(config_name: str = "chat", overrides: list[str] | None = None) -> Di
         raise UserError(_one_line(str(err), config_name)) from None
 
 
-def resolve_device(gpu) -> torch.device:
-    """`gpu` as typed on the command line -> the device this process uses.
-
-    auto: the first GPU if there is one, else the CPU; cpu; 0 / cuda:1; [0,1] (first of a list:
-    the others are Lightning's business)."""
-    if isinstance(gpu, (list, tuple, ListConfig)):
-        if not len(gpu):
-            raise UserError("gpu=[]: give at least one GPU index, or gpu=cpu")
-        gpu = gpu[0]
-    text = str(gpu).strip().lower()
-    if text in ("auto", "none", ""):
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    index = text.removeprefix("cuda:")
-    if not index.isdigit():
-        raise UserError(f"gpu={gpu}: use gpu=cpu, gpu=auto, gpu=0 or gpu=[0,1]")
-    if not torch.cuda.is_available():
-        raise UserError(f"gpu={gpu} but no CUDA GPU is visible to this process: use gpu=cpu")
-    if int(index) >= torch.cuda.device_count():
-        raise UserError(f"gpu={gpu} but only {torch.cuda.device_count()} GPU(s) are visible")
-    return torch.device(f"cuda:{index}")
-
-
-def gpu_indices(gpu) -> list[int] | None:
-    """Lightning's `devices` for a gpu setting (None = CPU)."""
-    if isinstance(gpu, (list, tuple, ListConfig)):
-        return [int(resolve_device(g).index) for g in gpu] if resolve_device(gpu).type == "cuda" else None
-    device = resolve_device(gpu)
-    return [device.index] if device.type == "cuda" else None
-
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype, str | None]:
-    """(compute dtype, quantisation or None): 'int8'/'int4' are ours (decoding/quant.py, weight-only,
-    fast decoding); 'bnb-int8'/'bnb-nf4' load the LLM through bitsandbytes."""
-    p = str(precision).lower()
-    if p == "auto":
-        return (torch.float16 if device.type == "cuda" else torch.float32), None
-    if p in _DTYPES:
-        if device.type == "cpu" and p == "fp16":
-            raise UserError("precision=fp16 needs a GPU (fp16 matmuls are not supported on CPU): use fp32 or bf16")
-        return _DTYPES[p], None
-    if p in ("int8", "int4", "bnb-int8", "bnb-nf4"):
-        return (torch.float16 if device.type == "cuda" else torch.float32), p
-    raise UserError(f"precision={precision}: choose auto, fp32, fp16, bf16, int8, int4, bnb-int8 or bnb-nf4")
-
-
 def to_container(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
+
+
+# ---- the typed boundary: a composed config -> minigpt4/settings.py's objects, once -----------------
+def load_spec(cfg) -> LoadSpec:
+    """model.*, checkpoint.*, gpu, precision, cpu_threads -> what build.load_model takes."""
+    return LoadSpec.from_dict(to_container(cfg))
+
+
+def generation_settings(cfg) -> GenerationSettings:
+    """generation.* -> GenerationSettings (checked: a bad value is one UserError)."""
+    return GenerationSettings(**to_container(cfg.generation))
+
+
+def chat_settings(cfg) -> ChatSettings:
+    """conf/chat.yaml, composed -> recipes.chat.run's argument."""
+    plain = to_container(cfg)
+    return ChatSettings(load=LoadSpec.from_dict(plain), generation=GenerationSettings(**plain["generation"]),
+                        chat=ChatOptions(**plain["chat"]), serve=ServeOptions(**plain["serve"]),
+                        ui=plain["ui"], seed=plain.get("seed"))
+
+
+def evaluate_options(cfg) -> EvaluateOptions:
+    """evaluate.* -> EvaluateOptions (checked: batch_size and max_context whole numbers >= 1)."""
+    return EvaluateOptions(**to_container(cfg.evaluate))

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 
-from omegaconf import DictConfig, OmegaConf
-
 from minigpt4.errors import UserError
 
 
@@ -18,8 +16,7 @@ def require(setting: str, extra: str, *modules: str) -> None:
         raise UserError(f"{setting} needs {' and '.join(missing)}: pip install -e '.[{extra}]'")
 
 
-def require_logger(cfg: DictConfig) -> None:
-    """logger=wandb (conf/logger/wandb.yaml) needs the wandb extra."""
-    wandb = OmegaConf.select(cfg, "logger.wandb")
-    if wandb is not None and wandb.get("enabled"):
+def require_logger(wandb: dict | None) -> None:
+    """logger=wandb (conf/logger/wandb.yaml, its `logger.wandb` block) needs the wandb extra."""
+    if wandb and wandb.get("enabled"):
         require("logger=wandb", "wandb", "wandb")

@@ -78,11 +78,6 @@ class GenerationSettings:
     def use_static(self, device: torch.device) -> bool:
         return self.cache == "static" or (self.cache == "auto" and device.type == "cuda")
 
-    @classmethod
-    def from_cfg(cls, cfg) -> "GenerationSettings":
-        values = dict(cfg) if cfg is not None else {}
-        return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
-
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature <= 0

@@ -22,7 +22,7 @@ from minigpt4.chat import ChatSession  # noqa: E402
 from minigpt4.data.synthetic import make_picture, sample_specs  # noqa: E402
 from minigpt4.errors import UserError  # noqa: E402
 from minigpt4.generation import GenerationSettings  # noqa: E402
-from minigpt4.serving.api import ApiSettings, check_bind, create_app  # noqa: E402
+from minigpt4.frontends.api import ApiSettings, check_bind, create_app  # noqa: E402
 from minigpt4.serving.engine import Engine  # noqa: E402
 
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=40)

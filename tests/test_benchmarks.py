@@ -34,7 +34,8 @@ from minigpt4.evaluation.benchmarks.scorers import (
     mme_yes_no,
     pope_yes_no,
 )
-from minigpt4.evaluation.runner import Plan, run_evaluation
+from minigpt4.recipes.evaluate import Plan
+from minigpt4.recipes.evaluate import run as run_evaluation
 from minigpt4.images import StoredImage, load_pixels
 
 DEMO = ["gpu=cpu", "precision=fp32", "evaluate.progress=false"]  # the default checkpoint: the demo model
@@ -439,8 +440,8 @@ def test_kill_9_then_resume_and_two_processes_on_a_tsv(tmp_path):
     assert keys == [f"many.tsv#{i}" for i in range(24)]
     common = [*FAST, *bench, "generation.max_new_tokens=8", "evaluate.batch_size=4"]
     one = run_evaluation(compose("evaluate", common), tmp_path / "one")
-    two = run_evaluation(compose("evaluate", [*common, "trainer.accelerator=cpu", "trainer.devices=2",
-                                              "trainer.strategy=ddp_spawn"]), tmp_path / "two")
+    two = run_evaluation(compose("evaluate", [*common, "launch.accelerator=cpu", "launch.devices=2",
+                                              "launch.strategy=ddp_spawn"]), tmp_path / "two")
     assert read_predictions(resumed) == read_predictions(one) == read_predictions(two)
     summaries = [json.loads((d / "summary.json").read_text()) for d in (one, two)]
     assert summaries[1]["throughput"]["processes"] == 2 and summaries[0]["benchmark"] == summaries[1]["benchmark"]

@@ -16,7 +16,8 @@ from PIL import Image
 from tiny_models import DEMO
 
 import minigpt4.chat as chat_module
-from minigpt4.chat import ChatSession, run_chat
+from minigpt4.chat import ChatSession
+from minigpt4.config import chat_settings
 from minigpt4.conversation import (
     OFFICIAL_SYSTEM,
     TEXT_ONLY_SYSTEM,
@@ -25,9 +26,10 @@ from minigpt4.conversation import (
     get_template,
 )
 from minigpt4.errors import UserError
+from minigpt4.frontends.terminal import run_terminal
 from minigpt4.generation import GenerationSettings
 from minigpt4.model import IMAGE_TOKEN
-from minigpt4.terminal import run_terminal
+from minigpt4.recipes import chat as chat_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=6)
@@ -62,6 +64,11 @@ def recorded(monkeypatch):
 
     monkeypatch.setattr(chat_module, "generate", spy)
     return calls
+
+
+def run_chat(cfg) -> None:
+    """What chat.py does with a composed config."""
+    chat_recipe.run(chat_settings(cfg))
 
 
 def _ids(loaded, prompt: str) -> list[int]:
@@ -321,7 +328,7 @@ def test_run_chat_images_without_a_prompt(tiny_loaded, pictures, monkeypatch, ca
     from minigpt4.config import compose
 
     started = []
-    monkeypatch.setattr("minigpt4.terminal.run_terminal", lambda session: started.append(len(session.conversation.images)))
+    monkeypatch.setattr("minigpt4.frontends.terminal.run_terminal", lambda session: started.append(len(session.conversation.images)))
     run_chat(compose("chat", ["gpu=cpu", "checkpoint=random", f"chat.images={pictures[0]}"]))
     run_chat(compose("chat", ["gpu=cpu", "checkpoint=random", "chat.images=[missing.png]"]))
     assert started == [1, 0]

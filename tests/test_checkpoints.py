@@ -25,7 +25,7 @@ from tiny_models import DEMO, build_tiny
 
 from minigpt4 import checkpoints as ck
 from minigpt4.build import load_model, save_bundle
-from minigpt4.config import compose
+from minigpt4.config import compose, load_spec
 from minigpt4.conversation import encode_prompt
 from minigpt4.errors import UserError
 from minigpt4.model import IMAGE_TOKEN
@@ -37,7 +37,7 @@ LLAMA2 = ["model.arch.qformer=null", "model.template=llama2"]
 
 
 def load(*overrides: str):
-    return load_model(compose("chat", [*FP32, "checkpoint=random", *overrides]))
+    return load_model(load_spec(compose("chat", [*FP32, "checkpoint=random", *overrides])))
 
 
 def outputs(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,4 +396,4 @@ def test_llm_directory_loads_without_accelerate(source, official, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
     assert_same(source, load(*official).model)
     with pytest.raises(UserError, match=r"precision=bnb-int8 needs (bitsandbytes and )?accelerate: pip install -e '.\[quant\]'"):
-        load_model(compose("chat", ["gpu=cpu", "precision=bnb-int8", *official]))
+        load_model(load_spec(compose("chat", ["gpu=cpu", "precision=bnb-int8", *official])))

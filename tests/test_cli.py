@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from minigpt4.config import ROOT, compose
-from minigpt4.evaluation.runner import run_evaluation
+from minigpt4.recipes.evaluate import run as run_evaluation
 from test_evaluate import FAST, write_csv
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -14,7 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from minigpt4.config import CONF_DIR, FREE_TEXT_KEYS, compose, resolve_device, resolve_precision
+from minigpt4.config import CONF_DIR, FREE_TEXT_KEYS, compose, load_spec
+from minigpt4.devices import resolve_device, resolve_precision
 from minigpt4.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,19 +128,27 @@ def test_devices():
 
 
 # ---- precision ----------------------------------------------------------------------------------
+def _dtype_quant(precision):
+    return precision.dtype, precision.quant
+
+
 def test_precisions():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert resolve_precision("auto", cpu) == (torch.float32, None)
-    assert resolve_precision("auto", gpu) == (torch.float16, None)
-    assert resolve_precision("bf16", cpu) == (torch.bfloat16, None)
-    assert resolve_precision("fp16", gpu) == (torch.float16, None)
-    assert resolve_precision("int8", gpu) == (torch.float16, "int8")
-    assert resolve_precision("int4", cpu) == (torch.float32, "int4")
+    assert _dtype_quant(resolve_precision("auto", cpu)) == (torch.float32, None)
+    assert _dtype_quant(resolve_precision("auto", gpu)) == (torch.float16, None)
+    assert _dtype_quant(resolve_precision("bf16", cpu)) == (torch.bfloat16, None)
+    assert _dtype_quant(resolve_precision("fp16", gpu)) == (torch.float16, None)
+    assert _dtype_quant(resolve_precision("int8", gpu)) == (torch.float16, "int8")
+    assert _dtype_quant(resolve_precision("int4", cpu)) == (torch.float32, "int4")
     with pytest.raises(UserError, match="precision=fp16 needs a GPU"):
         resolve_precision("fp16", cpu)
-    assert resolve_precision("bnb-nf4", gpu) == (torch.float16, "bnb-nf4")
+    assert _dtype_quant(resolve_precision("bnb-nf4", gpu)) == (torch.float16, "bnb-nf4")
     with pytest.raises(UserError, match="precision=fp8: choose auto, fp32, fp16, bf16, int8, int4, bnb-int8 or bnb-nf4"):
         resolve_precision("fp8", cpu)
+    # the same setting is Lightning's precision when fine-tuning (trainable parts keep fp32 master weights)
+    assert [resolve_precision(p, gpu).lightning for p in ("auto", "fp16", "bf16", "fp32", "int8")] == [
+        "16-mixed", "16-mixed", "bf16-mixed", "32-true", "16-mixed"]
+    assert resolve_precision("auto", cpu).lightning == "32-true"
 
 
 def test_bf16_on_cpu_runs():
@@ -158,7 +167,7 @@ def test_bitsandbytes_needs_an_llm_directory():
     with pytest.raises(UserError, match="precision=bnb-int8 quantises a loaded LLM: set checkpoint.llm="):
         from minigpt4.build import load_model
 
-        load_model(compose("chat", ["gpu=cpu", "precision=bnb-int8", "checkpoint=random"]))
+        load_model(load_spec(compose("chat", ["gpu=cpu", "precision=bnb-int8", "checkpoint=random"])))
 
 
 @pytest.mark.parametrize("quant", ["bnb-int8", "bnb-nf4"])
@@ -173,9 +182,9 @@ def test_quantised_llm_through_bitsandbytes(tiny_loaded, tmp_path, quant):
     missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         with pytest.raises(UserError, match=f"precision={quant} needs {' and '.join(missing)}: pip install"):
-            load_model(cfg)
+            load_model(load_spec(cfg))
         return
-    loaded = load_model(cfg)
+    loaded = load_model(load_spec(cfg))
     assert loaded.model.llm.is_quantized
     quant_cfg = loaded.model.llm.config.quantization_config
     assert (quant_cfg.load_in_8bit if quant == "bnb-int8" else quant_cfg.load_in_4bit)
@@ -194,7 +203,7 @@ def test_docs_api_examples_run(tmp_path, monkeypatch):
     from PIL import Image
 
     doc = (ROOT / "docs" / "API.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL)
     assert len(blocks) >= 3
     code = "\n".join(blocks)
     as_typed = '["model=7b", "gpu=0"]'
@@ -247,8 +256,8 @@ def test_cpu_threads_auto_is_one_thread_for_a_small_model_on_the_cpu(monkeypatch
 def test_logger_wandb_without_the_extra_is_one_line_before_the_run(monkeypatch, tmp_path):
     import re
 
-    from minigpt4.evaluation.runner import run_evaluation
-    from minigpt4.train import run_finetune
+    from minigpt4.recipes.evaluate import run as run_evaluation
+    from minigpt4.recipes.finetune import run as run_finetune
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if `pip install -e '.[wandb]'` had not run
     message = "^" + re.escape("logger=wandb needs wandb: pip install -e '.[wandb]'") + "$"

@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from minigpt4.config import compose
+from minigpt4.config import compose, generation_settings, load_spec
 from minigpt4.errors import UserError
 from minigpt4.evaluation import metrics, store
 from minigpt4.evaluation.answering import answer_rows
 from minigpt4.evaluation.prompts import PromptFile, parse_files, read_prompt_file
-from minigpt4.evaluation.runner import Plan, run_evaluation
 from minigpt4.generation import GenerationSettings
+from minigpt4.recipes.evaluate import Plan
+from minigpt4.recipes.evaluate import run as run_evaluation
 
 FAST = ["gpu=cpu", "precision=fp32", "checkpoint=random", "evaluate.progress=false"]
 
@@ -128,7 +129,7 @@ def diverse_tiny_model(cfg):
     """The tiny model with larger random weights, so each row gets a different answer."""
     from minigpt4.build import load_model
 
-    lm = load_model(cfg)
+    lm = load_model(load_spec(cfg))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in lm.model.parameters():
@@ -141,7 +142,7 @@ def test_greedy_answers_do_not_depend_on_the_batch_size(prompt_set):
     cfg = cfg_for(prompt_set)
     lm = diverse_tiny_model(cfg)
     plan = Plan.from_cfg(cfg)
-    settings = GenerationSettings.from_cfg(cfg.generation)
+    settings = generation_settings(cfg)
     assert settings.greedy
     answers = {}
     for batch_size in (1, 4):
@@ -181,8 +182,8 @@ def test_demo_model_answers_the_example_set_identically_at_batch_1_and_16_and_th
     from minigpt4.build import load_model
 
     cfg = compose("evaluate", ["gpu=cpu", "precision=fp32", "checkpoint=demo", "generation.max_new_tokens=40"])
-    lm, rows = load_model(cfg), Plan.from_cfg(cfg).rows
-    settings = GenerationSettings.from_cfg(cfg.generation)
+    lm, rows = load_model(load_spec(cfg)), Plan.from_cfg(cfg).rows
+    settings = generation_settings(cfg)
     answers = []
     for batch_size, engine in ((1, False), (16, False), (6, True)):
         out: list[dict] = []
@@ -289,7 +290,7 @@ def test_score_only_metrics_replace_every_files_own_choice(prompt_set, tmp_path)
 
 
 def test_resume_says_which_overrides_it_ignores_and_logs_into_the_run(prompt_set, tmp_path, monkeypatch, caplog):
-    from minigpt4.evaluation import runner
+    from minigpt4.recipes import evaluate as runner
 
     run_dir = run_evaluation(cfg_for(prompt_set), tmp_path / "run")
     monkeypatch.setattr(runner, "_command_line_overrides", lambda: [
@@ -370,10 +371,10 @@ def test_wandb_logs_summary_and_predictions_offline_and_is_imported_only_when_en
 
 
 def test_process_settings_come_from_gpu_or_trainer_keys():
-    from minigpt4.evaluation.runner import _fabric_settings
+    from minigpt4.recipes.evaluate import _fabric_settings
 
     assert _fabric_settings(compose("evaluate", ["gpu=cpu"])) is None  # one process, no Fabric
-    cpu2 = _fabric_settings(compose("evaluate", ["gpu=cpu", "trainer.accelerator=cpu", "trainer.devices=2"]))
+    cpu2 = _fabric_settings(compose("evaluate", ["gpu=cpu", "launch.accelerator=cpu", "launch.devices=2"]))
     assert cpu2 == {"accelerator": "cpu", "devices": 2, "strategy": "auto", "num_nodes": 1}
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):

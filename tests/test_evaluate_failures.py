@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from minigpt4.cli import RunDirCheck
 from minigpt4.config import compose
 from minigpt4.errors import UserError, exit_on_user_error
 from minigpt4.evaluation import store
-from minigpt4.evaluation.runner import run_evaluation
+from minigpt4.recipes.evaluate import run as run_evaluation
 from test_evaluate import FAST, cfg_for, picture, prompt_set, read_predictions, write_csv  # noqa: F401
 
 FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -111,9 +112,9 @@ def test_hydra_run_dir_on_a_read_only_or_full_disk_is_one_line_and_no_empty_fold
     def start(*overrides: str) -> str | None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose("evaluate", list(overrides), return_hydra_config=True)
-        assert cfg.hydra.callbacks.run_dir_check._target_ == "minigpt4.evaluation.store.RunDirCheck"
+        assert cfg.hydra.callbacks.run_dir_check._target_ == "minigpt4.cli.RunDirCheck"
         try:
-            store.RunDirCheck().on_run_start(cfg)
+            RunDirCheck().on_run_start(cfg)
         except SystemExit as exit:
             assert exit.code == 2
             err = capsys.readouterr().err

@@ -15,7 +15,7 @@ from test_evaluate import FAST, picture, read_predictions, write_csv
 
 from minigpt4.config import ROOT, compose
 from minigpt4.evaluation import store
-from minigpt4.evaluation.runner import run_evaluation
+from minigpt4.recipes.evaluate import run as run_evaluation
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +72,8 @@ def test_two_processes_shard_rows_and_merge_to_the_one_process_output(tmp_path):
     prompts = write_csv(tmp_path / "set.csv", ["id", "prompt", "image", "reference"], rows)
     common = [*FAST, f"evaluate.prompts=[{prompts}]", "generation.max_new_tokens=5", "evaluate.batch_size=2"]
     one = run_evaluation(compose("evaluate", common), tmp_path / "one")
-    two = run_evaluation(compose("evaluate", [*common, "trainer.accelerator=cpu", "trainer.devices=2",
-                                              "trainer.strategy=ddp_spawn"]), tmp_path / "two")
+    two = run_evaluation(compose("evaluate", [*common, "launch.accelerator=cpu", "launch.devices=2",
+                                              "launch.strategy=ddp_spawn"]), tmp_path / "two")
     assert read_predictions(two) == read_predictions(one)
     assert (two / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
     assert not (two / "shards").exists()  # merged and removed

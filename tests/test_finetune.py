@@ -24,11 +24,12 @@ import pytorch_lightning as pl
 import torch
 
 from minigpt4.build import load_model
-from minigpt4.config import compose
+from minigpt4.config import compose, load_spec
 from minigpt4.conversation import encode_prompt
 from minigpt4.data import synthetic
 from minigpt4.errors import UserError
-from minigpt4.train import prepare_model, run_finetune
+from minigpt4.recipes.finetune import prepare_model
+from minigpt4.recipes.finetune import run as run_finetune
 from minigpt4.training.data import FinetuneDataModule
 from minigpt4.training.heldout import heldout_accuracy
 from minigpt4.training.module import FinetuneModule, lr_at
@@ -66,7 +67,7 @@ def test_projection_only_finetune_recovers_heldout_accuracy(recovered):
     run_dir, before, summary = recovered
     assert summary["cache_features"] is True and summary["global_step"] == RECOVER_STEPS
     assert summary["trainable"] == ["llama_proj"]
-    lm = load_model(compose("chat", ["gpu=cpu", "checkpoint=demo", f"checkpoint.proj={run_dir / 'projection.pth'}"]))
+    lm = load_model(load_spec(compose("chat", ["gpu=cpu", "checkpoint=demo", f"checkpoint.proj={run_dir / 'projection.pth'}"])))
     after = heldout_accuracy(lm, **HELDOUT)["accuracy"]
     assert before < 0.5, f"a re-initialised projection should not know the pictures ({before})"
     assert after["all"] >= RECOVER_THRESHOLD, after
@@ -79,7 +80,7 @@ def test_both_export_formats_load_to_identical_outputs(recovered):
     assert set(official) == {"model"} and set(official["model"]) == {"llama_proj.weight", "llama_proj.bias"}
     outputs = []
     for proj in ("projection.pth", "projection.safetensors"):
-        lm = load_model(compose("chat", ["gpu=cpu", "checkpoint=demo", f"checkpoint.proj={run_dir / proj}"]))
+        lm = load_model(load_spec(compose("chat", ["gpu=cpu", "checkpoint=demo", f"checkpoint.proj={run_dir / proj}"])))
         assert torch.equal(lm.model.llama_proj.weight, official["model"]["llama_proj.weight"])
         spec = synthetic.sample_specs(1, seed=9)[0]
         conv = lm.conversation()
@@ -183,13 +184,13 @@ def test_resume_from_a_damaged_or_foreign_checkpoint_is_one_line(tmp_path):
 def test_demo_experiment_keeps_the_shipped_model_unless_asked(tmp_path, monkeypatch):
     cfg = compose("finetune", ["experiment=demo"])
     assert not cfg.export_dir and not cfg.install_demo  # a trial run must not replace minigpt4/assets/demo
-    import minigpt4.train
+    import minigpt4.recipes.finetune
 
     shipped = tmp_path / "assets" / "demo"  # stands in for minigpt4/assets/demo
     shipped.mkdir(parents=True)
     (shipped / "model.safetensors").write_bytes(b"the model shipped before")
-    monkeypatch.setattr(minigpt4.train, "SHIPPED_DEMO", shipped)
-    demo = ["experiment=demo", "trainer.precision=32-true", "heldout.pictures=0", "data.size=8",
+    monkeypatch.setattr(minigpt4.recipes.finetune, "SHIPPED_DEMO", shipped)
+    demo = ["experiment=demo", "precision=fp32", "heldout.pictures=0", "data.size=8",
             "trainer.batch_size=4", "trainer.max_steps=1"]
     run = run_finetune(finetune_cfg(tmp_path / "trial", *demo))
     assert (run / "model" / "model.safetensors").is_file()
@@ -199,8 +200,8 @@ def test_demo_experiment_keeps_the_shipped_model_unless_asked(tmp_path, monkeypa
     assert sorted(p.name for p in shipped.parent.iterdir()) == ["demo"]  # swapped in whole, nothing left over
     for name in ("minigpt4.json", "tokenizer.model"):
         assert (shipped / name).read_bytes() == (run / "model" / name).read_bytes()
-    installed = load_model(compose("chat", ["gpu=cpu", "checkpoint=demo", f"checkpoint.bundle={shipped}"]))
-    trained = load_model(compose("chat", ["gpu=cpu", "checkpoint=demo", f"checkpoint.bundle={run / 'model'}"]))
+    installed = load_model(load_spec(compose("chat", ["gpu=cpu", "checkpoint=demo", f"checkpoint.bundle={shipped}"])))
+    trained = load_model(load_spec(compose("chat", ["gpu=cpu", "checkpoint=demo", f"checkpoint.bundle={run / 'model'}"])))
     assert all(torch.equal(a, b) for a, b in zip(installed.model.state_dict().values(),
                                                  trained.model.state_dict().values()))
     with pytest.raises(UserError, match="install_demo"):

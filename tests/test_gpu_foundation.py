@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gpu
 
 def measure_7b(overrides: tuple[str, ...] = ()) -> dict:
     from minigpt4.build import load_model
-    from minigpt4.config import compose
+    from minigpt4.config import compose, load_spec
     from minigpt4.conversation import encode_example, encode_prompt, pad_batch
     from minigpt4.generation import GenerationSettings, generate
 
@@ -28,7 +28,7 @@ def measure_7b(overrides: tuple[str, ...] = ()) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    loaded = load_model(compose("chat", ["model=7b", "checkpoint=random", "gpu=0", *overrides]))
+    loaded = load_model(load_spec(compose("chat", ["model=7b", "checkpoint=random", "gpu=0", *overrides])))
     torch.cuda.synchronize()
     load_s = time.perf_counter() - start
     model, tok = loaded.model, loaded.tokenizer
@@ -107,7 +107,7 @@ def test_7b_official_files_load_fast_and_exactly(cuda, tmp_path):
     from minigpt4.config import compose
 
     torch.manual_seed(0)
-    source = load_model(compose("chat", ["model=7b", "checkpoint=random", "gpu=0"])).model
+    source = load_model(load_spec(compose("chat", ["model=7b", "checkpoint=random", "gpu=0"]))).model
     with torch.no_grad():  # EVA has no k bias: zero it so that the official layout holds the model exactly
         for layer in source.vision_model.encoder.layers:
             layer.self_attn.qkv.bias[1408:2816] = 0
@@ -119,7 +119,7 @@ def test_7b_official_files_load_fast_and_exactly(cuda, tmp_path):
     write_s = time.perf_counter() - start
     torch.cuda.synchronize()
     start = time.perf_counter()
-    loaded = load_model(compose("chat", ["model=7b", "gpu=0", *files]))
+    loaded = load_model(load_spec(compose("chat", ["model=7b", "gpu=0", *files])))
     torch.cuda.synchronize()
     load_s = time.perf_counter() - start
     assert loaded.trained and loaded.model.llm.dtype == torch.float16

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from minigpt4.chat import ChatSession
-from minigpt4.config import compose
+from minigpt4.config import compose, load_spec
 from minigpt4.errors import UserError
 from minigpt4.generation import GenerationSettings
 from minigpt4.images import load_image
-from minigpt4.terminal import run_terminal
+from minigpt4.frontends.terminal import run_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=4)
@@ -135,7 +135,7 @@ def test_a_pickle_that_runs_code_is_refused_by_name_when_building(tmp_path):
 
     path = _hostile(tmp_path / "proj.pth")
     with pytest.raises(UserError) as err:
-        load_model(compose("chat", ["gpu=cpu", "checkpoint=random", f"checkpoint.proj={path}"]))
+        load_model(load_spec(compose("chat", ["gpu=cpu", "checkpoint=random", f"checkpoint.proj={path}"])))
     assert str(err.value) == f"checkpoint.proj={path} {REFUSED}"
     assert not path.with_suffix(".ran").exists()
 
@@ -151,7 +151,7 @@ def test_a_pickle_that_runs_code_is_refused_by_name_by_the_weight_tools(tmp_path
 
 
 def test_a_resume_checkpoint_that_runs_code_is_refused_before_training(tmp_path):
-    from minigpt4.train import run_finetune
+    from minigpt4.recipes.finetune import run as run_finetune
 
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)

@@ -121,10 +121,10 @@ def test_an_llm_directory_is_quantized_on_its_way_to_the_device(tiny_loaded, tmp
     from official_files import write_llama_dir
 
     from minigpt4.build import load_model
-    from minigpt4.config import compose
+    from minigpt4.config import compose, load_spec
 
     llm = write_llama_dir(tiny_loaded.model, tmp_path / "llm")
-    loaded = load_model(compose("chat", ["gpu=cpu", "precision=int8", "checkpoint=random", f"checkpoint.llm={llm}"]))
+    loaded = load_model(load_spec(compose("chat", ["gpu=cpu", "precision=int8", "checkpoint=random", f"checkpoint.llm={llm}"])))
     assert quantized_mode(loaded.model.llm) == "int8"
     assert type(loaded.model.llm.model.layers[-1].mlp.up_proj) is QuantLinear
     with torch.inference_mode():

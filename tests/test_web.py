@@ -1,4 +1,4 @@
-"""The web page (minigpt4/web.py) in a real browser: headless Chromium driven by Playwright.
+"""The web page (minigpt4/frontends/web.py) in a real browser: headless Chromium driven by Playwright.
 
 The server runs in this process on a free port with the shipped tiny demo model (greedy, so
 answers are reproducible; it answers single-picture questions about the synthetic shapes
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minigpt4.config import ROOT, compose
+from minigpt4.config import ROOT, chat_settings, compose, load_spec
 from minigpt4.errors import UserError
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -80,7 +80,7 @@ def engine_request(events: list[tuple[str, str]], pause: float = 0.0, reason: st
 
 
 def test_stream_request_yields_the_growing_answer():
-    from minigpt4.web import stream_request
+    from minigpt4.frontends.web import stream_request
 
     request = engine_request([("delta", piece) for piece in ("a", "b", "c")], pause=0.01)
     texts = list(stream_request(request, threading.Event()))
@@ -89,7 +89,7 @@ def test_stream_request_yields_the_growing_answer():
 
 
 def test_stream_request_cancels_the_request_when_the_tab_stops_or_goes_away():
-    from minigpt4.web import AnswerFailed, Cancelled, stream_request
+    from minigpt4.frontends.web import AnswerFailed, Cancelled, stream_request
 
     cancel = threading.Event()
     request = engine_request([("delta", "x")] * 1000, pause=0.002)
@@ -112,12 +112,12 @@ def test_stream_request_cancels_the_request_when_the_tab_stops_or_goes_away():
 
 
 def test_notices_escape_html_and_log_a_user_error_as_one_info_line(caplog):
-    from minigpt4.web import explain, notice
+    from minigpt4.frontends.web import explain, notice
 
     assert notice() == ""  # nothing to say: the line is hidden
     hostile = notice('image <img src=x onerror="alert(1)">.png: not an image file')
     assert "<img" not in hostile and "&lt;img" in hostile and 'role="alert"' in hostile
-    caplog.set_level(logging.INFO, logger="minigpt4.web")
+    caplog.set_level(logging.INFO, logger="minigpt4.frontends.web")
     shown = explain(UserError("message too long:\nshorten it"), "the answer")
     assert "refused" in shown and "message too long" in shown
     [record] = caplog.records
@@ -134,13 +134,13 @@ def test_notices_escape_html_and_log_a_user_error_as_one_info_line(caplog):
 
 
 def test_busy_port_is_a_user_error(tiny_loaded):
-    from minigpt4.web import serve
+    from minigpt4.frontends.web import serve
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(UserError, match="ui.port"):
-            serve(web_cfg(taken.getsockname()[1]), tiny_loaded, block=False)
+            serve(chat_settings(web_cfg(taken.getsockname()[1])), tiny_loaded, block=False)
 
 
 @pytest.mark.slow
@@ -211,11 +211,11 @@ class ModelProbe:
 @pytest.fixture(scope="module")
 def server():
     from minigpt4.build import load_model
-    from minigpt4.web import serve
+    from minigpt4.frontends.web import serve
 
     cfg = web_cfg(free_port())
-    loaded = load_model(cfg)
-    app = serve(cfg, loaded, block=False)
+    loaded = load_model(load_spec(cfg))
+    app = serve(chat_settings(cfg), loaded, block=False)
     probe = ModelProbe(app.engine, loaded.model.llm)
     port = cfg.ui.port
     yield f"http://127.0.0.1:{port}/", probe
@@ -471,7 +471,7 @@ def test_refusals_say_why_in_place_and_keep_the_conversation(open_page, tmp_path
     """A non-image file and a question longer than chat.max_context: the reason stays on the page
     (no vanishing toast), the conversation stays visible (no error overlay), the server logs one
     info line (no traceback), and the next good message works."""
-    caplog.set_level(logging.INFO, logger="minigpt4.web")
+    caplog.set_level(logging.INFO, logger="minigpt4.frontends.web")
     broken = tmp_path / "holiday.png"
     broken.write_text("not really a picture")
     page = open_page()
@@ -508,7 +508,7 @@ def test_refusals_say_why_in_place_and_keep_the_conversation(open_page, tmp_path
     assert_conversation_visible(page, user_messages=2, answers=2)
     assert last_answer(page) and count(page, "#notice .notice") == 0
 
-    refused = [r for r in caplog.records if r.name == "minigpt4.web" and "refused" in r.getMessage()]
+    refused = [r for r in caplog.records if r.name == "minigpt4.frontends.web" and "refused" in r.getMessage()]
     assert [r.levelno for r in refused] == [logging.INFO, logging.INFO], [r.getMessage() for r in refused]
     assert all("\n" not in r.getMessage() and not r.exc_info for r in refused)
     printed = capfd.readouterr()
@@ -616,11 +616,11 @@ def save_screenshot(path: str, overrides: list[str]) -> None:
 
     from minigpt4.build import load_model
     from minigpt4.data.synthetic import make_picture, sample_specs
-    from minigpt4.web import serve
+    from minigpt4.frontends.web import serve
 
     port = free_port()
     cfg = compose("chat", ["gpu=cpu", "ui=web", f"ui.port={port}", "generation=greedy", *overrides])
-    app = serve(cfg, load_model(cfg), block=False)
+    app = serve(chat_settings(cfg), load_model(load_spec(cfg)), block=False)
     folder = Path(tempfile.mkdtemp())
     pictures = []
     for i, spec in enumerate(sample_specs(2, seed=11)):

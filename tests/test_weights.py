@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minigpt4 import checkpoints as ck
 from minigpt4.build import load_model
 from minigpt4.checkpoints import TensorFiles
-from minigpt4.config import compose, to_container
+from minigpt4.config import compose, load_spec, to_container
 from minigpt4.conversation import encode_prompt
 from minigpt4.errors import UserError
 from minigpt4.weights.__main__ import main
@@ -118,7 +118,7 @@ def test_apply_delta_equals_fastchat_0_1_10(tmp_path, pieces):
     assert (target / "tokenizer.model").read_bytes() == TINY_TOKENIZER.read_bytes()
     assert _leftovers(tmp_path) == []
     # the result is a usable checkpoint.llm for the tiny architecture
-    lm = load_model(compose("chat", [*FP32_CPU, "checkpoint=random", f"checkpoint.llm={target}"]))
+    lm = load_model(load_spec(compose("chat", [*FP32_CPU, "checkpoint=random", f"checkpoint.llm={target}"])))
     assert lm.model.llm.config.vocab_size == pieces + 1 and "llm" not in lm.random_parts
 
 
@@ -257,8 +257,8 @@ def test_bundle_round_trip(official, tmp_path, capsys):
     meta = json.loads((out / ck.BUNDLE_JSON).read_text())
     assert meta["arch"]["llm"]["hidden_size"] == H and meta["sources"]["vit"].endswith("eva_vit_g.pth")
 
-    official_lm = load_model(compose("chat", [*FP32_CPU, *overrides]))
-    bundled = load_model(compose("chat", [*FP32_CPU, "checkpoint=bundle", f"checkpoint.bundle={out}"]))
+    official_lm = load_model(load_spec(compose("chat", [*FP32_CPU, *overrides])))
+    bundled = load_model(load_spec(compose("chat", [*FP32_CPU, "checkpoint=bundle", f"checkpoint.bundle={out}"])))
     assert bundled.trained and bundled.template.name == official_lm.template.name
     want, got = official_lm.model.state_dict(), bundled.model.state_dict()
     assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
@@ -292,7 +292,7 @@ def test_bundle_reads_straight_to_gpu(official, tmp_path):
     out = bundle([*FP32_CPU, *overrides], tmp_path / "bundle", dtype="fp16")
     state, _ = ck.read_bundle(out, "checkpoint.bundle", device="cuda:0")
     assert all(t.is_cuda for t in state.values())
-    lm = load_model(compose("chat", ["gpu=0", "checkpoint=bundle", f"checkpoint.bundle={out}"]))
+    lm = load_model(load_spec(compose("chat", ["gpu=0", "checkpoint=bundle", f"checkpoint.bundle={out}"])))
     assert lm.model.llm.lm_head.weight.is_cuda and lm.trained
 
 
@@ -302,7 +302,7 @@ def test_export_hf_gives_the_same_logits(official, tmp_path):
 
     overrides, _ = official
     out = export_hf([*FP32_CPU, *overrides], tmp_path / "hf", dtype="fp32")
-    ours = load_model(compose("chat", [*FP32_CPU, *overrides]))
+    ours = load_model(load_spec(compose("chat", [*FP32_CPU, *overrides])))
     hf = Blip2ForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     info = json.loads((out / "minigpt4_export.json").read_text())
     assert info["image_token_id"] == hf.config.image_token_id == ours.tokenizer.vocab_size

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from minigpt4.config import ASSETS
+from minigpt4.config import ASSETS, load_spec
 
 DEMO = ASSETS / "demo"  # checkpoint=demo (conf/checkpoint/demo.yaml)
 
@@ -22,7 +22,7 @@ def build_tiny(overrides: list[str] | None = None, seed: int = 0):
     from minigpt4.config import compose
 
     torch.manual_seed(seed)
-    return load_model(compose("chat", ["gpu=cpu", "precision=fp32", "checkpoint=random", *(overrides or [])]))
+    return load_model(load_spec(compose("chat", ["gpu=cpu", "precision=fp32", "checkpoint=random", *(overrides or [])])))
 
 
 def load_demo(overrides: list[str] | None = None):

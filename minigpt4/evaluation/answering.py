@@ -10,8 +10,8 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 
@@ -21,12 +21,13 @@ from minigpt4.errors import UserError
 from minigpt4.evaluation.prompts import PromptRow
 from minigpt4.generation import COMPILE_PAYS_FROM_TOKENS, GenerationSettings, generate
 from minigpt4.serving.engine import Engine, Request
+from minigpt4.settings import MAX_CONTEXT
 
 log = logging.getLogger(__name__)
 
 
 def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_size: int,
-                write: Callable[[dict], None], max_context: int = 2000, progress: bool = False,
+                write: Callable[[dict], None], max_context: int = MAX_CONTEXT, progress: bool = False,
                 engine: bool = False) -> dict:
     """Answer rows in batches of similar length (engine=True: through the serving engine, with
     batch_size rows decoded at once); each finished (or failed) row is written at once.

@@ -15,8 +15,6 @@ from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from minigpt4.config import ROOT
 from minigpt4.evaluation import store
 from minigpt4.evaluation.benchmarks.scorers import Panel
@@ -29,9 +27,11 @@ NO_CATEGORY = "(none)"
 PACKAGES = ("torch", "transformers", "pytorch-lightning", "sentencepiece", "sacrebleu", "hydra-core", "minigpt4")
 
 
-def write_report(run_dir: Path, cfg: DictConfig, plan, records: list[dict], throughput: dict | None,
+def write_report(run_dir: Path, config: dict, plan, records: list[dict], throughput: dict | None,
                  score_only: bool = False, pending: int | None = 0) -> dict:
     """Score every record with its file's metrics, write the three result files, return the summary.
+    config: the run's settings as a plain dict (recorded in summary.json; its logger.wandb block
+    sends the results to Weights & Biases too).
     pending: rows of the prompt set not answered yet (a re-scored partial run; None: unknown)."""
     scored = []  # (record, row, scores)
     for record in records:
@@ -54,19 +54,19 @@ def write_report(run_dir: Path, cfg: DictConfig, plan, records: list[dict], thro
         "pending_rows": pending,
         "throughput": throughput,
         "score_only": score_only,
-        "seed": cfg.get("seed"),
+        "seed": config.get("seed"),
         "git": _git(),
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config,
     }
     store.write_json(run_dir / "summary.json", summary)
     panels = _metric_panels(summary) + (plan.benchmark.scorer.panels(benchmark[0]) if benchmark else [])
     what = plan.benchmark.name if benchmark else "metrics per category"
     _chart(run_dir / "metrics_by_category.png", panels, f"{summary.get('model') or ''} - {what}".strip(" -"))
-    wandb_cfg = OmegaConf.select(cfg, "logger.wandb")
-    if wandb_cfg is not None and wandb_cfg.get("enabled"):
-        _log_wandb(run_dir, OmegaConf.to_container(wandb_cfg, resolve=True), summary, run_dir / "predictions.csv")
+    wandb = (config.get("logger") or {}).get("wandb")
+    if wandb and wandb.get("enabled"):
+        _log_wandb(run_dir, wandb, summary, run_dir / "predictions.csv")
     if benchmark:
         log.info("results in %s: %s: %s", run_dir, plan.benchmark.name, _headline(benchmark[0]))
     if summary["metrics"] or not benchmark:

@@ -16,12 +16,9 @@ import contextlib
 import fcntl
 import json
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
-
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from typing import IO
 
 from minigpt4.checkpoints import atomic_write
 from minigpt4.errors import UserError
@@ -146,7 +143,7 @@ class RecordWriter:
     def close(self) -> None:
         self.file.close()
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -203,30 +200,3 @@ def run_lock(run_dir: Path):
         with contextlib.suppress(OSError):
             path.unlink()  # still holding the lock: a process waiting on this file retries
         os.close(fd)
-
-
-class RunDirCheck(Callback):
-    """Hydra callback (conf/evaluate.yaml): Hydra creates the run folder and writes into it
-    before evaluate.py starts, so a read-only or full disk would end in its traceback. Checked
-    first here, it is one line and exit 2, and no empty folder is left behind."""
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        HydraConfig.instance().set_config(config)  # for ${hydra:job.config_name}, as Hydra does next
-        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()
-        if run_dir.is_dir() and OmegaConf.select(config, "hydra.output_subdir") is None:
-            return  # Hydra writes nothing there (resume= and score_only= check their own run folder)
-        created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write_test"
-            probe.write_bytes(b"ok\n")
-            probe.unlink()
-        except OSError as err:
-            for folder in created:  # deepest first
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            print(f"error: cannot write {run_dir}: {(err.strerror or str(err)).lower()}; make room, or choose "
-                  "a writable folder with hydra.run.dir=DIR", file=sys.stderr)
-            sys.exit(2)

@@ -24,8 +24,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 
@@ -34,7 +34,8 @@ from minigpt4.conversation import Conversation, encode_prompt
 from minigpt4.decoding import StaticDecoder, cache_keys, reusable_prefix
 from minigpt4.decoding.fused import unsupported_reason
 from minigpt4.errors import UserError
-from minigpt4.generation import GenerationSettings, next_tokens, StreamState
+from minigpt4.generation import GenerationSettings, StreamState, next_tokens
+from minigpt4.settings import MAX_CONTEXT, ChatSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Request:
     stops: tuple[str, ...]
     generator: torch.Generator | None
     id: int = field(default_factory=lambda: next(_ids))
-    events: "queue.Queue[tuple[str, str]]" = field(default_factory=queue.Queue)  # ("delta", text) | ("done", reason) | ("error", msg)
+    events: queue.Queue[tuple[str, str]] = field(default_factory=queue.Queue)  # ("delta", text) | ("done", reason) | ("error", msg)
     notify: Callable[[], None] | None = None  # called (on the engine thread) after each event
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -123,9 +124,16 @@ def default_slots(device: torch.device, llm, max_len: int) -> int:
 
 
 class Engine:
-    """Engine(loaded, slots=None, max_context=2000, max_queue=64): call submit() from any thread."""
+    """Engine(loaded, slots=None, max_context=MAX_CONTEXT, max_queue=64): call submit() from any thread."""
 
-    def __init__(self, loaded: LoadedModel, slots: int | None = None, max_context: int = 2000, max_queue: int = 64):
+    @classmethod
+    def for_chat(cls, loaded: LoadedModel, settings: ChatSettings) -> Engine:
+        """The engine of chat.py's ui=web and ui=api: serve.slots rows (None: the device's
+        default), serve.max_queue, chat.max_context."""
+        return cls(loaded, slots=settings.serve.slots or None, max_context=settings.chat.max_context,
+                   max_queue=settings.serve.max_queue)
+
+    def __init__(self, loaded: LoadedModel, slots: int | None = None, max_context: int = MAX_CONTEXT, max_queue: int = 64):
         self.loaded = loaded
         self.max_len = -(-(max_context + 1) // 64) * 64
         self.max_context = max_context
@@ -228,7 +236,7 @@ class Engine:
                     self._admit()
                     if any(self.rows):
                         self._step()
-            except Exception as err:  # noqa: BLE001 - fail the requests in flight, keep serving
+            except Exception as err:
                 log.exception("engine step failed")
                 for i, active in enumerate(self.rows):
                     if active is not None:

@@ -72,7 +72,7 @@ if __name__ == "__main__":  # python -m minigpt4.training.heldout [pictures=300]
     import sys
 
     from minigpt4.build import load_model
-    from minigpt4.config import compose
+    from minigpt4.config import compose, load_spec
 
     opts = {"pictures": "300", "seed": "1000", "kinds": "colour,shape,count"}
     overrides = []
@@ -80,6 +80,6 @@ if __name__ == "__main__":  # python -m minigpt4.training.heldout [pictures=300]
         key = arg.split("=", 1)[0]
         (opts.__setitem__(key, arg.split("=", 1)[1]) if key in opts else overrides.append(arg))
     kinds = synthetic.KINDS if opts["kinds"] == "all" else tuple(opts["kinds"].split(","))
-    lm = load_model(compose("chat", overrides))
+    lm = load_model(load_spec(compose("chat", overrides)))
     result = heldout_accuracy(lm, int(opts["pictures"]), int(opts["seed"]), kinds)
     print(json.dumps({"model": lm.label, **result}, indent=2))

@@ -29,6 +29,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from minigpt4.config import CONF_DIR, to_container
+from minigpt4.devices import resolve_precision
 from minigpt4.errors import UserError
 
 # The keys the trainer and the Lightning module read are those of the shipped recipe.
@@ -44,12 +45,6 @@ def check_trainer_keys(t: DictConfig) -> None:
         if unknown:
             raise UserError(f"{section}.{unknown[0]}: no such setting (it would be ignored); "
                             f"the known ones are {section}.{{{','.join(known)}}}")
-
-
-def trainer_precision(precision: str, device: torch.device) -> str:
-    if str(precision) == "auto":
-        return "16-mixed" if device.type == "cuda" else "32-true"
-    return str(precision)
 
 
 class StopRequest:
@@ -183,7 +178,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, devices: list[int] | None, sto
         accelerator="gpu" if devices else "cpu",
         devices=devices or 1,
         strategy=str(t.get("strategy", "auto")),
-        precision=trainer_precision(t.precision, device),
+        precision=resolve_precision(cfg.precision, device).lightning,
         max_epochs=int(t.max_epochs),
         max_steps=int(t.max_steps) if t.get("max_steps") else -1,
         limit_train_batches=int(t.iters_per_epoch) if t.iters_per_epoch else 1.0,

@@ -17,7 +17,8 @@ import torch
 
 from minigpt4.build import LoadedModel, load_model, save_bundle
 from minigpt4.checkpoints import GB, check_target
-from minigpt4.config import compose, resolve_device
+from minigpt4.config import compose, load_spec
+from minigpt4.devices import resolve_device
 from minigpt4.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def load_for_conversion(overrides: list[str], dtype: str, allow_random: bool = F
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     cfg = compose("chat", overrides)
-    lm = load_model(cfg, device=resolve_device(cfg.gpu), dtype=DTYPES[dtype])
+    lm = load_model(load_spec(cfg), device=resolve_device(cfg.gpu), dtype=DTYPES[dtype])
     if lm.random_parts and not allow_random:
         raise UserError(
             f"{', '.join(lm.random_parts)} would be random (no file given): set the checkpoint.* keys "

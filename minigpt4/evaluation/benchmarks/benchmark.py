@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.errors import UserError
 from minigpt4.evaluation.benchmarks.answers import read_answers
@@ -82,15 +81,15 @@ class Benchmark:
         return self.path.name
 
     @classmethod
-    def from_cfg(cls, node: DictConfig, files_needed: bool = True) -> Benchmark:
+    def from_dict(cls, node: dict, files_needed: bool = True) -> Benchmark:
         """Checked in full before any model loads; paths are made absolute. files_needed=False:
         re-scoring saved answers, which needs the settings but not the files."""
         where = _existing if files_needed else (lambda value, key: Path(str(value)))
-        if OmegaConf.is_missing(node, "path") or not node.get("path"):
-            name = f" {node.name}" if node.get("name") else ""
+        if node.get("path") in (None, "", "???"):
+            name = f" {node['name']}" if node.get("name") else ""
             raise UserError(f"the benchmark{name} needs its file: benchmark.path=/path/to/FILE "
                             "(docs/BENCHMARKS_VLM.md says where each benchmark's file comes from)")
-        path = where(node.path, "benchmark.path")
+        path = where(node["path"], "benchmark.path")
         fmt = str(node.get("format") or "auto")
         if fmt not in FORMATS:
             raise UserError(f"benchmark.format={fmt}: use one of {list(FORMATS)}")
@@ -99,7 +98,7 @@ class Benchmark:
             raise UserError(f"benchmark.scorer={scorer}: use one of {list(SCORERS)}")
         columns = dict(DEFAULT_COLUMNS)
         given = node.get("columns")
-        for field, names in (OmegaConf.to_container(given, resolve=True) if given is not None else {}).items():
+        for field, names in (given or {}).items():
             if field not in DEFAULT_COLUMNS:
                 raise UserError(f"benchmark.columns.{field}: no such field; name the columns of {list(DEFAULT_COLUMNS)}")
             columns[field] = tuple([names] if isinstance(names, str) else names)
@@ -110,8 +109,8 @@ class Benchmark:
         _check_template(prompt)
         return cls(
             name=str(node.get("name") or path.stem), path=path, format=fmt,
-            images=where(node.images, "benchmark.images") if node.get("images") else None,
-            answers=where(node.answers, "benchmark.answers") if node.get("answers") else None,
+            images=where(node["images"], "benchmark.images") if node.get("images") else None,
+            answers=where(node["answers"], "benchmark.answers") if node.get("answers") else None,
             scorer=SCORERS[scorer], prompt=prompt, circular=bool(node.get("circular", False)), columns=columns,
             limit=limit)
 

@@ -1,4 +1,4 @@
-"""Stage-2 fine-tuning: `run_finetune(cfg)` is what `python finetune.py` runs (see docs/FINETUNE.md).
+"""Stage-2 fine-tuning: `run(cfg)` is what `python finetune.py` runs (see docs/FINETUNE.md).
 
     load_model(cfg) -> freeze all but cfg.trainable -> data (bad rows skipped, image features
     cached when the image side is frozen) -> Lightning fit (resume= continues a run in its folder)
@@ -27,7 +27,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from minigpt4 import checkpoints as ck
 from minigpt4.build import LoadedModel, load_model, save_bundle
-from minigpt4.config import ASSETS, gpu_indices, resolve_device
+from minigpt4.config import ASSETS, load_spec, to_container
+from minigpt4.devices import gpu_indices, resolve_device
 from minigpt4.errors import UserError
 from minigpt4.extras import require_logger
 from minigpt4.model import PARTS
@@ -89,7 +90,7 @@ def check_settings(cfg: DictConfig) -> None:
     if unknown:
         raise UserError(f"trainable: unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
     check_trainer_keys(cfg.trainer)
-    require_logger(cfg)
+    require_logger(to_container(cfg.logger).get("wandb"))
     if cfg.get("install_demo") and str(cfg.model.name) != "tiny":
         raise UserError(f"install_demo=true replaces the shipped demo model (model=tiny), but this run trains "
                         f"model={cfg.model.name}: leave install_demo out (the model is in the run folder)")
@@ -97,7 +98,7 @@ def check_settings(cfg: DictConfig) -> None:
 
 def prepare_model(cfg: DictConfig, device: torch.device) -> LoadedModel:
     """Load, re-initialise cfg.reinit parts, train cfg.trainable (in fp32: master weights)."""
-    lm = load_model(cfg, device=device)
+    lm = load_model(load_spec(cfg), device=device)
     model = lm.model
     trainable = [str(p) for p in cfg.trainable]
     for part in cfg.get("reinit") or []:
@@ -137,7 +138,7 @@ def export(lm: LoadedModel, run_dir: Path, cfg: DictConfig, whole_model: bool = 
     return out
 
 
-def run_finetune(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig) -> Path:
     """Fine-tune as the config says; return the run directory (see the module docstring).
     Interrupted (Ctrl-C, SIGTERM), it saves what it has and raises KeyboardInterrupt."""
     check_settings(cfg)

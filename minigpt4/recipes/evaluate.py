@@ -1,4 +1,4 @@
-"""Batch evaluation: prompt CSVs (or a benchmark's file) -> answers saved row by row -> scores
+"""`python evaluate.py`: prompt CSVs prompt CSVs (or a benchmark's file) -> answers saved row by row -> scores
 and a report.
 
     rows (validated, no model; benchmarks/ reads benchmark files) -> shard rank::world -> group by length -> batches
@@ -8,7 +8,7 @@ and a report.
 
 The run directory holds config.yaml (resolved), so `resume=<run dir>` continues with the same
 model, prompts and decoding, and `score_only=<run dir>` re-scores without a model. Several
-processes go through Lightning Fabric: `gpu=[0,1]`, or trainer.* for anything else.
+processes go through Lightning Fabric: `gpu=[0,1]`, or launch.* for anything else.
 """
 
 from __future__ import annotations
@@ -17,29 +17,41 @@ import contextlib
 import copy
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from minigpt4.config import ROOT, resolve_device
+from minigpt4.config import (
+    ROOT,
+    evaluate_options,
+    generation_settings,
+    load_spec,
+    to_container,
+)
+from minigpt4.devices import resolve_device
 from minigpt4.errors import UserError
 from minigpt4.evaluation import store
 from minigpt4.evaluation.answering import answer_rows
 from minigpt4.evaluation.benchmarks.benchmark import Benchmark
 from minigpt4.evaluation.metrics import DEFAULT_METRICS, check_metrics
-from minigpt4.evaluation.prompts import PromptFile, PromptRow, load_prompt_set, parse_files
+from minigpt4.evaluation.prompts import (
+    PromptFile,
+    PromptRow,
+    load_prompt_set,
+    parse_files,
+)
 from minigpt4.evaluation.report import write_report
 from minigpt4.extras import require_logger
-from minigpt4.generation import GenerationSettings
+from minigpt4.settings import Launch
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 # On resume everything comes from the run's saved config except how it is run:
-RESUME_KEEPS_CURRENT = ("gpu", "trainer", "evaluate.batch_size", "evaluate.progress", "evaluate.retry_failed",
+RESUME_KEEPS_CURRENT = ("gpu", "launch", "evaluate.batch_size", "evaluate.progress", "evaluate.retry_failed",
                         "evaluate.fail_on_error", "logger")
 # Set by launchers (Lightning, torchrun, SLURM) in the processes they start for ranks other than 0:
 RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "RANK", "GROUP_RANK", "SLURM_PROCID")
@@ -62,11 +74,11 @@ class Plan:
     benchmark: Benchmark | None = None  # benchmark=NAME: its file replaces evaluate.prompts
 
     @classmethod
-    def from_cfg(cls, cfg: DictConfig, read_rows: bool = True) -> "Plan":
+    def from_cfg(cls, cfg: DictConfig, read_rows: bool = True) -> Plan:
         run_metrics = _plain(cfg.evaluate.get("metrics"))
         chosen = check_metrics(run_metrics, "evaluate.metrics") if run_metrics is not None else None
         if cfg.get("benchmark"):  # scored by its own scorer; evaluate.metrics only when asked for
-            benchmark = Benchmark.from_cfg(cfg.benchmark, files_needed=read_rows)
+            benchmark = Benchmark.from_dict(_plain(cfg.benchmark), files_needed=read_rows)
             plan = cls([PromptFile(benchmark.path, None, benchmark.label)], [], {benchmark.label: chosen or ()},
                        benchmark)
         else:
@@ -114,9 +126,9 @@ def _locate(path: Path) -> Path:
 
 
 # ---- entry --------------------------------------------------------------------------------------
-def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> Path:
+def run(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Evaluate (or resume, or re-score) and return the directory that holds the results."""
-    require_logger(cfg)
+    require_logger(_plain(cfg.logger).get("wandb"))
     if cfg.get("score_only"):
         with _log_into(Path(str(cfg.score_only))):
             result = score_only(cfg)
@@ -141,11 +153,8 @@ def _first_process() -> bool:
 
 def _evaluate(cfg: DictConfig, run_dir: Path) -> Path:
     plan = Plan.from_cfg(cfg)  # every CSV and setting is validated before a model loads
-    for key in ("evaluate.batch_size", "evaluate.max_context"):
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{key}={value}: use a whole number of 1 or more")
-    GenerationSettings.from_cfg(cfg.generation)
+    evaluate_options(cfg)
+    generation_settings(cfg)
     cfg = plan.saved(cfg)
     launch = _fabric_settings(cfg)
     try:
@@ -164,9 +173,8 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> Path:
 
 def _fabric_settings(cfg: DictConfig) -> dict | None:
     """Lightning Fabric arguments when more than one process is asked for, else None."""
-    trainer = _plain(cfg.get("trainer")) or {}
-    devices = trainer.get("devices")
-    accelerator = trainer.get("accelerator")
+    launch = Launch(**to_container(cfg.launch))
+    devices, accelerator = launch.devices, launch.accelerator
     if devices is None:
         gpu = _plain(cfg.gpu)
         if not isinstance(gpu, list) or len(gpu) < 2:
@@ -176,8 +184,8 @@ def _fabric_settings(cfg: DictConfig) -> dict | None:
     return {
         "accelerator": accelerator or ("cuda" if torch.cuda.is_available() else "cpu"),
         "devices": devices,
-        "strategy": trainer.get("strategy") or "auto",
-        "num_nodes": int(trainer.get("num_nodes") or 1),
+        "strategy": launch.strategy or "auto",
+        "num_nodes": int(launch.num_nodes or 1),
     }
 
 
@@ -259,9 +267,9 @@ def evaluate_shard(cfg: DictConfig, run_dir: Path, rank: int, world_size: int, d
         from minigpt4.build import load_model
 
         torch.manual_seed(int(cfg.seed))
-        lm = load_model(cfg, device)
+        lm = load_model(load_spec(cfg), device)
         stats["model"] = lm.label
-        settings = GenerationSettings.from_cfg(cfg.generation)
+        settings = generation_settings(cfg)
         with store.RecordWriter(store.rank_file(run_dir, rank, world_size)) as writer:
             stats.update(answer_rows(lm, shard, settings, int(cfg.evaluate.batch_size), writer.write,
                                      max_context=int(cfg.evaluate.max_context),
@@ -278,7 +286,7 @@ def evaluate_shard(cfg: DictConfig, run_dir: Path, rank: int, world_size: int, d
         throughput["rows_done_before"] = len(plan.rows) - len(pending)  # by earlier invocations
         if not throughput["rows"] and (run_dir / "summary.json").is_file():  # resumed a finished run
             throughput = store.read_json(run_dir / "summary.json").get("throughput") or throughput
-        write_report(run_dir, cfg, plan, list(records.values()), throughput)
+        write_report(run_dir, _plain(cfg), plan, list(records.values()), throughput)
 
 
 def _throughput(all_stats: list[dict], cfg: DictConfig) -> dict:
@@ -321,7 +329,7 @@ def score_only(cfg: DictConfig) -> Path:
             log.warning("score_only=%s: %d row(s) of the prompt set have no saved answer yet (resume=%s "
                         "answers them); the scores cover the %d saved", run_dir, pending, run_dir, len(records))
         previous = store.read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
-        write_report(run_dir, saved, plan, records, previous.get("throughput"), score_only=True, pending=pending)
+        write_report(run_dir, _plain(saved), plan, records, previous.get("throughput"), score_only=True, pending=pending)
     return run_dir
 
 

@@ -30,6 +30,7 @@ from minigpt4.conversation import USER, Conversation, clean_answer
 from minigpt4.errors import UserError
 from minigpt4.generation import GenerationSettings
 from minigpt4.serving.engine import Engine, QueueFull, Request
+from minigpt4.settings import ChatSettings
 
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -267,7 +268,7 @@ async def _next_event(http, request: Request, ready: asyncio.Event) -> tuple[str
             return None
         try:
             await asyncio.wait_for(ready.wait(), timeout=0.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -309,20 +310,16 @@ async def _stream(http, request: Request, ready: asyncio.Event, answer_id: str, 
             request.cancel()
 
 
-def serve(cfg, loaded: LoadedModel) -> None:
+def serve(settings: ChatSettings, loaded: LoadedModel) -> None:
     """chat.py ui=api: the engine and the app on ui.host:ui.port until Ctrl-C."""
     import uvicorn
 
-    ui = dict(cfg.get("ui") or {})
-    settings = check_bind(ApiSettings(**{k: ui[k] for k in ApiSettings.__dataclass_fields__ if k in ui}))
-    serve_cfg = dict(cfg.get("serve") or {})
-    engine = Engine(loaded, slots=serve_cfg.get("slots") or None,
-                    max_context=int((cfg.get("chat") or {}).get("max_context", 2000)),
-                    max_queue=int(serve_cfg.get("max_queue", 64)))
-    app = create_app(engine, loaded, GenerationSettings.from_cfg(cfg.get("generation")), settings,
-                     model_name=loaded.name)
-    log.info("OpenAI-compatible API on http://%s:%d/v1 (%d rows)", settings.host, settings.port, engine.slots)
+    ui = settings.ui
+    api = check_bind(ApiSettings(**{k: ui[k] for k in ApiSettings.__dataclass_fields__ if k in ui}))
+    engine = Engine.for_chat(loaded, settings)
+    app = create_app(engine, loaded, settings.generation, api, model_name=loaded.name)
+    log.info("OpenAI-compatible API on http://%s:%d/v1 (%d rows)", api.host, api.port, engine.slots)
     try:
-        uvicorn.run(app, host=settings.host, port=int(settings.port), log_level="warning")
+        uvicorn.run(app, host=api.host, port=int(api.port), log_level="warning")
     finally:
         engine.close()
