@@ -68,19 +68,19 @@ def test_dropping_turns_takes_their_images_along():
 
 
 def test_evaluation_markers_place_images_in_the_prompt():
-    marked = build_prompt(V0, "Compare <image> and <image>.", 2)
+    marked = build_prompt(V0, "Compare <image> and <image>.", ["a.png", "b.png"])
     assert marked.prompt() == OFFICIAL_SYSTEM + f"###Human: Compare###Human: {IMG} and###Human: {IMG} .###Assistant:"
-    assert marked.images == [0, 1]
-    first = build_prompt(V0, "<image> What is it?", 1)
+    assert marked.images == ["a.png", "b.png"]
+    first = build_prompt(V0, "<image> What is it?", ["a.png"])
     assert first.prompt() == OFFICIAL_SYSTEM + f"###Human: {IMG} What is it?###Assistant:"
-    unmarked = build_prompt(V0, " Which is red? ", 2)
+    unmarked = build_prompt(V0, " Which is red? ", ["a.png", "b.png"])
     assert unmarked.prompt() == OFFICIAL_SYSTEM + f"###Human: {IMG}###Human: {IMG} Which is red?###Assistant:"
     with pytest.raises(UserError, match="2 <image> markers but 1 images"):
-        build_prompt(V0, "<image> or <image>", 1)
+        build_prompt(V0, "<image> or <image>", ["a.png"])
 
 
 def test_stage2_prompt_joins_the_user_messages():
-    conv = build_prompt(V0, "Compare <image> and <image>.", 2)
+    conv = build_prompt(V0, "Compare <image> and <image>.", ["a.png", "b.png"])
     assert conv.stage2_prompt() == f"###Human: Compare {IMG} and {IMG} . ###Assistant: "
     one = Conversation(V0)
     one.add_image("x.png")

@@ -82,7 +82,7 @@ def test_cc_sbu_align_skips_bad_rows(tmp_path):
     examples, bad = load_cc_sbu_align(tmp_path, "stage2", TEMPLATE, seed=0)
     assert [e.target for e in examples] == ["a green box", "another", "broken file"]
     assert sorted(b.reason.split()[0] for b in bad) == ["empty", "no"]
-    assert any(e.prompt == "###Human: " + s + " ###Assistant: " for e in examples for s in STAGE2_INSTRUCTIONS)
+    assert any(e.prompt == "###Human: <Img><ImageHere></Img> " + s + " ###Assistant: " for e in examples for s in STAGE2_INSTRUCTIONS)
     _, unreadable = scan_images([r for e in examples for r in e.images], 64, 224, num_workers=0)
     assert list(unreadable) == [str(tmp_path / "image" / "3.jpg")]
     with pytest.raises(UserError, match="filter_cap.json"):
