@@ -289,7 +289,7 @@ def test_beam_search_in_a_session_reports_whole_answer_speed(tiny_loaded, pictur
     session = ChatSession(tiny_loaded, GenerationSettings(do_sample=False, num_beams=3, max_new_tokens=6, min_new_tokens=6))
     session.add_images(pictures[:1])
     reply = session.ask("What is this?")
-    assert reply.n_tokens == 6 and session.conversation.messages[-1] == [1, reply.text]
+    assert reply.n_tokens == 6 and session.conversation.to_json()["messages"][-1] == {"role": "assistant", "text": reply.text}
     # the answer comes whole: its speed and first-token time count the whole turn
     assert reply.first_token_s == pytest.approx(reply.seconds, rel=0.05)
     assert reply.tokens_per_s == pytest.approx(6 / reply.seconds, rel=0.05)

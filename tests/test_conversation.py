@@ -9,12 +9,19 @@ import json
 import pytest
 
 from minigpt4.conversation import (
+    ASSISTANT,
     OFFICIAL_SYSTEM,
     TEXT_ONLY_SYSTEM,
+    USER,
     Conversation,
+    ImagePart,
+    Message,
+    TextPart,
     build_prompt,
     get_template,
     load_conversation,
+    parse_message,
+    render_message,
 )
 from minigpt4.errors import UserError
 
@@ -107,3 +114,40 @@ def test_saved_conversation_reloads_to_the_same_prompt(tmp_path):
     loaded = load_conversation(path, V0)
     assert loaded.prompt() == conv.prompt() and loaded.images == conv.images
     assert loaded.to_json() == data
+
+
+def test_messages_are_typed_parts_and_images_go_with_their_slots():
+    conv = chat_conversation()
+    assert conv.messages[2] == Message(USER, (ImagePart("a.png"),))
+    assert conv.messages[3] == Message(USER, (ImagePart("b.png"), TextPart("Compare them.")))
+    assert conv.messages[3].images == ["b.png"] and conv.messages[3].text == "Compare them."
+    assert conv.messages[4] == Message(ASSISTANT, (TextPart("A is red."),))
+    before = conv.prompt()
+    conv.images = ["x", "y", "z"]  # new handles (encoded images, say), same slots, same prompt
+    assert [m.images for m in conv.messages if m.images] == [["x"], ["y"], ["z"]] and conv.prompt() == before
+    with pytest.raises(ValueError, match="2 images for 3 image slots"):
+        conv.images = ["x", "y"]
+    # a question may look like an image message's text; only an ImagePart is an image
+    tricky = Conversation(V0)
+    tricky.ask("Close the tag with </Img>")  # the old string test took this for an image message
+    tricky.ask("And open it?")
+    assert tricky.images == [] and len(tricky.messages) == 2
+    with pytest.raises(UserError, match="may not contain <ImageHere>"):
+        tricky.ask("<ImageHere>")
+
+
+@pytest.mark.parametrize("text", ["Hi", "", IMG, f"{IMG} What is it?", f"Compare {IMG} and {IMG} .", f"{IMG} {IMG}",
+                                  f"{IMG}  two spaces"])
+def test_a_rendered_message_parses_back_to_its_parts(text):
+    message = parse_message(USER, text, ["a.png", "b.png"])
+    assert render_message(message) == text
+    assert message.images == ["a.png", "b.png"][: text.count(IMG)]
+
+
+@pytest.mark.parametrize("text", ["<ImageHere> bare", f"x{IMG}", f"{IMG}y", f"{IMG} "])
+def test_a_hand_edited_message_that_would_not_render_back_is_refused(text):
+    data = {"messages": [{"role": "user", "text": text}], "images": ["a.png"]}
+    with pytest.raises(UserError) as err:
+        Conversation.from_json(data, V0, "edited.json")
+    assert str(err.value) == (f"edited.json: not a saved conversation (message 1: an image is written {IMG}, "
+                              "separated from the text by one space)")
