@@ -1,7 +1,9 @@
 """The one place prompts are built: templates, turns, images, token segments and labels.
 
 Chat, evaluation and fine-tuning all build their model inputs here, so an inference prompt
-and a training example of the same turns tokenize identically.
+and a training example of the same turns tokenize identically. A Conversation holds typed
+parts (TextPart, ImagePart with whatever identifies the image); render_message is the one place
+they become text, when the prompt is built, so nothing asks "is this an image?" of a string.
 
 Official Vicuna v0 prompt (v1 code, 2023-05-01), for one image and one question:
     Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I
