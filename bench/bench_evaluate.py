@@ -72,7 +72,7 @@ def run_stock(lm, rows: list[PromptRow], batch_size: int, new_tokens: int) -> tu
     """The same rows and batches through transformers' generate on inputs_embeds."""
     encoded = []
     for row in rows:
-        conv = build_prompt(lm.template, row.prompt, len(row.images))
+        conv = build_prompt(lm.template, row.prompt, row.images)
         encoded.append((row, encode_prompt(lm.tokenizer.encode, conv.prompt(), lm.model.num_image_tokens)))
     encoded.sort(key=lambda item: len(item[1]))
     tokens = 0

@@ -31,8 +31,6 @@ from PIL import Image
 from minigpt4.build import LoadedModel
 from minigpt4.conversation import (
     ASSISTANT,
-    IMAGE_MESSAGE,
-    IMAGE_PLACEHOLDER,
     Conversation,
     clean_answer,
     encode_prompt,
@@ -221,11 +219,10 @@ class ChatSession:
         """Messages for display: [{role: 'user'|'assistant', text, images: [path or PIL image]}].
         Consecutive user messages (images, then the question) form one entry."""
         out: list[dict[str, Any]] = []
-        images = iter(self.conversation.images)
-        for role, text in self.conversation.messages:
-            name = "assistant" if role == ASSISTANT else "user"
-            shown = [next(images).source for _ in range(text.count(IMAGE_PLACEHOLDER))]
-            plain = text.replace(IMAGE_MESSAGE, "").replace(IMAGE_PLACEHOLDER, "").strip()
+        for message in self.conversation.messages:
+            name = "assistant" if message.role == ASSISTANT else "user"
+            shown = [image.source for image in message.images]
+            plain = message.text
             if out and name == "user" and out[-1]["role"] == "user":
                 out[-1]["images"] += shown
                 out[-1]["text"] = " ".join(t for t in (out[-1]["text"], plain) if t)

@@ -1,7 +1,9 @@
 """The one place prompts are built: templates, turns, images, token segments and labels.
 
 Chat, evaluation and fine-tuning all build their model inputs here, so an inference prompt
-and a training example of the same turns tokenize identically.
+and a training example of the same turns tokenize identically. A Conversation holds typed
+parts (TextPart, ImagePart with whatever identifies the image); render_message is the one place
+they become text, when the prompt is built, so nothing asks "is this an image?" of a string.
 
 Official Vicuna v0 prompt (v1 code, 2023-05-01), for one image and one question:
     Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I
@@ -13,19 +15,20 @@ first; each image contributes num_image_tokens soft tokens (IMAGE_TOKEN slots) b
 
 from __future__ import annotations
 
-import copy
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 import torch
 
 from minigpt4.errors import UserError
 from minigpt4.model import IMAGE_TOKEN
 
-IMAGE_PLACEHOLDER = "<ImageHere>"
-IMAGE_MESSAGE = "<Img><ImageHere></Img>"
+IMAGE_PLACEHOLDER = "<ImageHere>"  # where an image's soft tokens go: encode_prompt splits on it
+IMAGE_MESSAGE = f"<Img>{IMAGE_PLACEHOLDER}</Img>"  # how an image is written in a message
+IMAGE_MARKER = "<image>"  # how prompt files (evaluation and fine-tuning CSVs) place a row's images
 USER, ASSISTANT = 0, 1
 
 OFFICIAL_SYSTEM = (
@@ -34,13 +37,14 @@ OFFICIAL_SYSTEM = (
 )
 TEXT_ONLY_SYSTEM = "A chat between a curious human and an artificial intelligence assistant. Please answer my questions."
 
-# Stage-2 fine-tuning prompts (official alignment recipe): wrapped as STAGE2_WRAP, target + "###".
+# Stage-2 fine-tuning prompts (official alignment recipe): one image, then one of these
+# instructions, wrapped as STAGE2_WRAP (Conversation.stage2_prompt); target + "###".
 STAGE2_WRAP = "###Human: {} ###Assistant: "
 STAGE2_INSTRUCTIONS = (
-    "<Img><ImageHere></Img> Describe this image in detail.",
-    "<Img><ImageHere></Img> Take a look at this image and describe what you notice.",
-    "<Img><ImageHere></Img> Please provide a detailed description of the picture.",
-    "<Img><ImageHere></Img> Could you describe the contents of this image for me?",
+    "Describe this image in detail.",
+    "Take a look at this image and describe what you notice.",
+    "Please provide a detailed description of the picture.",
+    "Could you describe the contents of this image for me?",
 )
 
 
@@ -57,7 +61,7 @@ class Template:
     stop: tuple[str, ...] = ("###",)
     answer_prefix: str = "Assistant:"  # the official clean-up keeps the text after the last one
 
-    def with_overrides(self, **kwargs) -> "Template":
+    def with_overrides(self, **kwargs) -> Template:
         fields = {k: v for k, v in kwargs.items() if v is not None}
         return Template(**{**self.__dict__, **fields})
 
@@ -77,34 +81,101 @@ def get_template(name: str, **overrides) -> Template:
     return TEMPLATES[name].with_overrides(**overrides)
 
 
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    image: Any  # whatever identifies the image to its user: a path, an index, an encoded ChatImage
+
+
+Part = TextPart | ImagePart
+
+
+class Message(NamedTuple):
+    """One message as typed parts; it becomes text only in render_message. A user message is
+    text, an image, or an image and the question asked right after it (the official form)."""
+
+    role: int  # USER or ASSISTANT
+    parts: tuple[Part, ...]
+
+    @property
+    def images(self) -> list[Any]:
+        return [p.image for p in self.parts if isinstance(p, ImagePart)]
+
+    @property
+    def text(self) -> str:
+        """The message's words without its images (what a chat window shows)."""
+        return " ".join(p.text for p in self.parts if isinstance(p, TextPart)).strip()
+
+
+def render_message(message: Message) -> str:
+    """The official text of a message: each image is IMAGE_MESSAGE, parts joined by a space."""
+    return " ".join(IMAGE_MESSAGE if isinstance(p, ImagePart) else p.text for p in message.parts)
+
+
+def parse_message(role: int, text: str, images: Sequence[Any] = ()) -> Message:
+    """The inverse of render_message (for saved conversations); each IMAGE_MESSAGE takes the
+    next of `images` (None once they run out). A text render_message would not write raises ValueError."""
+    segments = text.split(IMAGE_MESSAGE)
+    handles = iter(images)
+    parts: list[Part] = []
+    for i, segment in enumerate(segments):
+        if i:
+            parts.append(ImagePart(next(handles, None)))
+            segment = segment.removeprefix(" ")
+        if i < len(segments) - 1:
+            segment = segment.removesuffix(" ")
+        if segment or len(segments) == 1:
+            parts.append(TextPart(segment))
+    message = Message(role, tuple(parts))
+    if render_message(message) != text or any(IMAGE_PLACEHOLDER in p.text for p in parts if isinstance(p, TextPart)):
+        raise ValueError(f"an image is written {IMAGE_MESSAGE}, separated from the text by one space")
+    return message
+
+
 @dataclass
 class Conversation:
-    """Messages in the official form (an image is a user message "<Img><ImageHere></Img>", a
-    question right after it is appended with a space) plus the images in prompt order."""
+    """Messages as typed parts, rendered to the official prompt only by prompt(): an image is a
+    user message of its own, a question right after it joins that message."""
 
     template: Template
-    messages: list[list[Any]] = field(default_factory=list)  # [role, text]
-    images: list[Any] = field(default_factory=list)  # whatever identifies an image (path, tensor)
+    messages: list[Message] = field(default_factory=list)
 
     # ---- building -------------------------------------------------------------------------
     def add_image(self, image: Any) -> None:
-        self.images.append(image)
-        self.messages.append([USER, IMAGE_MESSAGE])
+        self.messages.append(Message(USER, (ImagePart(image),)))
 
     def ask(self, text: str) -> None:
         if IMAGE_PLACEHOLDER in text:  # it would split the prompt into an image slot with no image
             raise UserError(f"a message may not contain {IMAGE_PLACEHOLDER}: attach images instead (/image PATH)")
         last = self.messages[-1] if self.messages else None
-        if last is not None and last[0] == USER and last[1].endswith("</Img>"):
-            last[1] = " ".join([last[1], text])
+        if last is not None and last.role == USER and isinstance(last.parts[-1], ImagePart):
+            self.messages[-1] = Message(USER, (*last.parts, TextPart(text)))
         else:
-            self.messages.append([USER, text])
+            self.messages.append(Message(USER, (TextPart(text),)))
 
     def add_answer(self, text: str) -> None:
-        self.messages.append([ASSISTANT, text])
+        self.messages.append(Message(ASSISTANT, (TextPart(text),)))
 
-    def copy(self) -> "Conversation":
-        return Conversation(self.template, copy.deepcopy(self.messages), list(self.images))
+    def copy(self) -> Conversation:
+        return Conversation(self.template, list(self.messages))  # messages are immutable
+
+    @property
+    def images(self) -> list[Any]:
+        """Every image, in prompt order."""
+        return [image for m in self.messages for image in m.images]
+
+    @images.setter
+    def images(self, handles: Sequence[Any]) -> None:
+        """Give the images new handles, in order (e.g. the encoded images of a loaded file's paths)."""
+        if len(handles) != len(self.images):
+            raise ValueError(f"{len(handles)} images for {len(self.images)} image slots")
+        replace = iter(handles)
+        self.messages = [Message(m.role, tuple(ImagePart(next(replace)) if isinstance(p, ImagePart) else p
+                                               for p in m.parts)) for m in self.messages]
 
     # ---- rendering ------------------------------------------------------------------------
     def system(self) -> str:
@@ -116,18 +187,23 @@ class Conversation:
         """The prompt string; with open_answer it ends with the assistant role, ready to generate."""
         t = self.template
         out = self.system() + t.sep
-        for role, text in self.messages:
-            out += t.roles[role] + text + t.sep
+        for message in self.messages:
+            out += t.roles[message.role] + render_message(message) + t.sep
         if open_answer:
             out += t.roles[ASSISTANT].rstrip() if t.strip_open_role else t.roles[ASSISTANT]
         return out
+
+    def stage2_prompt(self) -> str:
+        """The official stage-2 alignment prompt: the user messages joined by a space, wrapped as
+        STAGE2_WRAP (no system text, no roles)."""
+        return STAGE2_WRAP.format(" ".join(render_message(m) for m in self.messages if m.role == USER))
 
     # ---- context limit --------------------------------------------------------------------
     def turn_starts(self) -> list[int]:
         """Message indices where a turn (user messages + the answer to them) begins."""
         starts = []
         for i, (role, _) in enumerate(self.messages):
-            if role == USER and (i == 0 or self.messages[i - 1][0] == ASSISTANT):
+            if role == USER and (i == 0 or self.messages[i - 1].role == ASSISTANT):
                 starts.append(i)
         return starts
 
@@ -136,22 +212,19 @@ class Conversation:
         starts = self.turn_starts()
         if len(starts) < 2:
             return False
-        cut = starts[1]
-        n_images = sum(text.count(IMAGE_PLACEHOLDER) for _, text in self.messages[:cut])
-        del self.messages[:cut]
-        del self.images[:n_images]
+        del self.messages[:starts[1]]
         return True
 
     # ---- persistence ----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
             "template": self.template.name,
-            "messages": [{"role": ["user", "assistant"][r], "text": t} for r, t in self.messages],
+            "messages": [{"role": ["user", "assistant"][m.role], "text": render_message(m)} for m in self.messages],
             "images": [str(i) for i in self.images],
         }
 
     @classmethod
-    def from_json(cls, data: Any, template: Template, source: str = "conversation file") -> "Conversation":
+    def from_json(cls, data: Any, template: Template, source: str = "conversation file") -> Conversation:
         """The inverse of to_json. A file may have been edited by hand (or be hostile), so every
         way it can be wrong is one UserError naming `source` and the problem."""
 
@@ -160,7 +233,7 @@ class Conversation:
 
         if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
             raise bad('expected a JSON object with a "messages" list, as /save writes')
-        messages: list[list[Any]] = []
+        messages: list[Message] = []
         for n, m in enumerate(data["messages"], 1):
             if not isinstance(m, dict) or not isinstance(m.get("text"), str):
                 raise bad(f'message {n} is not {{"role": ..., "text": "..."}}')
@@ -169,18 +242,22 @@ class Conversation:
             role = USER if m["role"] == "user" else ASSISTANT
             if role == ASSISTANT and not messages:
                 raise bad("message 1 is an assistant message; a conversation starts with a user message")
-            if role == ASSISTANT and messages[-1][0] == ASSISTANT:
+            if role == ASSISTANT and messages[-1].role == ASSISTANT:
                 raise bad(f"messages {n - 1} and {n} are both assistant messages; each answer follows a user message")
             if role == ASSISTANT and IMAGE_PLACEHOLDER in m["text"]:
                 raise bad(f"message {n} is an assistant message holding an image ({IMAGE_PLACEHOLDER})")
-            messages.append([role, m["text"]])
+            try:
+                messages.append(parse_message(role, m["text"]) if role == USER else Message(role, (TextPart(m["text"]),)))
+            except ValueError as err:
+                raise bad(f"message {n}: {err}") from None
         images = data.get("images", [])
         if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
             raise bad('"images" is not a list of file paths')
-        placeholders = sum(t.count(IMAGE_PLACEHOLDER) for _, t in messages)
-        if placeholders != len(images):
-            raise bad(f"the messages hold {placeholders} image(s) ({IMAGE_PLACEHOLDER}) but \"images\" lists {len(images)}")
-        return cls(template, messages, images)
+        conv = cls(template, messages)
+        if len(conv.images) != len(images):
+            raise bad(f"the messages hold {len(conv.images)} image(s) ({IMAGE_PLACEHOLDER}) but \"images\" lists {len(images)}")
+        conv.images = images
+        return conv
 
 
 def load_conversation(path: str | Path, template: Template) -> Conversation:
@@ -197,25 +274,24 @@ def load_conversation(path: str | Path, template: Template) -> Conversation:
     return Conversation.from_json(data, template, f"conversation file {path}")
 
 
-def build_prompt(template: Template, prompt: str, n_images: int, images_first: bool = True) -> Conversation:
-    """A one-question conversation from a prompt that may hold <image> markers (evaluation CSVs).
-
-    With markers each marker becomes an image message in place; without them all images come
-    first, as in the official prompts."""
+def build_prompt(template: Template, prompt: str, images: Sequence[Any]) -> Conversation:
+    """A one-question conversation from a prompt file's row, whose text may place the row's
+    images with IMAGE_MARKER: each marker becomes an image message in place; without markers
+    all images come first, as in the official prompts."""
     conv = Conversation(template)
-    parts = prompt.split("<image>")
-    if len(parts) == 1:
-        for i in range(n_images):
-            conv.add_image(i)
+    texts = prompt.split(IMAGE_MARKER)
+    if len(texts) == 1:
+        for image in images:
+            conv.add_image(image)
         conv.ask(prompt.strip())
         return conv
-    if len(parts) - 1 != n_images:
-        raise UserError(f"prompt has {len(parts) - 1} <image> markers but {n_images} images")
-    for i, text in enumerate(parts):
+    if len(texts) - 1 != len(images):
+        raise UserError(f"prompt has {len(texts) - 1} {IMAGE_MARKER} markers but {len(images)} images")
+    for i, text in enumerate(texts):
         if text.strip():
             conv.ask(text.strip())
-        if i < n_images:
-            conv.add_image(i)
+        if i < len(images):
+            conv.add_image(images[i])
     return conv
 
 

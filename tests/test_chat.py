@@ -84,7 +84,7 @@ def test_templates_match_the_official_strings():
     conv.add_answer("A cat.")
     conv.ask("What colour?")
     assert conv.prompt() == OFFICIAL_ONE_IMAGE + " A cat.###Human: What colour?###Assistant:"
-    later = Conversation(get_template("vicuna_v0_later"), [m[:] for m in conv.messages], list(conv.images))
+    later = Conversation(get_template("vicuna_v0_later"), list(conv.messages))
     assert later.prompt().endswith("###Human: What colour?###Assistant: ")
     llama2 = Conversation(get_template("llama2"))
     llama2.add_image("a.png")
@@ -102,7 +102,8 @@ def test_session_prompt_is_the_official_one(tiny_loaded, pictures, recorded):
     reply = session.ask("Describe this image.")
     assert recorded[0]["ids"] == _ids(tiny_loaded, OFFICIAL_ONE_IMAGE)
     assert recorded[0]["ids"].count(tiny_loaded.tokenizer.bos_id) == 1 and recorded[0]["ids"][0] == tiny_loaded.tokenizer.bos_id
-    assert session.conversation.messages == [[0, "<Img><ImageHere></Img> Describe this image."], [1, reply.text]]
+    assert session.conversation.to_json()["messages"] == [
+        {"role": "user", "text": "<Img><ImageHere></Img> Describe this image."}, {"role": "assistant", "text": reply.text}]
     assert reply.n_tokens >= 1 and reply.text == reply.text.strip()
 
 
@@ -185,10 +186,11 @@ def test_overflow_drops_oldest_whole_turns_and_says_so_once(tiny_loaded, picture
     assert sum(r.dropped_turns for r in replies) >= 2
     assert len(notices) == 1 and "max_context=150" in notices[0]
     conv = session.conversation
-    placeholders = sum(text.count("<ImageHere>") for _, text in conv.messages)
+    saved = conv.to_json()
+    placeholders = sum(m["text"].count("<ImageHere>") for m in saved["messages"])
     assert placeholders == len(conv.images) >= 1  # images leave with their turn, never half of one
-    assert conv.messages[0][1].startswith("<Img><ImageHere></Img>")  # starts at a whole turn
-    assert "question number 5" in conv.messages[-2][1]
+    assert saved["messages"][0]["text"].startswith("<Img><ImageHere></Img>")  # starts at a whole turn
+    assert "question number 5" in saved["messages"][-2]["text"]
     ids = _ids(tiny_loaded, conv.copy().prompt())
     assert len(ids) <= 150  # the last prompt (+ its answer) fitted
 
@@ -294,7 +296,7 @@ def test_beam_search_in_a_session_reports_whole_answer_speed(tiny_loaded, pictur
     session = ChatSession(tiny_loaded, GenerationSettings(do_sample=False, num_beams=3, max_new_tokens=6, min_new_tokens=6))
     session.add_images(pictures[:1])
     reply = session.ask("What is this?")
-    assert reply.n_tokens == 6 and session.conversation.messages[-1] == [1, reply.text]
+    assert reply.n_tokens == 6 and session.conversation.to_json()["messages"][-1] == {"role": "assistant", "text": reply.text}
     # the answer comes whole: its speed and first-token time count the whole turn
     assert reply.first_token_s == pytest.approx(reply.seconds, rel=0.05)
     assert reply.tokens_per_s == pytest.approx(6 / reply.seconds, rel=0.05)

@@ -82,7 +82,7 @@ def test_cc_sbu_align_skips_bad_rows(tmp_path):
     examples, bad = load_cc_sbu_align(tmp_path, "stage2", TEMPLATE, seed=0)
     assert [e.target for e in examples] == ["a green box", "another", "broken file"]
     assert sorted(b.reason.split()[0] for b in bad) == ["empty", "no"]
-    assert any(e.prompt == "###Human: " + s + " ###Assistant: " for e in examples for s in STAGE2_INSTRUCTIONS)
+    assert any(e.prompt == "###Human: <Img><ImageHere></Img> " + s + " ###Assistant: " for e in examples for s in STAGE2_INSTRUCTIONS)
     _, unreadable = scan_images([r for e in examples for r in e.images], 64, 224, num_workers=0)
     assert list(unreadable) == [str(tmp_path / "image" / "3.jpg")]
     with pytest.raises(UserError, match="filter_cap.json"):
@@ -122,3 +122,28 @@ def test_batches_mask_everything_but_the_answer():
         assert mask[row].sum() == len(dataset[row]["ids"])  # right padding, masked
     assert collate([None, None], tok.pad_id) is None
     assert torch.equal(collate([dataset[0], None], tok.pad_id)["input_ids"], collate([dataset[0]], tok.pad_id)["input_ids"])
+
+
+def test_csv_is_read_by_the_evaluation_reader(tmp_path):
+    """Fine-tuning CSVs go through prompt_files.py: the same strict checks and messages as
+    evaluation's prompt CSVs; skipped rows are named by their physical line."""
+    _write_png(tmp_path / "a.png")
+    path = tmp_path / "data.csv"
+    path.write_bytes("\ufeffimage,prompt,answer\n\na.png,\"Is it green, or red?\",green\n\n,Hi,\n".encode())
+    examples, bad = load_csv(path, "stage2", TEMPLATE)
+    assert [e.row for e in examples] == ["data.csv:3"] and [(b.row, b.reason) for b in bad] == [("data.csv:5", "empty answer")]
+    assert examples[0].prompt == "###Human: <Img><ImageHere></Img> Is it green, or red? ###Assistant: "
+    for content, message in [
+        ("image,prompt,answer\na.png,What?,x,y\n", "data.csv:2: 4 fields but the header has 3; quote fields that hold commas"),
+        ("image,prompt,answer\na.png,What?\n", "data.csv:2: 2 fields but the header has 3"),
+        ("image,question,answer\na.png,What?,x\n", ("data.csv:1: no `prompt` column in the header ['image', 'question', "
+                                                    "'answer']; a fine-tuning CSV has the columns image, prompt, answer")),
+        ("image,prompt,answer\n", "data.csv:2: no rows below the header"),
+    ]:
+        path.write_text(content)
+        with pytest.raises(UserError) as err:
+            load_csv(path, "chat", TEMPLATE)
+        assert str(err.value).startswith(f"{tmp_path}/{message}")
+    path.write_bytes(b"image,prompt,answer\n,caf\xe9,x\n")
+    with pytest.raises(UserError, match="data.csv:2: not UTF-8 text"):
+        load_csv(path, "chat", TEMPLATE)

@@ -13,7 +13,6 @@ from official_files import TINY_TOKENIZER
 from minigpt4.conversation import (
     IMAGE_PLACEHOLDER,
     STAGE2_INSTRUCTIONS,
-    STAGE2_WRAP,
     Conversation,
     encode_prompt,
     get_template,
@@ -57,7 +56,10 @@ def prompts() -> dict[str, str]:
     conv.ask("Hello")
     out["vicuna_v0, text only"] = conv.prompt()
     for i, instruction in enumerate(STAGE2_INSTRUCTIONS):  # fine-tuning prompts, target included
-        out[f"stage 2, {i}"] = STAGE2_WRAP.format(instruction) + "A red square.###"
+        conv = Conversation(get_template("vicuna_v0"))
+        conv.add_image("0.png")
+        conv.ask(instruction)
+        out[f"stage 2, {i}"] = conv.stage2_prompt() + "A red square.###"
     return out
 
 

@@ -1,10 +1,11 @@
 """Fine-tuning data as (prompt, target, images) examples: cc_sbu_align, CSV files, synthetic.
 
-Prompts come from conversation.py only, in one of two styles:
-    stage2  the official alignment prompt: "###Human: <Img><ImageHere></Img> {instruction} ###Assistant: "
-            (no system text), target + "###"
-    chat    Conversation(template).prompt(): exactly what chat.py and evaluate.py send, so a
+Every example is a Conversation rendered by conversation.py, in one of two styles:
+    stage2  Conversation.stage2_prompt(), the official alignment prompt:
+            "###Human: <Img><ImageHere></Img> {instruction} ###Assistant: " (no system text), target + "###"
+    chat    Conversation.prompt(): exactly what chat.py and evaluate.py send, so a
             model fine-tuned this way sees its training prompts at inference.
+CSV files are read by prompt_files.py, the reader evaluate.py uses.
 Images are references (a file path, or a synthetic Spec) that `open_image` turns into a
 picture; training decides when to open them (or to use cached features instead).
 """
@@ -14,17 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-import pandas as pd
 from PIL import Image
 
 from minigpt4.conversation import (
-    IMAGE_MESSAGE,
     STAGE2_INSTRUCTIONS,
-    STAGE2_WRAP,
     Conversation,
     Template,
     build_prompt,
@@ -32,6 +30,7 @@ from minigpt4.conversation import (
 from minigpt4.data import synthetic
 from minigpt4.errors import UserError
 from minigpt4.images import load_image
+from minigpt4.prompt_files import image_paths, read_prompt_csv
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +59,9 @@ def open_image(ref: ImageRef, picture_size: int = 224) -> Image.Image:
     return load_image(ref)
 
 
-def stage2_prompt(instruction: str) -> str:
-    """The official stage-2 wrap of an instruction that already holds its image message(s)."""
-    return STAGE2_WRAP.format(instruction)
+def render(conv: Conversation, style: str) -> str:
+    """The example's prompt in the chosen style."""
+    return conv.stage2_prompt() if style == "stage2" else conv.prompt()
 
 
 def check_style(style: str) -> str:
@@ -95,13 +94,11 @@ def load_cc_sbu_align(path: str | Path, style: str, template: Template, seed: in
             bad.append(BadRow(label, "empty caption"))
         elif not image_id or image is None:
             bad.append(BadRow(label, f"no image/{image_id}.jpg or .png"))
-        elif style == "stage2":
-            examples.append(Example(stage2_prompt(instruction), caption, [str(image)], label))
         else:
             conv = Conversation(template)
             conv.add_image(str(image))
-            conv.ask(instruction.replace(IMAGE_MESSAGE, "").strip())
-            examples.append(Example(conv.prompt(), caption, list(conv.images), label))
+            conv.ask(instruction)
+            examples.append(Example(render(conv, style), caption, conv.images, label))
     return examples, bad
 
 
@@ -112,18 +109,12 @@ def load_csv(path: str | Path, style: str, template: Template) -> tuple[list[Exa
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data.path={path}: no such CSV file")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"data.path={path}: not a readable CSV ({str(err).splitlines()[0]})") from None
-    missing = {"image", "prompt", "answer"} - set(table.columns)
-    if missing:
-        raise UserError(f"data.path={path}: missing column(s) {sorted(missing)}; it needs image, prompt, answer")
+    _, rows = read_prompt_csv(path, ["image", "prompt", "answer"], "a fine-tuning CSV has the columns image, prompt, answer")
     examples, bad = [], []
-    for i, row in enumerate(table.itertuples(index=False), start=2):  # line 1 is the header
-        label = f"{path.name}:{i}"
-        answer, prompt = row.answer.strip(), row.prompt.strip()
-        images = [str((path.parent / p.strip()).resolve()) for p in row.image.split(";") if p.strip()]
+    for row in rows:
+        label = f"{path.name}:{row.line}"
+        answer = row.values["answer"].strip()
+        images = [str(Path(p).resolve()) for p in image_paths(row.values["image"], path.parent)]
         if not answer:
             bad.append(BadRow(label, "empty answer"))
             continue
@@ -132,16 +123,11 @@ def load_csv(path: str | Path, style: str, template: Template) -> tuple[list[Exa
             bad.append(BadRow(label, f"no such image {absent[0]}"))
             continue
         try:
-            conv = build_prompt(template, prompt, len(images))
+            conv = build_prompt(template, row.values["prompt"], images)
         except UserError as err:
             bad.append(BadRow(label, str(err)))
             continue
-        conv.images = images
-        if style == "stage2":
-            user = " ".join(text for _, text in conv.messages)
-            examples.append(Example(stage2_prompt(user), answer, images, label))
-        else:
-            examples.append(Example(conv.prompt(), answer, images, label))
+        examples.append(Example(render(conv, style), answer, images, label))
     return examples, bad
 
 
@@ -164,10 +150,12 @@ class SyntheticExamples(Sequence[Example]):
             raise IndexError(index)
         rng = random.Random(f"{self.seed}:{index}")
         label = f"synthetic#{index}"
+        conv = Conversation(self.template)
         if self.style == "stage2":
             spec = synthetic.sample_spec(rng)
-            return Example(stage2_prompt(rng.choice(STAGE2_INSTRUCTIONS)), synthetic.describe(spec), [spec], label)
-        conv = Conversation(self.template)
+            conv.add_image(spec)
+            conv.ask(rng.choice(STAGE2_INSTRUCTIONS))
+            return Example(conv.stage2_prompt(), synthetic.describe(spec), conv.images, label)
         if rng.random() < self.text_fraction:
             turns = rng.choice(self.dialogues)
         else:
@@ -183,7 +171,7 @@ class SyntheticExamples(Sequence[Example]):
             conv.ask(question)
             conv.add_answer(answer)
         conv.ask(turns[-1][0])
-        return Example(conv.prompt(), turns[-1][1], list(conv.images), label)
+        return Example(conv.prompt(), turns[-1][1], conv.images, label)
 
 
 # ---- from a config ----------------------------------------------------------------------------------

@@ -14,13 +14,24 @@ from pathlib import Path
 import sentencepiece as spm
 
 from minigpt4.config import ASSETS
-from minigpt4.conversation import OFFICIAL_SYSTEM, STAGE2_INSTRUCTIONS, TEMPLATES, TEXT_ONLY_SYSTEM
+from minigpt4.conversation import (
+    OFFICIAL_SYSTEM,
+    STAGE2_INSTRUCTIONS,
+    TEMPLATES,
+    TEXT_ONLY_SYSTEM,
+    USER,
+    ImagePart,
+    Message,
+    TextPart,
+    render_message,
+)
 
 VOCAB_SIZE = 1024
 
 
 def corpus_lines() -> list[str]:
-    lines = [OFFICIAL_SYSTEM, TEXT_ONLY_SYSTEM, *STAGE2_INSTRUCTIONS]
+    lines = [OFFICIAL_SYSTEM, TEXT_ONLY_SYSTEM]
+    lines += [render_message(Message(USER, (ImagePart(None), TextPart(i)))) for i in STAGE2_INSTRUCTIONS]
     for t in TEMPLATES.values():
         lines.append(t.sep.join([t.roles[0] + "Hello", t.roles[1] + "Hi there"]) + t.sep)
     try:  # the demo data generator, when present, contributes all of its texts

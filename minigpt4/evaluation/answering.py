@@ -50,7 +50,7 @@ def answer_rows(lm, rows: list[PromptRow], settings: GenerationSettings, batch_s
     encoded: list[tuple[PromptRow, list[int]]] = []
     for row in rows:
         try:
-            conv = build_prompt(lm.template, row.prompt, len(row.images))
+            conv = build_prompt(lm.template, row.prompt, row.images)
             ids = encode_prompt(lm.tokenizer.encode, conv.prompt(), lm.model.num_image_tokens)
         except UserError as err:
             finish(row, None, str(err))

@@ -11,25 +11,24 @@ A prompt set is one or more CSV files. Columns:
 
 Structural problems (no `prompt` column, empty file, not UTF-8, a duplicated id, a ragged row,
 marker/image count mismatch) are one UserError naming file and line: they would make every
-result doubtful. A missing or unreadable image only fails its own row, at run time.
+result doubtful. A missing or unreadable image only fails its own row, at run time. The file
+itself is read by minigpt4/prompt_files.py, as fine-tuning CSVs are.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minigpt4.conversation import IMAGE_MARKER
 from minigpt4.errors import UserError
 from minigpt4.evaluation.metrics import ALL_METRICS
+from minigpt4.prompt_files import IMAGE_SEP, image_paths, read_prompt_csv, split_list
 
 log = logging.getLogger(__name__)
 
-IMAGE_SEP = ";"
 REFERENCE_SEP = "|"
-MARKER = "<image>"
 KNOWN_COLUMNS = ("id", "prompt", "image", "reference", "category")
 OUTPUT_COLUMNS = ("csv", "answer", "finish_reason", "n_tokens", "error", *ALL_METRICS)  # predictions.csv's own
 
@@ -58,10 +57,6 @@ class PromptRow:
     def to_record(self) -> dict:
         """What predictions.jsonl keeps of the input (enough to re-score without the CSV)."""
         return {"key": self.key, "csv": self.csv, "id": self.id, "line": self.line, "input": self.input}
-
-
-def split_list(text: str | None, sep: str) -> list[str]:
-    return [part.strip() for part in (text or "").split(sep) if part.strip()]
 
 
 def parse_files(entries) -> list[PromptFile]:
@@ -97,24 +92,7 @@ def read_prompt_file(pf: PromptFile) -> list[PromptRow]:
     path = pf.path
     if not path.is_file():
         raise UserError(f"prompt file {path}: no such file (evaluate.prompts=[path/to/prompts.csv])")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
-    if not text.strip():
-        raise UserError(f"{path}:1: empty file; the first line must be a header with a `prompt` column")
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = [h.strip() for h in next(reader)]
-    except csv.Error as err:
-        raise UserError(f"{path}:1: unreadable CSV header ({err})") from None
-    if "prompt" not in header:
-        raise UserError(f"{path}:1: no `prompt` column in the header {header}; name the prompt column `prompt`")
-    blank = [i + 1 for i, h in enumerate(header) if not h]
-    if blank or len(set(header)) != len(header):
-        raise UserError(f"{path}:1: header has empty or repeated column names {header}")
+    header, csv_rows = read_prompt_csv(path, ["prompt"], "name the prompt column `prompt`")
     clash = [h for h in header if h in OUTPUT_COLUMNS]
     if clash:
         raise UserError(f"{path}:1: column(s) {clash} would be overwritten by predictions.csv's own; rename them "
@@ -126,22 +104,8 @@ def read_prompt_file(pf: PromptFile) -> list[PromptRow]:
 
     rows: list[PromptRow] = []
     seen: dict[str, int] = {}
-    folder = path.parent
-    number = 0
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as err:
-            raise UserError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
-        line = reader.line_num
-        if not any(c.strip() for c in cells):
-            continue  # blank line
-        number += 1
-        if len(cells) != len(header):
-            raise UserError(f"{path}:{line}: {len(cells)} fields but the header has {len(header)}; quote fields that hold commas")
-        values = dict(zip(header, cells))
+    for number, csv_row in enumerate(csv_rows, 1):
+        line, values = csv_row.line, csv_row.values
         row_id = values.get("id", "").strip() or str(number)
         if row_id in seen:
             raise UserError(f"{path}:{line}: id {row_id!r} repeats the id of line {seen[row_id]}; ids must be unique")
@@ -149,10 +113,10 @@ def read_prompt_file(pf: PromptFile) -> list[PromptRow]:
         prompt = values["prompt"]
         if not prompt.strip():
             raise UserError(f"{path}:{line}: empty prompt")
-        images = [str(p if Path(p).is_absolute() else folder / p) for p in split_list(values.get("image"), IMAGE_SEP)]
-        markers = prompt.count(MARKER)
+        images = image_paths(values.get("image"), path.parent)
+        markers = prompt.count(IMAGE_MARKER)
         if markers and markers != len(images):
-            raise UserError(f"{path}:{line}: prompt has {markers} {MARKER} markers but the row lists {len(images)} images")
+            raise UserError(f"{path}:{line}: prompt has {markers} {IMAGE_MARKER} markers but the row lists {len(images)} images")
         rows.append(
             PromptRow(
                 key=f"{pf.label}#{row_id}",
@@ -166,8 +130,6 @@ def read_prompt_file(pf: PromptFile) -> list[PromptRow]:
                 input=values,
             )
         )
-    if not rows:
-        raise UserError(f"{path}:2: no rows below the header")
     return rows
 
 
