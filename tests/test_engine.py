@@ -155,7 +155,7 @@ def test_arrivals_are_admitted_together_images_and_prompts_batched():
 
 
 def test_admission_chunks_keep_each_prefill_within_its_position_budget():
-    from minigpt4.serving.engine import _chunks
+    from minigpt4.serving.requests import chunks as _chunks
 
     sizes = [100, 30, 300, 50, 5000, 10]
     runs = _chunks(sizes, lambda n: n, budget=600)

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
@@ -35,80 +33,14 @@ from minigpt4.decoding import StaticDecoder, cache_keys, reusable_prefix
 from minigpt4.decoding.fused import unsupported_reason
 from minigpt4.errors import UserError
 from minigpt4.generation import GenerationSettings, StreamState, next_tokens
+from minigpt4.serving.requests import ActiveRequest, QueueFull, Request, chunks
 from minigpt4.settings import MAX_CONTEXT, ChatSettings
+
+__all__ = ["Engine", "QueueFull", "Request", "default_slots"]
 
 log = logging.getLogger(__name__)
 
 PREFILL_POSITIONS = 8192  # positions (rows x longest new part) one admission forward computes at most
-
-
-class QueueFull(Exception):
-    """More requests are waiting than serve.max_queue allows."""
-
-
-@dataclass
-class Request:
-    """One answer to produce. Read `events` (or iterate `deltas()`) for the streamed text; the
-    final state is in text / finish_reason / completion_tokens once `done` is set."""
-
-    ids: list[int]
-    image_embeds: torch.Tensor | None  # [N,Q,H] for the images of ids, in order
-    settings: GenerationSettings
-    stops: tuple[str, ...]
-    generator: torch.Generator | None
-    id: int = field(default_factory=lambda: next(_ids))
-    events: queue.Queue[tuple[str, str]] = field(default_factory=queue.Queue)  # ("delta", text) | ("done", reason) | ("error", msg)
-    notify: Callable[[], None] | None = None  # called (on the engine thread) after each event
-    done: threading.Event = field(default_factory=threading.Event)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    text: str = ""
-    finish_reason: str = ""  # "stop" (EOS or a stop string) | "length" | "cancelled" | "error"
-    error: str = ""  # the reason, when finish_reason is "error"
-    completion_tokens: int = 0
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float = 0.0
-    finished_at: float = 0.0
-    prefilled: int = 0  # prompt positions computed (the rest came from the row's cached prefix)
-    keys: list = field(default_factory=list)  # one per prompt position: token id, or (image digest, slot)
-    pixels: torch.Tensor | None = None  # [N,3,S,S]: images the engine encodes (batched with other arrivals)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.ids)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def put(self, kind: str, value: str) -> None:
-        self.events.put((kind, value))
-        if self.notify is not None:
-            self.notify()
-
-    def deltas(self, timeout: float | None = None):
-        """Yield streamed text until the answer is done (raises UserError on an engine error)."""
-        while True:
-            kind, value = self.events.get(timeout=timeout)
-            if kind == "delta":
-                yield value
-            elif kind == "error":
-                raise UserError(value)
-            else:
-                return
-
-
-_ids = itertools.count(1)
-
-
-@dataclass
-class _Active:
-    """A request decoding in a row."""
-
-    request: Request
-    stream: StreamState
-    length: int  # cached positions of the row (the next token is written at this slot)
-    generated: list[int] = field(default_factory=list)
-    next_token: int = 0
-    shown: bool = False
 
 
 def default_slots(device: torch.device, llm, max_len: int) -> int:
@@ -147,7 +79,7 @@ class Engine:
         self.decoder = StaticDecoder(loaded.model.llm, self.slots, self.max_len, use_fused=reason is None)
         with torch.inference_mode():
             self.decoder.valid[:, 0] = True  # idle rows attend to one slot (never to nothing)
-        self.rows: list[_Active | None] = [None] * self.slots
+        self.rows: list[ActiveRequest | None] = [None] * self.slots
         self.row_keys: list[list] = [[] for _ in range(self.slots)]  # what each row's cache holds
         self.row_freed = [0] * self.slots  # when each row was last freed (least recently used goes first)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -267,7 +199,7 @@ class Engine:
                 self.row_keys[row] = []  # the row is rewritten from `start` on
                 placed[start].append((request, row))
             for start, group in placed.items():
-                for chunk in _chunks(group, lambda item, start=start: len(item[0].ids) - start, PREFILL_POSITIONS):
+                for chunk in chunks(group, lambda item, start=start: len(item[0].ids) - start, PREFILL_POSITIONS):
                     self._prefill(chunk, start)
         finally:
             self.admitting = 0
@@ -318,7 +250,7 @@ class Engine:
                 self._free(row)
             return
         for request, row in ready:
-            self.rows[row] = _Active(request, StreamState(self.loaded.tokenizer, request.stops), len(request.ids))
+            self.rows[row] = ActiveRequest(request, StreamState(self.loaded.tokenizer, request.stops), len(request.ids))
         for row, token in zip(rows, self._sample_rows(rows, logits)):
             self._take(row, self.rows[row], token)
 
@@ -372,7 +304,7 @@ class Engine:
                                         self.loaded.tokenizer.eos_id, request.generator)
         return tokens.tolist()
 
-    def _take(self, row: int, active: _Active, token: int) -> None:
+    def _take(self, row: int, active: ActiveRequest, token: int) -> None:
         """Take the row's next token: stream it, finish the row if done."""
         request, tok = active.request, self.loaded.tokenizer
         if not active.generated:
@@ -395,7 +327,7 @@ class Engine:
             return self._end(row, active, "length")
         active.next_token = token
 
-    def _end(self, row: int, active: _Active, reason: str) -> None:
+    def _end(self, row: int, active: ActiveRequest, reason: str) -> None:
         request = active.request
         request.text, _ = active.stream.finish(active.generated)
         rest = request.text[active.stream.emitted :]  # held back as a possible stop string
@@ -427,16 +359,3 @@ class Engine:
         request.put("error", message)
         request.done.set()
 
-
-def _chunks(items: list, size, budget: int) -> list[list]:
-    """items in order, cut into runs whose len(run) x largest size(item) stays within budget
-    (a single item always forms a run)."""
-    runs, run, longest = [], [], 0
-    for item in items:
-        longest_with = max(longest, size(item))
-        if run and longest_with * (len(run) + 1) > budget:
-            runs.append(run)
-            run, longest_with = [], size(item)
-        run.append(item)
-        longest = longest_with
-    return runs + ([run] if run else [])
