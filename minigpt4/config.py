@@ -4,6 +4,7 @@ config becomes typed settings (minigpt4/settings.py)."""
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +47,16 @@ for _name, _resolver in (("asset", lambda name: str(ASSETS / name)),  # a file s
                          ("default", lambda name: getattr(settings, name.upper()))):  # ${default:max_context}
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)
+
+# conf/generation/official.yaml takes its values from here: GenerationSettings' defaults are the official
+# decoding, written once (minigpt4/generation.py), for notebooks (GenerationSettings()) and for the YAML.
+def _register_generation_defaults() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="generation_defaults", node=asdict(GenerationSettings()))
+
+
+_register_generation_defaults()
 
 # Keys whose value is a sentence a user types: taken exactly as typed, never as Hydra syntax.
 FREE_TEXT_KEYS = ("chat.prompt", "chat.system", "chat.system_text_only", "benchmark.prompt")
