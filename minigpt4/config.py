@@ -4,7 +4,7 @@ config becomes typed settings (minigpt4/settings.py)."""
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +15,8 @@ from minigpt4.generation import GenerationSettings
 from minigpt4.settings import (
     ChatOptions,
     ChatSettings,
-    EvaluateOptions,
+    EvaluateSettings,
+    FinetuneSettings,
     LoadSpec,
     ServeOptions,
 )
@@ -166,6 +167,25 @@ def chat_settings(cfg) -> ChatSettings:
                         ui=plain["ui"], seed=plain.get("seed"))
 
 
-def evaluate_options(cfg) -> EvaluateOptions:
-    """evaluate.* -> EvaluateOptions (checked: batch_size and max_context whole numbers >= 1)."""
-    return EvaluateOptions(**to_container(cfg.evaluate))
+def _command_line() -> tuple[str, ...] | None:
+    """The overrides as the user typed them, under a Hydra run (None when composed in-process)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return tuple(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def evaluate_settings(cfg) -> EvaluateSettings:
+    """conf/evaluate.yaml, composed -> recipes.evaluate.run's argument (checked: a bad value or an
+    unknown key is one UserError)."""
+    return replace(EvaluateSettings.from_dict(to_container(cfg)), command_line=_command_line())
+
+
+def finetune_settings(cfg) -> FinetuneSettings:
+    """conf/finetune.yaml, composed -> recipes.finetune.run's argument. output_dir=null under Hydra:
+    Hydra's run folder (conf/finetune.yaml's hydra.run.dir, which already follows resume= and output_dir=)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    settings = replace(FinetuneSettings.from_dict(to_container(cfg)), command_line=_command_line())
+    if settings.output_dir is None and HydraConfig.initialized():
+        settings = replace(settings, output_dir=HydraConfig.get().runtime.output_dir)
+    return settings
