@@ -154,11 +154,6 @@ def load_spec(cfg) -> LoadSpec:
     return LoadSpec.from_dict(to_container(cfg))
 
 
-def generation_settings(cfg) -> GenerationSettings:
-    """generation.* -> GenerationSettings (checked: a bad value is one UserError)."""
-    return GenerationSettings(**to_container(cfg.generation))
-
-
 def chat_settings(cfg) -> ChatSettings:
     """conf/chat.yaml, composed -> recipes.chat.run's argument."""
     plain = to_container(cfg)

@@ -3,8 +3,8 @@ notebook calls it without Hydra (`load_model(LoadSpec(ModelSpec.tiny(), Checkpoi
 
 The YAML files in conf/ hold the defaults a user sees and overrides (the option groups here have
 none of their own, so they cannot drift apart); minigpt4/config.py turns a
-composed config into these objects once, at the entry point (`config.chat_settings(cfg)` and its
-siblings). Nothing here imports Hydra. The one default both sides need, the context
+composed config into these objects once, at the entry point (`config.chat_settings(cfg)`,
+`config.evaluate_settings(cfg)`, `config.finetune_settings(cfg)`). Nothing here imports Hydra. The one default both sides need, the context
 limit, lives here (MAX_CONTEXT) and the YAML files refer to it (${max_context:}).
 """
 

@@ -19,6 +19,7 @@ from minigpt4.evaluation.prompts import PromptFile, parse_files, read_prompt_fil
 from minigpt4.generation import GenerationSettings
 from minigpt4.recipes.evaluate import Plan
 from minigpt4.recipes.evaluate import run as run_evaluation
+from minigpt4.settings import EvaluateSettings
 
 FAST = ["gpu=cpu", "precision=fp32", "checkpoint=random", "evaluate.progress=false"]
 
@@ -245,6 +246,27 @@ def test_resume_after_a_torn_write_loses_and_duplicates_nothing(prompt_set, tmp_
     assert json.loads((run_dir / "summary.json").read_text())["throughput"] == summary["throughput"]
 
 
+def test_a_run_saved_by_an_older_version_still_resumes(prompt_set, tmp_path):
+    """Older runs saved the whole composed config (weights_root, no evaluate.engine, no launch):
+    what they lack takes today's value; a key this version does not know is one line."""
+    import yaml
+
+    full = run_evaluation(cfg_for(prompt_set), tmp_path / "full")
+    saved = yaml.safe_load((full / "config.yaml").read_text())
+    assert EvaluateSettings.from_dict(saved).to_dict() == saved  # what a run saves reads back the same
+    del saved["evaluate"]["engine"], saved["evaluate"]["fail_on_error"], saved["launch"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.yaml").write_text(yaml.safe_dump({**saved, "weights_root": "weights"}))
+    assert run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={old}"])), tmp_path / "x") == old
+    assert read_predictions(old) == read_predictions(full)
+    saved["evaluate"]["beams"] = 2
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(UserError, match=rf"^resume={old}: its config.yaml does not fit this version "
+                                        r"\(evaluate.beams: no such setting .*\); fix that key in .*, or start a new run$"):
+        run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={old}"])), tmp_path / "x")
+
+
 def test_score_only_rescores_without_loading_a_model(prompt_set, tmp_path, monkeypatch):
     run_dir = run_evaluation(cfg_for(prompt_set), tmp_path / "run")
     before = json.loads((run_dir / "summary.json").read_text())
@@ -289,13 +311,13 @@ def test_score_only_metrics_replace_every_files_own_choice(prompt_set, tmp_path)
     assert list(json.loads((run_dir / "summary.json").read_text())["metrics"]) == ["contains"]
 
 
-def test_resume_says_which_overrides_it_ignores_and_logs_into_the_run(prompt_set, tmp_path, monkeypatch, caplog):
-    from minigpt4.recipes import evaluate as runner
+def test_resume_says_which_overrides_it_ignores_and_logs_into_the_run(prompt_set, tmp_path, caplog):
+    from dataclasses import replace
 
     run_dir = run_evaluation(cfg_for(prompt_set), tmp_path / "run")
-    monkeypatch.setattr(runner, "_command_line_overrides", lambda: [
-        f"resume={run_dir}", "generation.max_new_tokens=1", "evaluate.batch_size=2", "gpu=cpu", "+hydra.x=1"])
-    run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}"])), tmp_path / "ignored")
+    typed = (f"resume={run_dir}", "generation.max_new_tokens=1", "evaluate.batch_size=2", "gpu=cpu", "+hydra.x=1")
+    settings = evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}"]))
+    run_evaluation(replace(settings, command_line=typed), tmp_path / "ignored")  # as evaluate.py gets it from Hydra
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("ignored generation.max_new_tokens=1 (only gpu" in w for w in warnings), warnings
     assert not any("evaluate.batch_size=2" in w for w in warnings)

@@ -238,12 +238,13 @@ def _saved_settings(run_dir: Path, key: str, current: EvaluateSettings) -> Evalu
                         f"key in {path}, or start a new run") from None
 
 
-def _merged(base: dict, saved: dict) -> dict:
-    """`saved` over `base`, group by group (the groups in which both have a dict)."""
-    out = dict(base)
-    for key, value in saved.items():
-        both = isinstance(value, dict) and isinstance(base.get(key), dict) and key not in ("benchmark", "logger")
-        out[key] = _merged(base[key], value) if both else value
+def _merged(current: dict, saved: dict) -> dict:
+    """`saved` over `current`: a key or an option an older run did not save takes the current
+    value; model, checkpoint and benchmark come whole from the run."""
+    out = {**current, **saved}
+    for group in ("evaluate", "generation", "launch"):
+        if isinstance(saved.get(group), dict):
+            out[group] = {**current[group], **saved[group]}
     return out
 
 
