@@ -152,7 +152,8 @@ def _evaluate(settings: EvaluateSettings, run_dir: Path) -> Path:
         else:
             from lightning_fabric import Fabric
 
-            Fabric(**launch).launch(_fabric_worker, settings, str(run_dir))
+            # as a plain dict: Fabric walks its arguments and would assign into the frozen dataclasses
+            Fabric(**launch).launch(_fabric_worker, settings.to_dict(), str(run_dir))
     return run_dir
 
 
@@ -174,8 +175,9 @@ def _fabric_settings(settings: EvaluateSettings) -> dict | None:
     }
 
 
-def _fabric_worker(fabric, settings: EvaluateSettings, run_dir: str) -> None:
-    evaluate_shard(settings, Path(run_dir), fabric.global_rank, fabric.world_size, fabric.device, fabric.barrier)
+def _fabric_worker(fabric, settings: dict, run_dir: str) -> None:
+    evaluate_shard(EvaluateSettings.from_dict(settings), Path(run_dir), fabric.global_rank, fabric.world_size,
+                   fabric.device, fabric.barrier)
 
 
 def _resumed_settings(current: EvaluateSettings) -> tuple[EvaluateSettings, Path]:
