@@ -5,9 +5,10 @@ from minigpt4.cli import run
 
 
 def main(cfg) -> None:
+    from minigpt4.config import finetune_settings
     from minigpt4.recipes import finetune
 
-    print(finetune.run(cfg))
+    print(finetune.run(finetune_settings(cfg)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from minigpt4.config import compose  # noqa: E402
+from minigpt4.config import compose, finetune_settings  # noqa: E402
 from minigpt4.data import synthetic  # noqa: E402
 from minigpt4.recipes.finetune import run as run_finetune  # noqa: E402
 
@@ -51,7 +51,7 @@ def bench(cache: bool, args, data_dir: Path, out_dir: Path) -> dict:
                  f"trainer.iters_per_epoch={args.steps}", f"trainer.num_workers={args.workers}",
                  "trainer.log_every_n_steps=1", "trainer.progress_bar=false", f"cache_features={str(cache).lower()}",
                  f"output_dir={out_dir}"]
-    cfg = compose("finetune", overrides)
+    cfg = finetune_settings(compose("finetune", overrides))
     start = time.perf_counter()
     run_dir = run_finetune(cfg)
     total = time.perf_counter() - start

@@ -4,6 +4,7 @@ config becomes typed settings (minigpt4/settings.py)."""
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,7 +15,8 @@ from minigpt4.generation import GenerationSettings
 from minigpt4.settings import (
     ChatOptions,
     ChatSettings,
-    EvaluateOptions,
+    EvaluateSettings,
+    FinetuneSettings,
     LoadSpec,
     ServeOptions,
 )
@@ -46,6 +48,16 @@ for _name, _resolver in (("asset", lambda name: str(ASSETS / name)),  # a file s
                          ("default", lambda name: getattr(settings, name.upper()))):  # ${default:max_context}
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)
+
+# conf/generation/official.yaml takes its values from here: GenerationSettings' defaults are the official
+# decoding, written once (minigpt4/generation.py), for notebooks (GenerationSettings()) and for the YAML.
+def _register_generation_defaults() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="generation_defaults", node=asdict(GenerationSettings()))
+
+
+_register_generation_defaults()
 
 # Keys whose value is a sentence a user types: taken exactly as typed, never as Hydra syntax.
 FREE_TEXT_KEYS = ("chat.prompt", "chat.system", "chat.system_text_only", "benchmark.prompt")
@@ -142,11 +154,6 @@ def load_spec(cfg) -> LoadSpec:
     return LoadSpec.from_dict(to_container(cfg))
 
 
-def generation_settings(cfg) -> GenerationSettings:
-    """generation.* -> GenerationSettings (checked: a bad value is one UserError)."""
-    return GenerationSettings(**to_container(cfg.generation))
-
-
 def chat_settings(cfg) -> ChatSettings:
     """conf/chat.yaml, composed -> recipes.chat.run's argument."""
     plain = to_container(cfg)
@@ -155,6 +162,25 @@ def chat_settings(cfg) -> ChatSettings:
                         ui=plain["ui"], seed=plain.get("seed"))
 
 
-def evaluate_options(cfg) -> EvaluateOptions:
-    """evaluate.* -> EvaluateOptions (checked: batch_size and max_context whole numbers >= 1)."""
-    return EvaluateOptions(**to_container(cfg.evaluate))
+def _command_line() -> tuple[str, ...] | None:
+    """The overrides as the user typed them, under a Hydra run (None when composed in-process)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return tuple(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def evaluate_settings(cfg) -> EvaluateSettings:
+    """conf/evaluate.yaml, composed -> recipes.evaluate.run's argument (checked: a bad value or an
+    unknown key is one UserError)."""
+    return replace(EvaluateSettings.from_dict(to_container(cfg)), command_line=_command_line())
+
+
+def finetune_settings(cfg) -> FinetuneSettings:
+    """conf/finetune.yaml, composed -> recipes.finetune.run's argument. output_dir=null under Hydra:
+    Hydra's run folder (conf/finetune.yaml's hydra.run.dir, which already follows resume= and output_dir=)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    settings = replace(FinetuneSettings.from_dict(to_container(cfg)), command_line=_command_line())
+    if settings.output_dir is None and HydraConfig.initialized():
+        settings = replace(settings, output_dir=HydraConfig.get().runtime.output_dir)
+    return settings

@@ -31,6 +31,9 @@ COMPILE_PAYS_FROM_TOKENS = 200_000  # generation.compile=auto: compile jobs at l
 
 @dataclass
 class GenerationSettings:
+    """Decoding settings. The defaults are the official demo's decoding (docs/OFFICIAL.md) and the
+    one place it is written: conf/generation/official.yaml takes them from here (config.py)."""
+
     do_sample: bool = True
     temperature: float = 1.0
     top_k: int = 50  # 0 = off; the official call leaves transformers' default of 50 in force

@@ -3,15 +3,16 @@ notebook calls it without Hydra (`load_model(LoadSpec(ModelSpec.tiny(), Checkpoi
 
 The YAML files in conf/ hold the defaults a user sees and overrides (the option groups here have
 none of their own, so they cannot drift apart); minigpt4/config.py turns a
-composed config into these objects once, at the entry point (`config.chat_settings(cfg)` and its
-siblings). Nothing here imports Hydra. The one default both sides need, the context
+composed config into these objects once, at the entry point (`config.chat_settings(cfg)`,
+`config.evaluate_settings(cfg)`, `config.finetune_settings(cfg)`). Nothing here imports Hydra. The one default both sides need, the context
 limit, lives here (MAX_CONTEXT) and the YAML files refer to it (${max_context:}).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -26,6 +27,27 @@ def _pick(cls, values: Mapping | None):
     """cls(**the keys of `values` that are fields of cls): a config group -> its dataclass."""
     values = values or {}
     return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+def _checked(cls, values: Mapping | None, section: str):
+    """cls(**values) for config group `section`: a key cls lacks (a typo, or Hydra's hint
+    `+section.key=...`) is refused, since it would be ignored, and a missing one is named."""
+    values = dict(values or {})
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{section}.{unknown[0]}: no such setting (it would be ignored); "
+                        f"the known ones are {section}.{{{','.join(known)}}}")
+    missing = [f.name for f in fields(cls) if f.name not in values
+               and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise UserError(f"{section}.{missing[0]}: not set; give it a value ({section}.{missing[0]}=...)")
+    return cls(**values)
+
+
+def as_plain(settings) -> dict:
+    """A settings dataclass as plain JSON/YAML-safe data (tuples become lists)."""
+    return json.loads(json.dumps(asdict(settings)))
 
 
 @dataclass(frozen=True)
@@ -95,6 +117,10 @@ class LoadSpec:
         return cls(ModelSpec.from_dict(cfg["model"]), CheckpointSpec.from_dict(cfg.get("checkpoint")),
                    _pick(Hardware, cfg))
 
+    def to_dict(self) -> dict:
+        """The composed config's keys (model, checkpoint, gpu, precision, cpu_threads): from_dict's input."""
+        return {"model": as_plain(self.model), "checkpoint": as_plain(self.checkpoint), **as_plain(self.hardware)}
+
 
 @dataclass(frozen=True, kw_only=True)
 class ChatOptions:
@@ -161,3 +187,135 @@ class Launch:
     devices: Any
     strategy: str
     num_nodes: int
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """What `python evaluate.py` runs: recipes.evaluate.run(EvaluateSettings, run_dir). A run saves
+    to_dict() as its config.yaml; resume= and score_only= read it back with from_dict."""
+
+    load: LoadSpec
+    generation: GenerationSettings
+    evaluate: EvaluateOptions
+    launch: Launch
+    benchmark: dict | None  # conf/benchmark/<name>.yaml (Benchmark.from_dict's input); None: evaluate.prompts
+    logger: dict  # conf/logger/*.yaml: {"wandb": {...}}
+    seed: int
+    resume: str | None  # a run directory to continue
+    score_only: str | None  # a run directory to re-score
+    command_line: tuple[str, ...] | None = None  # the overrides as typed, for messages (None: not a command line)
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping) -> EvaluateSettings:
+        """conf/evaluate.yaml composed (or a run's config.yaml) as plain data -> EvaluateSettings."""
+        return cls(load=LoadSpec.from_dict(cfg), generation=_checked(GenerationSettings, cfg["generation"], "generation"),
+                   evaluate=_checked(EvaluateOptions, cfg["evaluate"], "evaluate"),
+                   launch=_checked(Launch, cfg["launch"], "launch"), benchmark=cfg.get("benchmark"),
+                   logger=dict(cfg["logger"]), seed=cfg["seed"], resume=cfg.get("resume"),
+                   score_only=cfg.get("score_only"))
+
+    def to_dict(self) -> dict:
+        """The composed config's shape (what from_dict reads): a run's config.yaml, summary.json's config."""
+        return {**self.load.to_dict(), "generation": as_plain(self.generation), "evaluate": as_plain(self.evaluate),
+                "launch": as_plain(self.launch), "benchmark": self.benchmark, "logger": self.logger,
+                "seed": self.seed, "resume": self.resume, "score_only": self.score_only}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearningRate:
+    """trainer.lr.*: linear warm-up warmup_start -> init over warmup_steps, then cosine to min."""
+
+    init: float
+    min: float
+    warmup_start: float
+    warmup_steps: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerOptions:
+    """conf/trainer/stage2.yaml: the optimizer, data loading and Lightning settings of fine-tuning."""
+
+    batch_size: int
+    max_epochs: int
+    max_steps: int | None
+    iters_per_epoch: int | None
+    accumulate_grad_batches: int
+    lr: LearningRate
+    weight_decay: float
+    betas: tuple[float, float]
+    gradient_clip_val: float | None
+    max_target_tokens: int
+    num_workers: int
+    log_every_n_steps: int
+    checkpoint_every_n_steps: int | None
+    max_time: str | None
+    strategy: str
+    progress_bar: bool
+    refresh_rate: int
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> TrainerOptions:
+        values = dict(values)
+        if "lr" in values:
+            values["lr"] = _checked(LearningRate, values["lr"], "trainer.lr")
+        trainer = _checked(cls, values, "trainer")
+        return replace(trainer, betas=tuple(float(b) for b in trainer.betas))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataOptions:
+    """conf/data/*.yaml: which examples (data/datasets.build_examples). path for files; the rest
+    for the synthetic pictures (data/synthetic.py)."""
+
+    name: str
+    style: str
+    path: str | None = None
+    size: int | None = None
+    seed: int | None = None
+    picture_size: int | None = None
+    text_fraction: float | None = None
+    max_turns: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heldout:
+    """finetune.yaml's heldout.*: held-out synthetic pictures after training (0: skip)."""
+
+    pictures: int
+    seed: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneSettings:
+    """What `python finetune.py` runs: recipes.finetune.run(FinetuneSettings)."""
+
+    load: LoadSpec
+    data: DataOptions
+    trainer: TrainerOptions
+    heldout: Heldout
+    logger: dict  # conf/logger/*.yaml: {"wandb": {...}}
+    trainable: tuple[str, ...]
+    reinit: tuple[str, ...]
+    cache_features: bool | str  # true | false | auto
+    seed: int
+    resume: str | None  # a run directory (or a .ckpt) to continue
+    output_dir: str | None  # where the run goes (the entry point gives Hydra's run folder for null)
+    export_dir: str | None
+    install_demo: bool
+    command_line: tuple[str, ...] | None = None  # the overrides as typed, for the resume hint (None: not a command line)
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping) -> FinetuneSettings:
+        """conf/finetune.yaml composed, as plain data -> FinetuneSettings."""
+        return cls(load=LoadSpec.from_dict(cfg), data=_checked(DataOptions, cfg["data"], "data"),
+                   trainer=TrainerOptions.from_dict(cfg["trainer"]), heldout=_checked(Heldout, cfg["heldout"], "heldout"),
+                   logger=dict(cfg["logger"]), trainable=tuple(str(p) for p in cfg["trainable"]),
+                   reinit=tuple(str(p) for p in cfg.get("reinit") or ()), cache_features=cfg["cache_features"],
+                   seed=cfg["seed"], resume=cfg.get("resume"), output_dir=cfg.get("output_dir"),
+                   export_dir=cfg.get("export_dir"), install_demo=bool(cfg.get("install_demo")))
+
+    def to_dict(self) -> dict:
+        """The composed config's shape: the run's finetune_config.yaml, Weights & Biases' config."""
+        plain = as_plain(self)
+        plain.pop("command_line")
+        return {**self.load.to_dict(), **{k: v for k, v in plain.items() if k != "load"}}

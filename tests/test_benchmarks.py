@@ -24,7 +24,7 @@ from benchmark_files import (
 from PIL import Image
 from test_evaluate import FAST, read_predictions
 
-from minigpt4.config import compose
+from minigpt4.config import compose, evaluate_settings
 from minigpt4.data.synthetic import sample_specs
 from minigpt4.errors import UserError
 from minigpt4.evaluation import metrics
@@ -47,7 +47,7 @@ def files(tmp_path_factory) -> dict[str, BenchFiles]:
 
 
 def plan_for(bench: BenchFiles, *extra: str) -> Plan:
-    return Plan.from_cfg(compose("evaluate", [*FAST, *bench.overrides(), *extra]))
+    return Plan.from_settings(evaluate_settings(compose("evaluate", [*FAST, *bench.overrides(), *extra])))
 
 
 def score(scorer: str, rows: list[tuple[dict, str | None]]) -> dict:
@@ -246,10 +246,10 @@ def test_a_tsv_is_read_as_a_stream_not_into_memory(tmp_path):
     rows = [[i, f"Question {i}?" if i != 5 else 'A "quoted" question?', "yes", cell] for i in range(40)]
     path = write_tsv(tmp_path / "big.tsv", ["index", "question", "answer", "image"], rows)
     del rows
-    cfg = compose("evaluate", [*FAST, *BenchFiles("vqa", path).overrides()])
+    cfg = evaluate_settings(compose("evaluate", [*FAST, *BenchFiles("vqa", path).overrides()]))
     tracemalloc.start()
     try:
-        loaded = Plan.from_cfg(cfg).rows
+        loaded = Plan.from_settings(cfg).rows
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -327,7 +327,7 @@ def test_multiple_choice_problems_are_one_line(tmp_path, options, answer, messag
 ])
 def test_bad_benchmark_settings_fail_before_any_model(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        Plan.from_cfg(compose("evaluate", [*FAST, *overrides]))
+        Plan.from_settings(evaluate_settings(compose("evaluate", [*FAST, *overrides])))
 
 
 def test_prompt_template_leaves_out_empty_lines_and_names_unknown_columns(files):
@@ -350,7 +350,7 @@ BLOCK_KEYS = {"mme": {"perception", "cognition", "subtasks"},
                                   "textvqa", "mcq", "vqa"])
 def test_the_demo_model_end_to_end_on_each_benchmark_config(files, tmp_path, name):
     bench = files[name]
-    run_dir = run_evaluation(compose("evaluate", [*DEMO, *bench.overrides()]), tmp_path / "run")
+    run_dir = run_evaluation(evaluate_settings(compose("evaluate", [*DEMO, *bench.overrides()])), tmp_path / "run")
     summary = json.loads((run_dir / "summary.json").read_text())
     block = summary["benchmark"]
     assert BLOCK_KEYS[block["scorer"]] <= set(block), block
@@ -372,8 +372,8 @@ def test_a_picture_that_is_not_base64_or_not_an_image_fails_its_row_only(tmp_pat
         [1, "What colour?", "red", good], [2, "What colour?", "red", "not base64 at all!" * 5],
         [3, "What colour?", "red", base64.b64encode(b"plain text, no picture at all, " * 4).decode()],
         [4, "What colour?", "red", "2"], [5, "What colour?", "red", "9"]])
-    run_dir = run_evaluation(compose("evaluate", [*FAST, *BenchFiles("vqa", path).overrides(),
-                                                  "generation.max_new_tokens=3"]), tmp_path / "run")
+    run_dir = run_evaluation(evaluate_settings(compose("evaluate", [*FAST, *BenchFiles("vqa", path).overrides(),
+                                                  "generation.max_new_tokens=3"])), tmp_path / "run")
     errors = {r["id"]: r["error"] for r in read_predictions(run_dir)}
     assert errors["1"] == ""
     assert errors["2"].startswith("mixed.tsv:3: the image is not valid base64")
@@ -390,25 +390,25 @@ def test_resume_and_score_only_on_a_tsv_benchmark(files, tmp_path):
     result; score_only re-scores from predictions.jsonl even when the file is gone."""
     common = [*FAST, "generation.max_new_tokens=4", "evaluate.batch_size=3"]
     bench = mmbench(tmp_path)
-    full = run_evaluation(compose("evaluate", [*common, *bench.overrides()]), tmp_path / "full")
+    full = run_evaluation(evaluate_settings(compose("evaluate", [*common, *bench.overrides()])), tmp_path / "full")
     expected = read_predictions(full)
     run_dir = tmp_path / "interrupted"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text((full / "config.yaml").read_text())
     lines = (full / "predictions.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "predictions.jsonl").write_text("".join(lines[:3]) + lines[3][:25])
-    resumed = run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "unused")
+    resumed = run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}"])), tmp_path / "unused")
     assert read_predictions(resumed) == expected
     assert json.loads((resumed / "summary.json").read_text())["throughput"]["rows_done_before"] == 3
     before = json.loads((full / "summary.json").read_text())["benchmark"]
     bench.path.rename(tmp_path / "moved.tsv")
-    run_evaluation(compose("evaluate", [*FAST, f"score_only={full}"]), tmp_path / "unused")
+    run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"score_only={full}"])), tmp_path / "unused")
     after = json.loads((full / "summary.json").read_text())
     assert after["benchmark"] == before and after["score_only"] is True and after["pending_rows"] is None
 
 
 def test_generic_metrics_can_be_asked_for_on_a_benchmark_too(files, tmp_path):
-    run_dir = run_evaluation(compose("evaluate", [*DEMO, *files["gqa"].overrides(), "evaluate.metrics=[contains]"]),
+    run_dir = run_evaluation(evaluate_settings(compose("evaluate", [*DEMO, *files["gqa"].overrides(), "evaluate.metrics=[contains]"])),
                              tmp_path / "run")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary["metrics"]) == ["contains"] and "accuracy" in summary["benchmark"]
@@ -435,13 +435,13 @@ def test_kill_9_then_resume_and_two_processes_on_a_tsv(tmp_path):
     kill_9_after(evaluate_cli(*FAST, *bench, "generation.max_new_tokens=8", "evaluate.batch_size=1",
                               f"hydra.run.dir={run_dir}"), run_dir)
     assert 3 <= len(store.collect(run_dir)) < 24
-    resumed = run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}", "evaluate.batch_size=8"]), tmp_path / "x")
+    resumed = run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}", "evaluate.batch_size=8"])), tmp_path / "x")
     keys = [json.loads(line)["key"] for line in (resumed / "predictions.jsonl").read_text().splitlines()]
     assert keys == [f"many.tsv#{i}" for i in range(24)]
     common = [*FAST, *bench, "generation.max_new_tokens=8", "evaluate.batch_size=4"]
-    one = run_evaluation(compose("evaluate", common), tmp_path / "one")
-    two = run_evaluation(compose("evaluate", [*common, "launch.accelerator=cpu", "launch.devices=2",
-                                              "launch.strategy=ddp_spawn"]), tmp_path / "two")
+    one = run_evaluation(evaluate_settings(compose("evaluate", common)), tmp_path / "one")
+    two = run_evaluation(evaluate_settings(compose("evaluate", [*common, "launch.accelerator=cpu", "launch.devices=2",
+                                              "launch.strategy=ddp_spawn"])), tmp_path / "two")
     assert read_predictions(resumed) == read_predictions(one) == read_predictions(two)
     summaries = [json.loads((d / "summary.json").read_text()) for d in (one, two)]
     assert summaries[1]["throughput"]["processes"] == 2 and summaries[0]["benchmark"] == summaries[1]["benchmark"]

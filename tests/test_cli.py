@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minigpt4.config import ROOT, compose
+from minigpt4.config import ROOT, compose, evaluate_settings
 from minigpt4.recipes.evaluate import run as run_evaluation
 from test_evaluate import FAST, write_csv
 
@@ -74,8 +74,9 @@ def test_one_shot_chat_leaves_no_files(tmp_path):
 @pytest.mark.slow
 def test_resume_and_score_only_log_into_their_run_and_create_no_folder(tmp_path):
     prompts = write_csv(tmp_path / "p.csv", ["id", "prompt", "reference"], [["1", "Hello", "hi"], ["2", "Two?", "2"]])
-    run_dir = run_evaluation(compose("evaluate", [*FAST, f"evaluate.prompts=[{prompts}]",
-                                                  "generation.max_new_tokens=2"]), tmp_path / "run")
+    run_dir = run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"evaluate.prompts=[{prompts}]",
+                                                                    "generation.max_new_tokens=2"])),
+                             tmp_path / "run")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     for args in (["score_only=../run", "evaluate.metrics=[contains]"],

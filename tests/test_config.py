@@ -256,13 +256,15 @@ def test_cpu_threads_auto_is_one_thread_for_a_small_model_on_the_cpu(monkeypatch
 def test_logger_wandb_without_the_extra_is_one_line_before_the_run(monkeypatch, tmp_path):
     import re
 
+    from minigpt4.config import evaluate_settings, finetune_settings
     from minigpt4.recipes.evaluate import run as run_evaluation
     from minigpt4.recipes.finetune import run as run_finetune
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if `pip install -e '.[wandb]'` had not run
     message = "^" + re.escape("logger=wandb needs wandb: pip install -e '.[wandb]'") + "$"
     with pytest.raises(UserError, match=message):
-        run_evaluation(compose("evaluate", ["gpu=cpu", "logger=wandb"]), tmp_path / "evaluate")
+        run_evaluation(evaluate_settings(compose("evaluate", ["gpu=cpu", "logger=wandb"])), tmp_path / "evaluate")
     with pytest.raises(UserError, match=message):
-        run_finetune(compose("finetune", ["gpu=cpu", "logger=wandb", f"output_dir={tmp_path / 'finetune'}"]))
+        run_finetune(finetune_settings(compose("finetune", ["gpu=cpu", "logger=wandb",
+                                                            f"output_dir={tmp_path / 'finetune'}"])))
     assert not (tmp_path / "evaluate").exists() and not (tmp_path / "finetune").exists()  # nothing started

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minigpt4.config import compose, generation_settings, load_spec
+from minigpt4.config import compose, evaluate_settings
 from minigpt4.errors import UserError
 from minigpt4.evaluation import metrics, store
 from minigpt4.evaluation.answering import answer_rows
@@ -19,6 +19,7 @@ from minigpt4.evaluation.prompts import PromptFile, parse_files, read_prompt_fil
 from minigpt4.generation import GenerationSettings
 from minigpt4.recipes.evaluate import Plan
 from minigpt4.recipes.evaluate import run as run_evaluation
+from minigpt4.settings import EvaluateSettings
 
 FAST = ["gpu=cpu", "precision=fp32", "checkpoint=random", "evaluate.progress=false"]
 
@@ -54,7 +55,7 @@ def prompt_set(tmp_path: Path) -> Path:
 
 
 def cfg_for(csv_path: Path, *extra: str):
-    return compose("evaluate", [*FAST, f"evaluate.prompts=[{csv_path}]", "generation.max_new_tokens=6", *extra])
+    return evaluate_settings(compose("evaluate", [*FAST, f"evaluate.prompts=[{csv_path}]", "generation.max_new_tokens=6", *extra]))
 
 
 def read_predictions(run_dir: Path) -> list[dict]:
@@ -98,11 +99,11 @@ def test_rows_parse_ids_images_references_and_extra_columns(prompt_set):
 
 def test_bad_metric_names_and_prompt_entries_fail_before_any_model(prompt_set):
     with pytest.raises(UserError, match="unknown metric"):
-        Plan.from_cfg(cfg_for(prompt_set, "evaluate.metrics=[accuracy]"))
-    cfg = compose("evaluate", [*FAST, f"evaluate.prompts=[{{path:{prompt_set},metrics:[bleu]}}]"])
-    assert Plan.from_cfg(cfg).metrics == {"set.csv": ("bleu",)}
+        Plan.from_settings(cfg_for(prompt_set, "evaluate.metrics=[accuracy]"))
+    cfg = evaluate_settings(compose("evaluate", [*FAST, f"evaluate.prompts=[{{path:{prompt_set},metrics:[bleu]}}]"]))
+    assert Plan.from_settings(cfg).metrics == {"set.csv": ("bleu",)}
     with pytest.raises(UserError, match="no such file"):
-        Plan.from_cfg(compose("evaluate", [*FAST, "evaluate.prompts=[nowhere.csv]"]))
+        Plan.from_settings(evaluate_settings(compose("evaluate", [*FAST, "evaluate.prompts=[nowhere.csv]"])))
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def diverse_tiny_model(cfg):
     """The tiny model with larger random weights, so each row gets a different answer."""
     from minigpt4.build import load_model
 
-    lm = load_model(load_spec(cfg))
+    lm = load_model(cfg.load)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in lm.model.parameters():
@@ -141,8 +142,8 @@ def diverse_tiny_model(cfg):
 def test_greedy_answers_do_not_depend_on_the_batch_size(prompt_set):
     cfg = cfg_for(prompt_set)
     lm = diverse_tiny_model(cfg)
-    plan = Plan.from_cfg(cfg)
-    settings = generation_settings(cfg)
+    plan = Plan.from_settings(cfg)
+    settings = cfg.generation
     assert settings.greedy
     answers = {}
     for batch_size in (1, 4):
@@ -162,9 +163,9 @@ def test_compile_auto_compiles_only_jobs_long_enough_to_pay_it_back(prompt_set, 
     from minigpt4.evaluation import answering
 
     cfg = cfg_for(prompt_set)
-    assert compose("evaluate", []).generation.compile is False
+    assert evaluate_settings(compose("evaluate", [])).generation.compile is False
     lm = diverse_tiny_model(cfg)
-    rows = Plan.from_cfg(cfg).rows
+    rows = Plan.from_settings(cfg).rows
     seen = []
     monkeypatch.setattr(answering, "_generate_batch", lambda lm, batch, settings, decoder_for: seen.append(settings.compile) or [])
     settings = GenerationSettings(do_sample=False, max_new_tokens=10, compile="auto")
@@ -181,9 +182,9 @@ def test_compile_auto_compiles_only_jobs_long_enough_to_pay_it_back(prompt_set, 
 def test_demo_model_answers_the_example_set_identically_at_batch_1_and_16_and_through_the_engine():
     from minigpt4.build import load_model
 
-    cfg = compose("evaluate", ["gpu=cpu", "precision=fp32", "checkpoint=demo", "generation.max_new_tokens=40"])
-    lm, rows = load_model(load_spec(cfg)), Plan.from_cfg(cfg).rows
-    settings = generation_settings(cfg)
+    cfg = evaluate_settings(compose("evaluate", ["gpu=cpu", "precision=fp32", "checkpoint=demo", "generation.max_new_tokens=40"]))
+    lm, rows = load_model(cfg.load), Plan.from_settings(cfg).rows
+    settings = cfg.generation
     answers = []
     for batch_size, engine in ((1, False), (16, False), (6, True)):
         out: list[dict] = []
@@ -227,9 +228,9 @@ def test_resume_after_a_torn_write_loses_and_duplicates_nothing(prompt_set, tmp_
     lines = (full / "predictions.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "predictions.jsonl").write_text("".join(lines[:5]) + lines[5][:30])
     assert len(store.collect(run_dir)) == 5
-    partial = run_evaluation(compose("evaluate", [*FAST, f"score_only={run_dir}"]), tmp_path / "ignored")
+    partial = run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"score_only={run_dir}"])), tmp_path / "ignored")
     assert json.loads((partial / "summary.json").read_text())["pending_rows"] == len(expected) - 5
-    resumed = run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "ignored")
+    resumed = run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}"])), tmp_path / "ignored")
     assert resumed == run_dir and not (tmp_path / "ignored").exists()
     assert read_predictions(run_dir) == expected
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -240,9 +241,30 @@ def test_resume_after_a_torn_write_loses_and_duplicates_nothing(prompt_set, tmp_
     assert sorted(keys) == sorted(r["csv"] + "#" + r["id"] for r in expected)
     # resuming a finished run loads no model and changes nothing
     summary = json.loads((run_dir / "summary.json").read_text())
-    run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "ignored")
+    run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}"])), tmp_path / "ignored")
     assert read_predictions(run_dir) == expected
     assert json.loads((run_dir / "summary.json").read_text())["throughput"] == summary["throughput"]
+
+
+def test_a_run_saved_by_an_older_version_still_resumes(prompt_set, tmp_path):
+    """Older runs saved the whole composed config (weights_root, no evaluate.engine, no launch):
+    what they lack takes today's value; a key this version does not know is one line."""
+    import yaml
+
+    full = run_evaluation(cfg_for(prompt_set), tmp_path / "full")
+    saved = yaml.safe_load((full / "config.yaml").read_text())
+    assert EvaluateSettings.from_dict(saved).to_dict() == saved  # what a run saves reads back the same
+    del saved["evaluate"]["engine"], saved["evaluate"]["fail_on_error"], saved["launch"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.yaml").write_text(yaml.safe_dump({**saved, "weights_root": "weights"}))
+    assert run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={old}"])), tmp_path / "x") == old
+    assert read_predictions(old) == read_predictions(full)
+    saved["evaluate"]["beams"] = 2
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(UserError, match=rf"^resume={old}: its config.yaml does not fit this version "
+                                        r"\(evaluate.beams: no such setting .*\); fix that key in .*, or start a new run$"):
+        run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={old}"])), tmp_path / "x")
 
 
 def test_score_only_rescores_without_loading_a_model(prompt_set, tmp_path, monkeypatch):
@@ -255,14 +277,14 @@ def test_score_only_rescores_without_loading_a_model(prompt_set, tmp_path, monke
     records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     records[0]["answer"] = "It is red."
     (run_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = compose("evaluate", [*FAST, f"score_only={run_dir}", "evaluate.metrics=[contains]"])
+    cfg = evaluate_settings(compose("evaluate", [*FAST, f"score_only={run_dir}", "evaluate.metrics=[contains]"]))
     assert run_evaluation(cfg, tmp_path / "unused") == run_dir
     after = json.loads((run_dir / "summary.json").read_text())
     assert list(after["metrics"]) == ["contains"] and after["score_only"] is True
     assert read_predictions(run_dir)[0]["contains"] == "1.0"
     assert after["throughput"] == before["throughput"]  # the generation numbers are kept
     with pytest.raises(UserError, match="no config.yaml"):
-        run_evaluation(compose("evaluate", [*FAST, f"score_only={tmp_path}"]), tmp_path / "x")
+        run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"score_only={tmp_path}"])), tmp_path / "x")
 
 
 def test_resume_retries_failed_rows_only_when_asked(prompt_set, tmp_path):
@@ -270,10 +292,10 @@ def test_resume_retries_failed_rows_only_when_asked(prompt_set, tmp_path):
     failed = lambda: {r["id"] for r in read_predictions(run_dir) if r["error"]}
     assert failed() == {"f", "g"}
     picture(prompt_set.parent / "missing.png")  # the user fixes one image
-    run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "x")
+    run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}"])), tmp_path / "x")
     assert failed() == {"f", "g"}  # a plain resume redoes nothing
     before = {r["id"]: r for r in read_predictions(run_dir)}
-    run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}", "evaluate.retry_failed=true"]), tmp_path / "x")
+    run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}", "evaluate.retry_failed=true"])), tmp_path / "x")
     after = {r["id"]: r for r in read_predictions(run_dir)}
     assert failed() == {"g"} and after["f"]["answer"] and len(after) == 8
     assert all(after[k] == before[k] for k in after if k not in ("f", "g"))  # finished rows untouched
@@ -281,21 +303,21 @@ def test_resume_retries_failed_rows_only_when_asked(prompt_set, tmp_path):
 
 
 def test_score_only_metrics_replace_every_files_own_choice(prompt_set, tmp_path):
-    cfg = compose("evaluate", [*FAST, "generation.max_new_tokens=6",
-                               f"evaluate.prompts=[{{path: {prompt_set}, metrics: [bleu, exact_match]}}]"])
+    cfg = evaluate_settings(compose("evaluate", [*FAST, "generation.max_new_tokens=6",
+                               f"evaluate.prompts=[{{path: {prompt_set}, metrics: [bleu, exact_match]}}]"]))
     run_dir = run_evaluation(cfg, tmp_path / "run")
     assert list(json.loads((run_dir / "summary.json").read_text())["metrics"]) == ["exact_match", "bleu"]
-    run_evaluation(compose("evaluate", [*FAST, f"score_only={run_dir}", "evaluate.metrics=[contains]"]), tmp_path / "x")
+    run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"score_only={run_dir}", "evaluate.metrics=[contains]"])), tmp_path / "x")
     assert list(json.loads((run_dir / "summary.json").read_text())["metrics"]) == ["contains"]
 
 
-def test_resume_says_which_overrides_it_ignores_and_logs_into_the_run(prompt_set, tmp_path, monkeypatch, caplog):
-    from minigpt4.recipes import evaluate as runner
+def test_resume_says_which_overrides_it_ignores_and_logs_into_the_run(prompt_set, tmp_path, caplog):
+    from dataclasses import replace
 
     run_dir = run_evaluation(cfg_for(prompt_set), tmp_path / "run")
-    monkeypatch.setattr(runner, "_command_line_overrides", lambda: [
-        f"resume={run_dir}", "generation.max_new_tokens=1", "evaluate.batch_size=2", "gpu=cpu", "+hydra.x=1"])
-    run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "ignored")
+    typed = (f"resume={run_dir}", "generation.max_new_tokens=1", "evaluate.batch_size=2", "gpu=cpu", "+hydra.x=1")
+    settings = evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}"]))
+    run_evaluation(replace(settings, command_line=typed), tmp_path / "ignored")  # as evaluate.py gets it from Hydra
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("ignored generation.max_new_tokens=1 (only gpu" in w for w in warnings), warnings
     assert not any("evaluate.batch_size=2" in w for w in warnings)
@@ -336,7 +358,7 @@ def test_example_set_end_to_end():
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = run_evaluation(compose("evaluate", overrides), Path(tmp) / "run")
+        run_dir = run_evaluation(evaluate_settings(compose("evaluate", overrides)), Path(tmp) / "run")
         summary = json.loads((run_dir / "summary.json").read_text())
         rows = read_predictions(run_dir)
     assert summary["counts"]["rows"] == len(rows) == 80 and summary["counts"]["failed"] == 0
@@ -361,7 +383,7 @@ def test_wandb_logs_summary_and_predictions_offline_and_is_imported_only_when_en
     run_dir = run_evaluation(cfg_for(prompt_set), tmp_path / "run")
     monkeypatch.delitem(sys.modules, "wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run_evaluation(compose("evaluate", [*FAST, f"score_only={run_dir}", "logger=wandb"]), tmp_path / "x")
+    run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"score_only={run_dir}", "logger=wandb"])), tmp_path / "x")
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
     table = json.loads(next(offline[0].glob("files/media/table/predictions_*.table.json")).read_text())
@@ -373,9 +395,9 @@ def test_wandb_logs_summary_and_predictions_offline_and_is_imported_only_when_en
 def test_process_settings_come_from_gpu_or_trainer_keys():
     from minigpt4.recipes.evaluate import _fabric_settings
 
-    assert _fabric_settings(compose("evaluate", ["gpu=cpu"])) is None  # one process, no Fabric
-    cpu2 = _fabric_settings(compose("evaluate", ["gpu=cpu", "launch.accelerator=cpu", "launch.devices=2"]))
+    assert _fabric_settings(evaluate_settings(compose("evaluate", ["gpu=cpu"]))) is None  # one process, no Fabric
+    cpu2 = _fabric_settings(evaluate_settings(compose("evaluate", ["gpu=cpu", "launch.accelerator=cpu", "launch.devices=2"])))
     assert cpu2 == {"accelerator": "cpu", "devices": 2, "strategy": "auto", "num_nodes": 1}
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
-            _fabric_settings(compose("evaluate", ["gpu=[0,1]"]))
+            _fabric_settings(evaluate_settings(compose("evaluate", ["gpu=[0,1]"])))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from minigpt4.cli import RunDirCheck
-from minigpt4.config import compose
+from minigpt4.config import compose, evaluate_settings
 from minigpt4.errors import UserError, exit_on_user_error
 from minigpt4.evaluation import store
 from minigpt4.recipes.evaluate import run as run_evaluation
@@ -62,7 +62,7 @@ def test_disk_full_mid_run_is_one_line_keeps_finished_rows_and_resume_completes(
     assert f"resume={run_dir}" in message and "\n" not in message
     assert whole_lines(run_dir / "predictions.jsonl") == 3 and leftovers(run_dir) == []
     monkeypatch.setattr(store.os, "fsync", real_fsync)  # space was freed
-    run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "unused")
+    run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}"])), tmp_path / "unused")
     fresh = run_evaluation(cfg_for(prompt_set), tmp_path / "fresh")
     assert read_predictions(run_dir) == read_predictions(fresh)
 
@@ -95,7 +95,7 @@ def test_a_log_file_that_cannot_be_opened_on_resume_is_one_line(prompt_set, tmp_
 
     monkeypatch.setattr(logging.FileHandler, "__init__", raising(READ_ONLY))
     with pytest.raises(UserError, match=f"cannot write {run_dir / 'evaluate.log'}: read-only file system"):
-        run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "unused")
+        run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}"])), tmp_path / "unused")
 
 
 def test_hydra_run_dir_on_a_read_only_or_full_disk_is_one_line_and_no_empty_folder(tmp_path, monkeypatch, capsys):
@@ -149,7 +149,7 @@ def test_a_run_folder_being_written_is_refused_with_the_writers_pid(prompt_set, 
         assert (run_dir / store.LOCK).read_text() == f"{os.getpid()}\n"
         for args in ([*FAST, f"resume={run_dir}"], [*FAST, f"score_only={run_dir}"]):
             with pytest.raises(UserError, match="^" + re.escape(refused)):
-                run_evaluation(compose("evaluate", args), tmp_path / "unused")
+                run_evaluation(evaluate_settings(compose("evaluate", args)), tmp_path / "unused")
         with pytest.raises(UserError, match="^" + re.escape(refused)):
             run_evaluation(cfg_for(prompt_set), run_dir)  # a new run given the same folder
     assert not (run_dir / store.LOCK).exists()  # released and removed
@@ -164,7 +164,7 @@ def test_other_ranks_of_a_run_and_a_lock_left_by_kill_9_do_not_block(prompt_set,
     # a rank > 0 started by Lightning (or torchrun) while rank 0 holds the lock takes no lock
     with store.run_lock(run_dir):
         monkeypatch.setenv("LOCAL_RANK", "1")
-        run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}"]), tmp_path / "unused")
+        run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}"])), tmp_path / "unused")
 
 
 # ---- runs in which rows failed ---------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_failed_rows_are_counted_with_the_first_errors_and_fail_on_error_exits_1
 
     def evaluate(*args: str) -> int:
         with pytest.raises(SystemExit) as exit:
-            exit_on_user_error(lambda: run_evaluation(compose("evaluate", list(args)), tmp_path / "x"))()
+            exit_on_user_error(lambda: run_evaluation(evaluate_settings(compose("evaluate", list(args))), tmp_path / "x"))()
         return exit.value.code
 
     for how in (f"resume={run_dir}", f"score_only={run_dir}"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_evaluate import FAST, picture, read_predictions, write_csv
 
-from minigpt4.config import ROOT, compose
+from minigpt4.config import ROOT, compose, evaluate_settings
 from minigpt4.evaluation import store
 from minigpt4.recipes.evaluate import run as run_evaluation
 
@@ -56,10 +56,10 @@ def test_kill_9_mid_run_then_resume_loses_and_duplicates_no_row(tmp_path):
     kill_9_after(evaluate_cli(*FAST, *common, "evaluate.batch_size=1", f"hydra.run.dir={run_dir}"), run_dir)
     done = len(store.collect(run_dir))
     assert 3 <= done < 30
-    resumed = run_evaluation(compose("evaluate", [*FAST, f"resume={run_dir}", "evaluate.batch_size=8"]), tmp_path / "x")
+    resumed = run_evaluation(evaluate_settings(compose("evaluate", [*FAST, f"resume={run_dir}", "evaluate.batch_size=8"])), tmp_path / "x")
     keys = [json.loads(line)["key"] for line in (resumed / "predictions.jsonl").read_text().splitlines()]
     assert keys == [f"many.csv#q{i}" for i in range(30)]  # every row once, in prompt order
-    fresh = run_evaluation(compose("evaluate", [*FAST, *common]), tmp_path / "fresh")
+    fresh = run_evaluation(evaluate_settings(compose("evaluate", [*FAST, *common])), tmp_path / "fresh")
     assert read_predictions(resumed) == read_predictions(fresh)
 
 
@@ -71,9 +71,9 @@ def test_two_processes_shard_rows_and_merge_to_the_one_process_output(tmp_path):
     rows.append(["bad", "What is it?", "missing.png", "red"])
     prompts = write_csv(tmp_path / "set.csv", ["id", "prompt", "image", "reference"], rows)
     common = [*FAST, f"evaluate.prompts=[{prompts}]", "generation.max_new_tokens=5", "evaluate.batch_size=2"]
-    one = run_evaluation(compose("evaluate", common), tmp_path / "one")
-    two = run_evaluation(compose("evaluate", [*common, "launch.accelerator=cpu", "launch.devices=2",
-                                              "launch.strategy=ddp_spawn"]), tmp_path / "two")
+    one = run_evaluation(evaluate_settings(compose("evaluate", common)), tmp_path / "one")
+    two = run_evaluation(evaluate_settings(compose("evaluate", [*common, "launch.accelerator=cpu", "launch.devices=2",
+                                              "launch.strategy=ddp_spawn"])), tmp_path / "two")
     assert read_predictions(two) == read_predictions(one)
     assert (two / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
     assert not (two / "shards").exists()  # merged and removed

@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 
 from minigpt4.build import load_model
-from minigpt4.config import compose, load_spec
+from minigpt4.config import compose, finetune_settings, load_spec
 from minigpt4.conversation import encode_prompt
 from minigpt4.data import synthetic
 from minigpt4.errors import UserError
@@ -46,7 +46,8 @@ HELDOUT = dict(pictures=30, seed=4242)
 
 
 def finetune_cfg(tmp_path: Path, *overrides: str):
-    return compose("finetune", [*QUICK, f"output_dir={tmp_path}", *overrides])
+    """FinetuneSettings for these overrides, as finetune.py would build them."""
+    return finetune_settings(compose("finetune", [*QUICK, f"output_dir={tmp_path}", *overrides]))
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,7 @@ def test_resume_from_a_damaged_or_foreign_checkpoint_is_one_line(tmp_path):
 
 
 def test_demo_experiment_keeps_the_shipped_model_unless_asked(tmp_path, monkeypatch):
-    cfg = compose("finetune", ["experiment=demo"])
+    cfg = finetune_settings(compose("finetune", ["experiment=demo"]))
     assert not cfg.export_dir and not cfg.install_demo  # a trial run must not replace minigpt4/assets/demo
     import minigpt4.recipes.finetune
 
@@ -212,7 +213,7 @@ def test_feature_caching_shows_a_progress_bar_on_stderr(tmp_path, capsys):
     cfg = finetune_cfg(tmp_path, "data.size=8", "trainer.progress_bar=true")
     lm = prepare_model(cfg, torch.device("cpu"))
     capsys.readouterr()
-    FinetuneDataModule(cfg, lm.model, lm.tokenizer, lm.template, lm.image_size, cache_features=True).setup("fit")
+    FinetuneDataModule(cfg.data, cfg.trainer, cfg.seed, lm, cache_features=True).setup("fit")
     captured = capsys.readouterr()
     assert "caching image features" in captured.err and "100%" in captured.err and not captured.out
 
@@ -248,7 +249,7 @@ def test_frozen_parts_stay_in_eval_mode_during_training(tmp_path):
             m = module.model
             seen.append((m.vision_model.training, m.qformer.training, m.llama_proj.training, m.llm.training))
 
-    data = FinetuneDataModule(cfg, lm.model, lm.tokenizer, lm.template, lm.image_size, cache_features=False)
+    data = FinetuneDataModule(cfg.data, cfg.trainer, cfg.seed, lm, cache_features=False)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Probe()])
     trainer.fit(FinetuneModule(lm.model, cfg.trainer), datamodule=data)
@@ -263,7 +264,8 @@ def test_official_schedule_and_weight_decay_groups():
     assert warm[1] == pytest.approx((1e-6 + 3e-5) / 2) and warm[3] == pytest.approx(2e-5)
     from minigpt4.training.module import param_groups
 
-    lm = prepare_model(compose("finetune", ["gpu=cpu", "trainable=[qformer,llama_proj]"]), torch.device("cpu"))
+    lm = prepare_model(finetune_settings(compose("finetune", ["gpu=cpu", "trainable=[qformer,llama_proj]"])),
+                       torch.device("cpu"))
     decay, no_decay = param_groups(lm.model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert any(p is lm.model.llama_proj.weight for p in decay["params"])

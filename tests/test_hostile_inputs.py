@@ -151,13 +151,15 @@ def test_a_pickle_that_runs_code_is_refused_by_name_by_the_weight_tools(tmp_path
 
 
 def test_a_resume_checkpoint_that_runs_code_is_refused_before_training(tmp_path):
+    from minigpt4.config import finetune_settings
     from minigpt4.recipes.finetune import run as run_finetune
 
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     _hostile(ckpt, wrap=lambda payload: {"state_dict": {}, "global_step": payload})
-    cfg = compose("finetune", ["gpu=cpu", "trainer.num_workers=0", "trainer.progress_bar=false", "data.size=8",
-                               f"output_dir={tmp_path / 'out'}", f"resume={tmp_path / 'run'}"])
+    cfg = finetune_settings(compose("finetune", ["gpu=cpu", "trainer.num_workers=0", "trainer.progress_bar=false",
+                                                 "data.size=8", f"output_dir={tmp_path / 'out'}",
+                                                 f"resume={tmp_path / 'run'}"]))
     with pytest.raises(UserError) as err:
         run_finetune(cfg)
     assert str(err.value) == f"resume={tmp_path / 'run'}: {ckpt} {REFUSED}"

@@ -31,6 +31,7 @@ from minigpt4.data import synthetic
 from minigpt4.errors import UserError
 from minigpt4.images import load_image
 from minigpt4.prompt_files import image_paths, read_prompt_csv
+from minigpt4.settings import DataOptions
 
 log = logging.getLogger(__name__)
 
@@ -175,17 +176,17 @@ class SyntheticExamples(Sequence[Example]):
 
 
 # ---- from a config ----------------------------------------------------------------------------------
-def build_examples(data_cfg, template: Template, seed: int) -> tuple[Sequence[Example], list[BadRow]]:
-    """conf/data/*.yaml -> (examples, rows skipped before any image is opened)."""
-    style = check_style(str(data_cfg.style))
-    name = str(data_cfg.name)
+def build_examples(data: DataOptions, template: Template, seed: int) -> tuple[Sequence[Example], list[BadRow]]:
+    """conf/data/*.yaml (settings.DataOptions) -> (examples, rows skipped before any image is opened)."""
+    style = check_style(str(data.style))
+    name = str(data.name)
     if name == "synthetic":
-        return SyntheticExamples(int(data_cfg.size), int(data_cfg.seed), style, template,
-                                 float(data_cfg.text_fraction), int(data_cfg.max_turns)), []
-    if data_cfg.get("path") in (None, "", "???"):
+        return SyntheticExamples(int(data.size), int(data.seed), style, template,
+                                 float(data.text_fraction), int(data.max_turns)), []
+    if data.path in (None, "", "???"):
         raise UserError(f"data={name} needs data.path=/path/to/the/data")
     if name == "cc_sbu_align":
-        return load_cc_sbu_align(data_cfg.path, style, template, seed)
+        return load_cc_sbu_align(data.path, style, template, seed)
     if name == "csv":
-        return load_csv(data_cfg.path, style, template)
+        return load_csv(data.path, style, template)
     raise UserError(f"data.name={name}: choose synthetic, cc_sbu_align or csv")

@@ -1,6 +1,6 @@
-"""Stage-2 fine-tuning: `run(cfg)` is what `python finetune.py` runs (see docs/FINETUNE.md).
+"""Stage-2 fine-tuning: `run(FinetuneSettings)` is what `python finetune.py` runs (see docs/FINETUNE.md).
 
-    load_model(cfg) -> freeze all but cfg.trainable -> data (bad rows skipped, image features
+    load_model(settings.load) -> freeze all but settings.trainable -> data (bad rows skipped, image features
     cached when the image side is frozen) -> Lightning fit (resume= continues a run in its folder)
     -> exports:
         <run>/checkpoints/last.ckpt        Lightning (trainable tensors, optimizer, scheduler, step)
@@ -22,40 +22,33 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+import yaml
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from minigpt4 import checkpoints as ck
 from minigpt4.build import LoadedModel, load_model, save_bundle
-from minigpt4.config import ASSETS, load_spec, to_container
+from minigpt4.config import ASSETS
 from minigpt4.devices import gpu_indices, resolve_device
 from minigpt4.errors import UserError
 from minigpt4.extras import require_logger
 from minigpt4.model import PARTS
+from minigpt4.settings import FinetuneSettings
 from minigpt4.training.data import FinetuneDataModule
 from minigpt4.training.module import IMAGE_SIDE, FinetuneModule
-from minigpt4.training.trainer import (
-    StopRequest,
-    build_trainer,
-    check_trainer_keys,
-    quiet_lightning,
-)
+from minigpt4.training.trainer import StopRequest, build_trainer, quiet_lightning
 
 log = logging.getLogger(__name__)
 
 SHIPPED_DEMO = ASSETS / "demo"  # what chat.py and evaluate.py load by default; install_demo=true replaces it
 
 
-def run_dir_of(cfg: DictConfig) -> Path:
-    """resume=<run dir> continues in that folder; else output_dir, else the Hydra run directory."""
-    if cfg.get("resume") and Path(cfg.resume).is_dir():
-        return Path(cfg.resume)
-    if cfg.get("output_dir"):
-        return Path(cfg.output_dir)
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
+def run_dir_of(settings: FinetuneSettings) -> Path:
+    """resume=<run dir> continues in that folder; else output_dir (under finetune.py: Hydra's run
+    folder when output_dir=null, config.finetune_settings)."""
+    if settings.resume and Path(settings.resume).is_dir():
+        return Path(settings.resume)
+    if settings.output_dir:
+        return Path(settings.output_dir)
     raise UserError("output_dir=null outside a Hydra run: set output_dir=/path/for/the/run")
 
 
@@ -75,33 +68,32 @@ def resume_checkpoint(resume: str | None) -> str | None:
     return str(ckpt)
 
 
-def resume_command(run_dir: Path) -> str:
+def resume_command(run_dir: Path, command_line: tuple[str, ...] | None) -> str:
     """The command that continues this run: the overrides as typed, with resume= for output_dir=."""
-    from hydra.core.hydra_config import HydraConfig
-
-    typed = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ["..."]
+    typed = list(command_line) if command_line is not None else ["..."]
     kept = [o for o in typed if o.lstrip("+~").split("=")[0] not in ("resume", "output_dir")]
     return " ".join(["python finetune.py", *map(shlex.quote, kept), shlex.quote(f"resume={run_dir}")])
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """Settings that would fail (or be ignored) later, refused before anything loads."""
-    unknown = set(cfg.trainable) - set(PARTS)
+def check_settings(settings: FinetuneSettings) -> None:
+    """Settings that would fail (or be ignored) later, refused before anything loads (unknown
+    trainer keys already were, by FinetuneSettings.from_dict)."""
+    unknown = set(settings.trainable) - set(PARTS)
     if unknown:
         raise UserError(f"trainable: unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
-    check_trainer_keys(cfg.trainer)
-    require_logger(to_container(cfg.logger).get("wandb"))
-    if cfg.get("install_demo") and str(cfg.model.name) != "tiny":
+    require_logger(settings.logger.get("wandb"))
+    model_name = settings.load.model.name
+    if settings.install_demo and model_name != "tiny":
         raise UserError(f"install_demo=true replaces the shipped demo model (model=tiny), but this run trains "
-                        f"model={cfg.model.name}: leave install_demo out (the model is in the run folder)")
+                        f"model={model_name}: leave install_demo out (the model is in the run folder)")
 
 
-def prepare_model(cfg: DictConfig, device: torch.device) -> LoadedModel:
-    """Load, re-initialise cfg.reinit parts, train cfg.trainable (in fp32: master weights)."""
-    lm = load_model(load_spec(cfg), device=device)
+def prepare_model(settings: FinetuneSettings, device: torch.device) -> LoadedModel:
+    """Load, re-initialise settings.reinit parts, train settings.trainable (in fp32: master weights)."""
+    lm = load_model(settings.load, device=device)
     model = lm.model
-    trainable = [str(p) for p in cfg.trainable]
-    for part in cfg.get("reinit") or []:
+    trainable = list(settings.trainable)
+    for part in settings.reinit:
         module = getattr(model, str(part), None)
         if module is None or not hasattr(module, "reset_parameters"):
             raise UserError(f"reinit={part}: only llama_proj can be re-initialised")
@@ -119,52 +111,53 @@ def prepare_model(cfg: DictConfig, device: torch.device) -> LoadedModel:
     return lm
 
 
-def export(lm: LoadedModel, run_dir: Path, cfg: DictConfig, whole_model: bool = True) -> dict[str, str]:
+def export(lm: LoadedModel, run_dir: Path, settings: FinetuneSettings, whole_model: bool = True) -> dict[str, str]:
     """Projection in both formats; with more than llama_proj trained (or install_demo=true) the
     whole model as a bundle too (build.save_bundle): <run>/model, export_dir, and with install_demo
     the shipped demo. Every target is written atomically (checkpoints.atomic_write)."""
     state = {k: v.detach().float() for k, v in lm.model.state_dict().items() if k.startswith("llama_proj.")}
     out = {"projection_official": str(ck.save_official_projection(state, run_dir / "projection.pth")),
            "projection": str(ck.save_tensors(state, run_dir / "projection.safetensors"))}
-    if whole_model and (set(cfg.trainable) - {"llama_proj"} or cfg.get("install_demo")):
-        targets = [run_dir / "model"] + ([Path(cfg.export_dir)] if cfg.get("export_dir") else [])
-        targets += [SHIPPED_DEMO] if cfg.get("install_demo") else []
+    if whole_model and (set(settings.trainable) - {"llama_proj"} or settings.install_demo):
+        targets = [run_dir / "model"] + ([Path(settings.export_dir)] if settings.export_dir else [])
+        targets += [SHIPPED_DEMO] if settings.install_demo else []
         for target in targets:
-            save_bundle(lm, target, trained_parts=list(cfg.trainable))
+            save_bundle(lm, target, trained_parts=list(settings.trainable))
         out["model"] = ", ".join(str(t) for t in targets)
-        if cfg.get("install_demo"):
+        if settings.install_demo:
             log.warning("install_demo=true: the shipped demo model %s is now this run's model "
                         "(python chat.py uses it)", SHIPPED_DEMO)
     return out
 
 
-def run(cfg: DictConfig) -> Path:
-    """Fine-tune as the config says; return the run directory (see the module docstring).
+def run(settings: FinetuneSettings) -> Path:
+    """Fine-tune as the settings say; return the run directory (see the module docstring).
     Interrupted (Ctrl-C, SIGTERM), it saves what it has and raises KeyboardInterrupt."""
-    check_settings(cfg)
-    run_dir = run_dir_of(cfg)
+    check_settings(settings)
+    run_dir = run_dir_of(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resume_checkpoint(cfg.get("resume"))
-    OmegaConf.save(cfg, run_dir / "finetune_config.yaml", resolve=True)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    devices = gpu_indices(cfg.gpu)
-    device = resolve_device(cfg.gpu) if not devices or len(devices) == 1 else torch.device("cpu")
-    lm = prepare_model(cfg, device)
+    ckpt_path = resume_checkpoint(settings.resume)
+    (run_dir / "finetune_config.yaml").write_text(yaml.safe_dump(settings.to_dict(), sort_keys=False))
+    pl.seed_everything(int(settings.seed), workers=True, verbose=False)
+    gpu = settings.load.hardware.gpu
+    devices = gpu_indices(gpu)
+    device = resolve_device(gpu) if not devices or len(devices) == 1 else torch.device("cpu")
+    lm = prepare_model(settings, device)
     frozen_image_side = all(p in lm.model.frozen for p in IMAGE_SIDE)
-    cache = frozen_image_side if str(cfg.cache_features) == "auto" else bool(cfg.cache_features)
+    cache = frozen_image_side if str(settings.cache_features) == "auto" else bool(settings.cache_features)
     if cache and not frozen_image_side:
         raise UserError("cache_features=true needs vision_model, qformer and query_tokens frozen (not in trainable)")
 
     start = time.perf_counter()
-    data = FinetuneDataModule(cfg, lm.model, lm.tokenizer, lm.template, lm.image_size, cache)
+    data = FinetuneDataModule(settings.data, settings.trainer, settings.seed, lm, cache)
     data.setup("fit")
     prepare_seconds = time.perf_counter() - start
-    module = FinetuneModule(lm.model, cfg.trainer)
+    module = FinetuneModule(lm.model, settings.trainer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stop = StopRequest()
     with quiet_lightning(resuming=bool(ckpt_path)), stop.installed():
-        trainer = build_trainer(cfg, run_dir, devices, stop)
+        trainer = build_trainer(settings, run_dir, devices, stop)
         start = time.perf_counter()
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
@@ -178,7 +171,7 @@ def run(cfg: DictConfig) -> Path:
 
     summary = {
         "run_dir": str(run_dir),
-        "trainable": list(cfg.trainable),
+        "trainable": list(settings.trainable),
         "trainable_parameters": sum(p.numel() for p in lm.model.parameters() if p.requires_grad),
         "cache_features": cache,
         "rows": data.n_rows,
@@ -192,18 +185,18 @@ def run(cfg: DictConfig) -> Path:
     }
     if trainer.is_global_zero:
         lm.model.eval()
-        summary["exports"] = export(lm, run_dir, cfg, whole_model=not stop.signal)
+        summary["exports"] = export(lm, run_dir, settings, whole_model=not stop.signal)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if int(cfg.heldout.pictures) > 0 and not stop.signal:
+        if settings.heldout.pictures > 0 and not stop.signal:
             from minigpt4.training.heldout import heldout_accuracy
 
-            summary["heldout"] = heldout_accuracy(lm, int(cfg.heldout.pictures), int(cfg.heldout.seed))
+            summary["heldout"] = heldout_accuracy(lm, settings.heldout.pictures, settings.heldout.seed)
             log.info("held-out accuracy: %s; 'Hello' -> %r", summary["heldout"]["accuracy"],
                      summary["heldout"]["greeting"])
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if stop.signal:
         log.warning("%s at step %d: saved checkpoints/last.ckpt and projection.pth in %s; continue with: %s",
-                    stop.signal, trainer.global_step, run_dir, resume_command(run_dir))
+                    stop.signal, trainer.global_step, run_dir, resume_command(run_dir, settings.command_line))
         raise KeyboardInterrupt
     log.info("fine-tuning done in %.0fs: %s", fit_seconds, run_dir)
     return run_dir

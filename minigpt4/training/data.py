@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -21,11 +21,13 @@ from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from minigpt4.build import LoadedModel
 from minigpt4.conversation import encode_example, pad_batch
 from minigpt4.data.datasets import BadRow, Example, ImageRef, build_examples, open_image
 from minigpt4.errors import UserError
 from minigpt4.images import preprocess
 from minigpt4.model import MiniGPT4
+from minigpt4.settings import DataOptions, TrainerOptions
 from minigpt4.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -155,12 +157,14 @@ def collate(items: list[dict | None], pad_id: int) -> dict | None:
 
 
 class FinetuneDataModule(pl.LightningDataModule):
-    """Builds the examples once (skipping bad rows with one warning), then serves shuffled batches."""
+    """Builds the examples once (skipping bad rows with one warning), then serves shuffled batches.
+    seed: cc_sbu_align's shuffling (the synthetic data has data.seed)."""
 
-    def __init__(self, cfg, model: MiniGPT4, tokenizer: Tokenizer, template, image_size: int, cache_features: bool):
+    def __init__(self, data: DataOptions, trainer: TrainerOptions, seed: int, lm: LoadedModel, cache_features: bool):
         super().__init__()
-        self.cfg, self.model, self.tokenizer, self.template = cfg, model, tokenizer, template
-        self.image_size, self.cache_features = image_size, cache_features
+        self.data, self.trainer_options, self.seed = data, trainer, seed
+        self.model, self.tokenizer, self.template, self.image_size = lm.model, lm.tokenizer, lm.template, lm.image_size
+        self.cache_features = cache_features
         self.dataset: FinetuneDataset | None = None
         self.bad_rows: list[BadRow] = []
         self.n_rows = 0
@@ -168,16 +172,16 @@ class FinetuneDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
-        data, trainer = self.cfg.data, self.cfg.trainer
-        examples, bad = build_examples(data, self.template, int(self.cfg.seed))
-        picture_size = int(data.get("picture_size", 224))
+        data, trainer = self.data, self.trainer_options
+        examples, bad = build_examples(data, self.template, self.seed)
+        picture_size = data.picture_size or 224  # drawn pictures only (data=synthetic sets it); files ignore it
         cache = None
         synthetic_only = str(data.name) == "synthetic"
         if self.cache_features or not synthetic_only:  # files must be opened once; synthetic pictures cannot fail
             refs = list(dict.fromkeys(r for ex in examples for r in ex.images))
             was_training = self.model.training
             self.model.eval()
-            cache, unreadable = scan_images(refs, self.image_size, picture_size, int(trainer.num_workers),
+            cache, unreadable = scan_images(refs, self.image_size, picture_size, trainer.num_workers,
                                             self.model if self.cache_features else None,
                                             progress=bool(trainer.progress_bar))
             self.model.train(was_training)
@@ -196,13 +200,13 @@ class FinetuneDataModule(pl.LightningDataModule):
         if not len(examples):
             raise UserError(f"data={data.name}: no usable rows ({len(bad)} skipped)")
         self.dataset = FinetuneDataset(examples, self.tokenizer.path, self.model.num_image_tokens, self.image_size,
-                                       picture_size, int(trainer.max_target_tokens), cache)
+                                       picture_size, trainer.max_target_tokens, cache)
 
     def train_dataloader(self) -> DataLoader:
-        workers = int(self.cfg.trainer.num_workers)
+        workers = self.trainer_options.num_workers
         return DataLoader(
             self.dataset,
-            batch_size=int(self.cfg.trainer.batch_size),
+            batch_size=self.trainer_options.batch_size,
             shuffle=True,
             num_workers=workers,
             persistent_workers=workers > 0,

@@ -15,6 +15,7 @@ import torch
 
 from minigpt4.errors import UserError
 from minigpt4.model import MiniGPT4
+from minigpt4.settings import TrainerOptions
 
 IMAGE_SIDE = ("vision_model", "qformer", "query_tokens")
 
@@ -39,10 +40,10 @@ def param_groups(model: MiniGPT4, weight_decay: float) -> list[dict]:
 
 
 class FinetuneModule(pl.LightningModule):
-    def __init__(self, model: MiniGPT4, trainer_cfg):
+    def __init__(self, model: MiniGPT4, options: TrainerOptions):
         super().__init__()
         self.model = model
-        self.tcfg = trainer_cfg
+        self.options = options
         self.strict_loading = False  # checkpoints hold only the trainable tensors (checked on load)
         self._last_time: float | None = None
 
@@ -90,7 +91,7 @@ class FinetuneModule(pl.LightningModule):
 
     # ---- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
-        t = self.tcfg
+        t = self.options
         groups = param_groups(self.model, float(t.weight_decay))
         if not any(g["params"] for g in groups):
             raise UserError("trainable=[]: nothing to train; name at least one part, e.g. trainable=[llama_proj]")

@@ -4,7 +4,7 @@
   RunCheckpoint); Lightning itself exits at once on Ctrl-C, saving nothing.
 - last.ckpt is also written at the final step, not only at multiples of checkpoint_every_n_steps.
 - metrics.csv is appended to, so a resumed run keeps the earlier rows (Lightning deletes the file).
-- trainer.* keys that nothing reads are refused (Hydra's `+trainer.x=...` would be ignored silently).
+- (trainer.* keys that nothing reads are refused when the settings are built: settings.TrainerOptions.)
 - Lightning's tips and warnings that do not concern the user are filtered (quiet_lightning).
 """
 
@@ -21,30 +21,14 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from minigpt4.config import CONF_DIR, to_container
 from minigpt4.devices import resolve_precision
-from minigpt4.errors import UserError
-
-# The keys the trainer and the Lightning module read are those of the shipped recipe.
-TRAINER_KEYS = OmegaConf.load(CONF_DIR / "trainer" / "stage2.yaml")
-
-
-def check_trainer_keys(t: DictConfig) -> None:
-    """A trainer key nothing reads (a typo, or Hydra's hint `+trainer.x=...`) is refused: it would
-    be ignored without a word."""
-    for section, known in (("trainer", TRAINER_KEYS), ("trainer.lr", TRAINER_KEYS.lr)):
-        given = t if section == "trainer" else t.get("lr") or {}
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise UserError(f"{section}.{unknown[0]}: no such setting (it would be ignored); "
-                            f"the known ones are {section}.{{{','.join(known)}}}")
+from minigpt4.settings import FinetuneSettings
 
 
 class StopRequest:
@@ -154,18 +138,18 @@ def quiet_lightning(resuming: bool = False):
             rank_zero.removeFilter(tips)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, devices: list[int] | None, stop: StopRequest) -> pl.Trainer:
-    t = cfg.trainer
+def build_trainer(settings: FinetuneSettings, run_dir: Path, devices: list[int] | None,
+                  stop: StopRequest) -> pl.Trainer:
+    t = settings.trainer
     device = torch.device("cuda") if devices else torch.device("cpu")
     loggers: list = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
-    wandb_cfg = cfg.logger.get("wandb")
-    if wandb_cfg and wandb_cfg.get("enabled"):
-        from pytorch_lightning.loggers import WandbLogger  # wandb is imported only when enabled
+    wandb = settings.logger.get("wandb")
+    if wandb and wandb.get("enabled"):  # wandb is imported only when enabled
+        from pytorch_lightning.loggers import WandbLogger
 
-        loggers.append(WandbLogger(project=wandb_cfg.project, name=wandb_cfg.get("name"), save_dir=str(run_dir),
-                                   offline=str(wandb_cfg.mode) != "online",
-                                   config=to_container(cfg)))
-    every_n_steps = t.get("checkpoint_every_n_steps")
+        loggers.append(WandbLogger(project=wandb["project"], name=wandb.get("name"), save_dir=str(run_dir),
+                                   offline=str(wandb.get("mode")) != "online", config=settings.to_dict()))
+    every_n_steps = t.checkpoint_every_n_steps
     checkpoint = RunCheckpoint(
         stop, dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=1,
         every_n_train_steps=int(every_n_steps) if every_n_steps else None,
@@ -173,19 +157,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, devices: list[int] | None, sto
     )
     callbacks = [checkpoint]
     if t.progress_bar:
-        callbacks.append(pl.callbacks.TQDMProgressBar(refresh_rate=int(t.get("refresh_rate", 10))))
+        callbacks.append(pl.callbacks.TQDMProgressBar(refresh_rate=int(t.refresh_rate)))
     return pl.Trainer(
         accelerator="gpu" if devices else "cpu",
         devices=devices or 1,
-        strategy=str(t.get("strategy", "auto")),
-        precision=resolve_precision(cfg.precision, device).lightning,
+        strategy=str(t.strategy),
+        precision=resolve_precision(settings.load.hardware.precision, device).lightning,
         max_epochs=int(t.max_epochs),
-        max_steps=int(t.max_steps) if t.get("max_steps") else -1,
+        max_steps=int(t.max_steps) if t.max_steps else -1,
         limit_train_batches=int(t.iters_per_epoch) if t.iters_per_epoch else 1.0,
         accumulate_grad_batches=int(t.accumulate_grad_batches),
-        gradient_clip_val=t.get("gradient_clip_val"),
+        gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=int(t.log_every_n_steps),
-        max_time=t.get("max_time"),
+        max_time=t.max_time,
         default_root_dir=str(run_dir),
         logger=loggers,
         callbacks=callbacks,

@@ -1,7 +1,7 @@
 """A benchmark config (conf/benchmark/*.yaml) -> the rows evaluate.py answers, as PromptRows.
 
 Each row of the file becomes one PromptRow (with benchmark.circular=true, one per rotation of
-its options), answered by the runner exactly as a prompt CSV's rows are. Its `input` keeps what
+its options), answered by recipes/evaluate.py exactly as a prompt CSV's rows are. Its `input` keeps what
 scoring needs without the file (so score_only works from predictions.jsonl alone): the prompt,
 the question, the options (A, B, ...), `reference` (the expected answer(s), "|"-separated),
 category, l2-category, split and `group` (MME: the picture's two questions; circular: one
