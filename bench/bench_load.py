@@ -49,7 +49,7 @@ def make_official(directory: Path, model: str, device: str) -> list[str]:
     from official_files import write_blip2, write_eva_vit, write_llama_dir, write_minigpt4
 
     from minigpt4.build import load_model
-    from minigpt4.config import compose
+    from minigpt4.config import compose, load_spec
 
     start = time.perf_counter()
     dtype = torch.float16 if device != "cpu" else torch.float32

@@ -104,7 +104,7 @@ def test_7b_official_files_load_fast_and_exactly(cuda, tmp_path):
     from official_files import write_blip2, write_eva_vit, write_llama_dir, write_minigpt4
 
     from minigpt4.build import load_model
-    from minigpt4.config import compose
+    from minigpt4.config import compose, load_spec
 
     torch.manual_seed(0)
     source = load_model(load_spec(compose("chat", ["model=7b", "checkpoint=random", "gpu=0"]))).model
