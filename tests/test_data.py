@@ -59,7 +59,7 @@ def test_picture_shows_its_colour_and_background():
 def test_tokenizer_covers_the_demo_world():
     """The shipped tiny tokenizer was trained on tokenizer_texts(): no byte fallback for them."""
     tok = Tokenizer(ASSETS / "tiny_tokenizer.model")
-    pieces = {tok.sp.id_to_piece(i) for text in synthetic.tokenizer_texts()[:400] for i in tok.encode(text)}
+    pieces = {tok.sp.id_to_piece(i) for text in dialogues.tokenizer_texts()[:400] for i in tok.encode(text)}
     assert not [p for p in pieces if p.startswith("<0x")]
 
 

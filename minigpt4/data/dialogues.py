@@ -314,3 +314,20 @@ def heldout_dialogues(kind: str, n: int, seed: int) -> list[list[Turn]]:
         out.append(turns)
     return out
 
+
+# ---- the tiny tokenizer's corpus -----------------------------------------------------------------
+def tokenizer_texts() -> list[str]:
+    """Every kind of text the demo data produces (for training the tiny tokenizer): questions
+    about one picture in every phrasing, conversations about several pictures, text-only chat."""
+    texts = []
+    for i, spec in enumerate(synthetic.sample_specs(400, seed=7)):
+        texts.append(synthetic.describe(spec))
+        ref = None if i % 2 else ORDINALS[i // 2 % len(ORDINALS)]
+        for question, answer, _ in synthetic.questions(spec, all_phrasings=True, rng=random.Random(spec.seed), ref=ref):
+            texts.extend([question, answer])
+    for i in range(2000):
+        texts.extend(text for turn in sample_dialogue(random.Random(f"tokenizer:{i}")) for text in (turn.question, turn.answer))
+    for dialogue in synthetic.text_dialogues():
+        for user, assistant in dialogue:
+            texts.extend([user, assistant])
+    return texts

@@ -298,22 +298,3 @@ def text_dialogues() -> list[list[tuple[str, str]]]:
     for b in bye:
         dialogues.append([(b, "Goodbye!")])
     return dialogues
-
-
-def tokenizer_texts() -> list[str]:
-    """Every kind of text the demo data produces (for training the tiny tokenizer): questions
-    about one picture in every phrasing, conversations about several pictures, text-only chat."""
-    from minigpt4.data.dialogues import ORDINALS, sample_dialogue
-
-    texts = []
-    for i, spec in enumerate(sample_specs(400, seed=7)):
-        texts.append(describe(spec))
-        ref = None if i % 2 else ORDINALS[i // 2 % len(ORDINALS)]
-        for question, answer, _ in questions(spec, all_phrasings=True, rng=random.Random(spec.seed), ref=ref):
-            texts.extend([question, answer])
-    for i in range(2000):
-        texts.extend(text for turn in sample_dialogue(random.Random(f"tokenizer:{i}")) for text in (turn.question, turn.answer))
-    for dialogue in text_dialogues():
-        for user, assistant in dialogue:
-            texts.extend([user, assistant])
-    return texts
