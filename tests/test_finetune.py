@@ -295,3 +295,19 @@ def test_demo_recipe_settings_apply_or_fail_before_training(tmp_path):
         run_finetune(finetune_cfg(tmp_path, "heldout.pictures=3", "heldout.kinds=colour,postion"))
     with pytest.raises(UserError, match="data.kinds"):
         run_finetune(finetune_cfg(tmp_path, "data.kinds=[colour,postion]"))
+
+
+def test_heldout_asks_every_kind_as_chat_does(tiny_loaded):
+    """Per kind, n conversations each, the last turn scored; multi-turn kinds keep the model's own
+    answers; sampled adds the rate under the official sampling defaults (settings.Heldout)."""
+    from minigpt4.settings import Heldout
+    from minigpt4.training.heldout import parse_kinds, run_heldout
+
+    result = run_heldout(tiny_loaded, Heldout(pictures=2, seed=1000, kinds="position,earlier,same", sampled=True,
+                                              batch_size=4))
+    assert result["n"] == {"position": 2, "earlier": 2, "same": 2} and result["decoding"] == "greedy"
+    assert set(result["sampled"]) == {"position", "earlier", "same", "all"}
+    assert all(0 <= v <= 1 for v in [*result["accuracy"].values(), *result["sampled"].values()])
+    assert parse_kinds("multi") == ("total", "nth", "more", "same", "difference", "earlier", "latest")
+    with pytest.raises(UserError, match="kinds=colour,postion"):
+        parse_kinds("colour,postion")
