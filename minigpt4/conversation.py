@@ -324,6 +324,34 @@ def encode_example(
     return prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
 
 
+def encode_dialogue(
+    encode: Encoder,
+    conv: Conversation,
+    num_image_tokens: int,
+    end: str = "###",
+    max_target_tokens: int = 160,
+) -> tuple[list[int], list[int]]:
+    """(ids, labels) that train EVERY assistant message of `conv`, each in the context chat gives
+    it: the prompt chat sends at that turn (the conversation so far, Conversation.prompt), then
+    the answer + end marker as encode_example encodes a target. Chat re-tokenises the history at
+    each turn; where that changes tokens already in the sequence (the system text switches when
+    the first image arrives), the answers before that point are left untrained, so every trained
+    token sits exactly where chat would generate it."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, message in enumerate(conv.messages):
+        if message.role != ASSISTANT:
+            continue
+        prompt_ids = encode_prompt(encode, Conversation(conv.template, conv.messages[:i]).prompt(), num_image_tokens)
+        kept = labels if prompt_ids[: len(ids)] == ids else []
+        labels = kept + [-100] * (len(prompt_ids) - len(kept))
+        answer_ids = encode(message.text + end, bos=False)[:max_target_tokens]
+        ids, labels = prompt_ids + answer_ids, labels + answer_ids
+    if not ids:
+        raise ValueError("encode_dialogue: the conversation has no assistant message to train")
+    return ids, labels
+
+
 def pad_batch(
     sequences: list[list[int]], pad_id: int, side: str = "right", labels: list[list[int]] | None = None
 ) -> dict[str, torch.Tensor]:

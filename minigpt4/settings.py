@@ -274,7 +274,13 @@ class DataOptions:
     seed: int | None = None
     picture_size: int | None = None
     text_fraction: float | None = None
+    multi_fraction: float | None = None  # share of conversations with 2-4 pictures (data/dialogues.py)
     max_turns: int | None = None
+    kinds: str | tuple[str, ...] | None = None  # the question kinds training asks: all (None), or a list (dialogues.ALL_KINDS)
+
+    def __post_init__(self):  # a YAML/CLI list arrives as a list: keep it hashable and typed
+        if self.kinds is not None and not isinstance(self.kinds, str):
+            object.__setattr__(self, "kinds", tuple(str(k) for k in self.kinds))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,6 +289,9 @@ class Heldout:
 
     pictures: int
     seed: int
+    kinds: str  # all, single, multi or a list such as colour,position,total (training/heldout.py)
+    sampled: bool  # also the rate under the official sampling defaults (conf/generation/official.yaml)
+    batch_size: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,6 +305,7 @@ class FinetuneSettings:
     logger: dict  # conf/logger/*.yaml: {"wandb": {...}}
     trainable: tuple[str, ...]
     reinit: tuple[str, ...]
+    vision_position_std: float | None  # a from-scratch ViT's position embeddings ~ N(0, std) (docs/FINETUNE.md)
     cache_features: bool | str  # true | false | auto
     seed: int
     resume: str | None  # a run directory (or a .ckpt) to continue
@@ -310,7 +320,8 @@ class FinetuneSettings:
         return cls(load=LoadSpec.from_dict(cfg), data=_checked(DataOptions, cfg["data"], "data"),
                    trainer=TrainerOptions.from_dict(cfg["trainer"]), heldout=_checked(Heldout, cfg["heldout"], "heldout"),
                    logger=dict(cfg["logger"]), trainable=tuple(str(p) for p in cfg["trainable"]),
-                   reinit=tuple(str(p) for p in cfg.get("reinit") or ()), cache_features=cfg["cache_features"],
+                   reinit=tuple(str(p) for p in cfg.get("reinit") or ()),
+                   vision_position_std=cfg.get("vision_position_std"), cache_features=cfg["cache_features"],
                    seed=cfg["seed"], resume=cfg.get("resume"), output_dir=cfg.get("output_dir"),
                    export_dir=cfg.get("export_dir"), install_demo=bool(cfg.get("install_demo")))
 

@@ -9,7 +9,6 @@ from tiny_models import build_tiny, load_demo
 
 torch.set_num_threads(1)  # 2 shared cores: more threads made tiny-model tests ~70x slower
 
-
 @pytest.fixture(scope="session")
 def tiny_loaded():
     """The tiny model with random weights. Treat it as read-only (copy before changing it)."""

@@ -18,6 +18,8 @@ from minigpt4.conversation import (
     Message,
     TextPart,
     build_prompt,
+    encode_dialogue,
+    encode_prompt,
     get_template,
     load_conversation,
     parse_message,
@@ -151,3 +153,36 @@ def test_a_hand_edited_message_that_would_not_render_back_is_refused(text):
         Conversation.from_json(data, V0, "edited.json")
     assert str(err.value) == (f"edited.json: not a saved conversation (message 1: an image is written {IMG}, "
                               "separated from the text by one space)")
+
+
+def test_encode_dialogue_trains_every_answer_where_chat_generates_it():
+    """Each answer follows exactly the ids of the prompt chat sends at that turn; an answer given
+    before the first image (whose system text the image replaces) is left untrained."""
+    from minigpt4.config import ASSETS
+    from minigpt4.tokenizer import Tokenizer
+
+    encode = Tokenizer(ASSETS / "tiny_tokenizer.model").encode  # the demo's own kind of tokenizer
+    conv = Conversation(V0)
+    conv.ask("Hi")
+    conv.add_answer("Hello")
+    conv.add_image("a.png")
+    conv.ask("Colour?")
+    conv.add_answer("red")
+    conv.add_image("b.png")
+    conv.ask("How many in all?")
+    conv.add_answer("3")
+    ids, labels = encode_dialogue(encode, conv, num_image_tokens=2)
+    trained = []
+    for k in (3, 5):  # the assistant messages after the first image (an image joins its question's message)
+        prompt = encode_prompt(encode, Conversation(V0, conv.messages[:k]).prompt(), 2)
+        answer = encode(conv.messages[k].text + "###", bos=False)
+        assert ids[: len(prompt)] == prompt
+        assert ids[len(prompt): len(prompt) + len(answer)] == labels[len(prompt): len(prompt) + len(answer)] == answer
+        trained += list(range(len(prompt), len(prompt) + len(answer)))
+    assert [i for i, label in enumerate(labels) if label != -100] == trained  # "Hello" and the prompts are not
+    assert ids[: trained[0]] == encode_prompt(encode, Conversation(V0, conv.messages[:3]).prompt(), 2)
+    text_only = Conversation(V0, conv.messages[:2])  # no image: the first answer trains too
+    ids, labels = encode_dialogue(encode, text_only, 2)
+    assert [x for x in labels if x != -100] == encode("Hello###", bos=False)
+    with pytest.raises(ValueError, match="no assistant message"):
+        encode_dialogue(encode, Conversation(V0, conv.messages[:1]), 2)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tiny_models import PENDING_DEMO_RETRAIN
 
 from minigpt4.config import compose, evaluate_settings
 from minigpt4.errors import UserError
@@ -190,7 +191,7 @@ def test_demo_model_answers_the_example_set_identically_at_batch_1_and_16_and_th
         out: list[dict] = []
         answer_rows(lm, rows, settings, batch_size, out.append, engine=engine)
         answers.append({r["key"]: r["answer"] for r in out})
-    assert answers[0] == answers[1] == answers[2] and len(answers[0]) == 80
+    assert answers[0] == answers[1] == answers[2] and len(answers[0]) == EXAMPLE_ROWS
 
 
 def test_run_writes_predictions_summary_chart_and_records_failing_rows(prompt_set, tmp_path):
@@ -349,23 +350,30 @@ def test_columns_named_like_output_columns_are_refused(tmp_path, caplog):
     assert "column 'images' is carried through unused; did you mean 'image'?" in caplog.text
 
 
-def test_example_set_end_to_end():
-    """The shipped example set on the default checkpoint, the demo model (`python evaluate.py
-    gpu=cpu`): structure and held-out accuracy (thresholds below what the demo model measured:
-    colour, shape and count 22/24, text-only 6/6, description BLEU 81)."""
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory) -> dict:
+    """The shipped example set on the default checkpoint, the demo model (`python evaluate.py gpu=cpu`)."""
     overrides = ["gpu=cpu", "precision=fp32", "evaluate.progress=false", "evaluate.batch_size=16",
-                 "generation.max_new_tokens=40"]
-    import tempfile
+                 "generation.max_new_tokens=60"]
+    run_dir = run_evaluation(evaluate_settings(compose("evaluate", overrides)), tmp_path_factory.mktemp("examples") / "run")
+    return {"summary": json.loads((run_dir / "summary.json").read_text()), "rows": read_predictions(run_dir)}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = run_evaluation(evaluate_settings(compose("evaluate", overrides)), Path(tmp) / "run")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        rows = read_predictions(run_dir)
-    assert summary["counts"]["rows"] == len(rows) == 80 and summary["counts"]["failed"] == 0
+
+EXAMPLE_ROWS = 114  # examples/make_examples.py: 64 shapes + 36 multi-image + 6 text-only + 8 descriptions
+MULTI_KINDS = {"total", "nth", "more", "same", "difference", "latest"}  # categories of multi_image.csv
+
+
+def test_example_set_end_to_end(example_run):
+    """Structure and held-out accuracy of the demo model (thresholds below what it measured:
+    colour, shape and count 22/24, text-only 6/6 before the abilities answer changed (#18),
+    description BLEU 81)."""
+    summary, rows = example_run["summary"], example_run["rows"]
+    assert summary["counts"]["rows"] == len(rows) == EXAMPLE_ROWS and summary["counts"]["failed"] == 0
     assert set(summary["per_csv"]) == {"shapes.csv", "multi_image.csv", "text_only.csv", "descriptions.csv"}
     assert list(summary["per_csv"]["descriptions.csv"]["metrics"]) == ["exact_match", "bleu"]
     assert list(summary["per_csv"]["shapes.csv"]["metrics"]) == ["exact_match", "contains", "vqa_accuracy"]
-    assert {"colour", "shape", "count", "text_only", "multi_image", "description"} <= set(summary["per_category"])
+    single = {"colour", "shape", "count", "position", "size", "background", "yesno"}
+    assert single | MULTI_KINDS | {"text_only", "description"} == set(summary["per_category"])
     assert summary["model"] == "tiny"  # the default checkpoint is the trained demo (no UNTRAINED label)
     cat = summary["per_category"]
     for kind in ("colour", "count"):
@@ -374,6 +382,19 @@ def test_example_set_end_to_end():
     assert seen / 24 >= 0.75
     assert cat["text_only"]["metrics"]["exact_match"] >= 0.8
     assert summary["per_csv"]["descriptions.csv"]["metrics"]["bleu"] >= 50
+
+
+@PENDING_DEMO_RETRAIN
+def test_example_set_new_kinds_on_the_demo(example_run):
+    """Positions, yes/no claims and questions over 2-4 pictures in the example set (#18): each
+    kind >= 75% (4-16 rows each: one miss may cost 25%), >= 90% of all those rows."""
+    cat = example_run["summary"]["per_category"]
+    kinds = ("position", "size", "yesno", *sorted(MULTI_KINDS))
+    low = {k: cat[k]["metrics"]["exact_match"] for k in kinds if cat[k]["metrics"]["exact_match"] < 0.75}
+    assert not low, low
+    right = sum(cat[k]["metrics"]["exact_match"] * cat[k]["counts"]["rows"] for k in kinds)
+    assert right / sum(cat[k]["counts"]["rows"] for k in kinds) >= 0.9
+    assert cat["text_only"]["metrics"]["exact_match"] == 1.0
 
 
 def test_wandb_logs_summary_and_predictions_offline_and_is_imported_only_when_enabled(prompt_set, tmp_path, monkeypatch):

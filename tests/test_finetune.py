@@ -42,7 +42,9 @@ QUICK = ["gpu=cpu", "trainer.num_workers=0", "trainer.progress_bar=false", "trai
 # before, 0.97 after on these 30 pictures (0.94 on 200 others); 150 steps reached only 0.81.
 RECOVER_STEPS = 200
 RECOVER_THRESHOLD = 0.85
-HELDOUT = dict(pictures=30, seed=4242)
+# questions about one picture that the shipped demo answers (a frozen LLM cannot learn new kinds)
+RECOVER_KINDS = "[colour,shape,count,background,description]"
+HELDOUT = {"pictures": 30, "seed": 4242}
 
 
 def finetune_cfg(tmp_path: Path, *overrides: str):
@@ -54,8 +56,8 @@ def finetune_cfg(tmp_path: Path, *overrides: str):
 def recovered(tmp_path_factory):
     """A projection re-initialised and fine-tuned alone: (run dir, accuracy before, summary)."""
     out = tmp_path_factory.mktemp("recover")
-    cfg = finetune_cfg(out, "checkpoint=demo", "reinit=[llama_proj]", "data.size=2400", "trainer.batch_size=12",
-                       "trainer.max_epochs=1", f"trainer.iters_per_epoch={RECOVER_STEPS}",
+    cfg = finetune_cfg(out, "checkpoint=demo", "reinit=[llama_proj]", "data.size=2400", f"data.kinds={RECOVER_KINDS}",
+                       "trainer.batch_size=12", "trainer.max_epochs=1", f"trainer.iters_per_epoch={RECOVER_STEPS}",
                        "trainer.lr.init=3e-3", "trainer.lr.warmup_steps=5", "trainer.lr.min=1e-4")
     torch.manual_seed(0)
     before = heldout_accuracy(prepare_model(cfg, torch.device("cpu")), **HELDOUT)["accuracy"]["all"]
@@ -278,3 +280,34 @@ def test_bad_config_is_one_line_error(tmp_path):
         run_finetune(finetune_cfg(tmp_path, "trainable=[eyes]"))
     with pytest.raises(UserError, match="resume"):
         run_finetune(finetune_cfg(tmp_path, f"resume={tmp_path / 'nope'}"))
+
+
+def test_demo_recipe_settings_apply_or_fail_before_training(tmp_path):
+    """experiment=demo draws the ViT's position embeddings at std 2 (docs/FINETUNE.md: at 0.02
+    the Q-Former never learns positions); on a loaded ViT that is refused, as are unknown
+    held-out or data kinds, before any training."""
+    lm = prepare_model(finetune_cfg(tmp_path, "experiment=demo", "data.size=8"), torch.device("cpu"))
+    assert 1.8 < lm.model.vision_model.embeddings.position_embedding.detach().std().item() < 2.2
+    with pytest.raises(UserError, match="vision_position_std"):
+        prepare_model(finetune_cfg(tmp_path, "checkpoint=demo", "vision_position_std=2.0",
+                                   "trainable=[vision_model,llama_proj]"), torch.device("cpu"))
+    with pytest.raises(UserError, match="kinds=colour,postion"):
+        run_finetune(finetune_cfg(tmp_path, "heldout.pictures=3", "heldout.kinds=colour,postion"))
+    with pytest.raises(UserError, match="data.kinds"):
+        run_finetune(finetune_cfg(tmp_path, "data.kinds=[colour,postion]"))
+
+
+def test_heldout_asks_every_kind_as_chat_does(tiny_loaded):
+    """Per kind, n conversations each, the last turn scored; multi-turn kinds keep the model's own
+    answers; sampled adds the rate under the official sampling defaults (settings.Heldout)."""
+    from minigpt4.settings import Heldout
+    from minigpt4.training.heldout import parse_kinds, run_heldout
+
+    result = run_heldout(tiny_loaded, Heldout(pictures=2, seed=1000, kinds="position,earlier,same", sampled=True,
+                                              batch_size=4))
+    assert result["n"] == {"position": 2, "earlier": 2, "same": 2} and result["decoding"] == "greedy"
+    assert set(result["sampled"]) == {"position", "earlier", "same", "all"}
+    assert all(0 <= v <= 1 for v in [*result["accuracy"].values(), *result["sampled"].values()])
+    assert parse_kinds("multi") == ("total", "nth", "more", "same", "difference", "earlier", "latest")
+    with pytest.raises(UserError, match="kinds=colour,postion"):
+        parse_kinds("colour,postion")

@@ -27,7 +27,7 @@ from minigpt4.conversation import (
     Template,
     build_prompt,
 )
-from minigpt4.data import synthetic
+from minigpt4.data import dialogues, synthetic
 from minigpt4.errors import UserError
 from minigpt4.images import load_image
 from minigpt4.prompt_files import image_paths, read_prompt_csv
@@ -45,6 +45,7 @@ class Example:
     target: str  # the answer (the end marker "###" is added when encoding)
     images: list[ImageRef] = field(default_factory=list)
     row: str = ""  # where it came from, for messages about bad rows
+    conversation: Conversation | None = None  # a whole dialogue ending in `target`: every answer trains
 
 
 @dataclass
@@ -134,14 +135,15 @@ def load_csv(path: str | Path, style: str, template: Template) -> tuple[list[Exa
 
 # ---- synthetic ------------------------------------------------------------------------------------
 class SyntheticExamples(Sequence[Example]):
-    """`size` seeded examples, each built on demand from (seed, index): a picture with 1..max_turns
-    questions (loss on the last answer), or a text-only dialogue."""
+    """`size` seeded examples, each built on demand from (seed, index) by dialogues.sample_dialogue:
+    a text-only dialogue, one picture, or 2-4 pictures, with 1-max_turns questions; the whole
+    conversation comes with the example (`conversation`), so every answer in it is trained."""
 
-    def __init__(self, size: int, seed: int, style: str, template: Template,
-                 text_fraction: float = 0.1, max_turns: int = 3, greeting_fraction: float = 0.05):
+    def __init__(self, size: int, seed: int, style: str, template: Template, text_fraction: float = 0.08,
+                 max_turns: int = 4, multi_fraction: float = 0.5, kinds: Sequence[str] | None = None):
         self.size, self.seed, self.style, self.template = size, seed, style, template
-        self.text_fraction, self.max_turns, self.greeting_fraction = text_fraction, max_turns, greeting_fraction
-        self.dialogues = synthetic.text_dialogues()
+        self.text_fraction, self.max_turns, self.multi_fraction = text_fraction, max_turns, multi_fraction
+        self.mix = dialogues.Mix(frozenset(check_kinds(kinds)))
 
     def __len__(self) -> int:
         return self.size
@@ -151,28 +153,29 @@ class SyntheticExamples(Sequence[Example]):
             raise IndexError(index)
         rng = random.Random(f"{self.seed}:{index}")
         label = f"synthetic#{index}"
-        conv = Conversation(self.template)
         if self.style == "stage2":
+            conv = Conversation(self.template)
             spec = synthetic.sample_spec(rng)
             conv.add_image(spec)
             conv.ask(rng.choice(STAGE2_INSTRUCTIONS))
             return Example(conv.stage2_prompt(), synthetic.describe(spec), conv.images, label)
-        if rng.random() < self.text_fraction:
-            turns = rng.choice(self.dialogues)
-        else:
-            spec = synthetic.sample_spec(rng)
-            pairs = [(q, a) for q, a, _ in synthetic.questions(spec, all_phrasings=True, rng=rng)]
-            turns = rng.sample(pairs, rng.randint(1, self.max_turns))
-            if rng.random() < self.greeting_fraction:  # "Hi" first, then the picture
-                greeting = rng.choice([d for d in self.dialogues if len(d) == 1 and d[0][1] == synthetic.GREETING])
-                conv.ask(greeting[0][0])
-                conv.add_answer(greeting[0][1])
-            conv.add_image(spec)
-        for question, answer in turns[:-1]:
-            conv.ask(question)
-            conv.add_answer(answer)
-        conv.ask(turns[-1][0])
-        return Example(conv.prompt(), turns[-1][1], conv.images, label)
+        turns = dialogues.sample_dialogue(rng, self.text_fraction, self.multi_fraction, self.max_turns, self.mix)
+        conv = dialogues.to_conversation(turns, self.template)
+        prompt = dialogues.to_conversation(turns, self.template, upto=len(turns) - 1).prompt()
+        return Example(prompt, turns[-1].answer, conv.images, label, conv)
+
+
+def check_kinds(kinds: str | Sequence[str] | None) -> tuple[str, ...]:
+    """data.kinds (all, or a list of dialogues.ALL_KINDS with at least one single-picture kind) -> kinds."""
+    if kinds is None or kinds == "all":
+        return dialogues.ALL_KINDS
+    kinds = tuple(k.strip() for k in kinds.split(",")) if isinstance(kinds, str) else tuple(kinds)
+    unknown = sorted(set(kinds) - set(dialogues.ALL_KINDS))
+    if unknown or not set(kinds) & set(synthetic.KINDS):
+        problem = f"unknown {unknown}" if unknown else "no single-picture kind"
+        raise UserError(f"data.kinds={list(kinds)}: {problem}; choose all or from {list(dialogues.ALL_KINDS)}, "
+                        f"with at least one of {list(synthetic.KINDS)}")
+    return kinds
 
 
 # ---- from a config ----------------------------------------------------------------------------------
@@ -181,8 +184,9 @@ def build_examples(data: DataOptions, template: Template, seed: int) -> tuple[Se
     style = check_style(str(data.style))
     name = str(data.name)
     if name == "synthetic":
-        return SyntheticExamples(int(data.size), int(data.seed), style, template,
-                                 float(data.text_fraction), int(data.max_turns)), []
+        return SyntheticExamples(int(data.size), int(data.seed), style, template, float(data.text_fraction),
+                                 int(data.max_turns), float(data.multi_fraction if data.multi_fraction is not None else 0.5),
+                                 data.kinds), []
     if data.path in (None, "", "???"):
         raise UserError(f"data={name} needs data.path=/path/to/the/data")
     if name == "cc_sbu_align":

@@ -1,19 +1,21 @@
 """The demo model's world: seeded pictures of simple shapes, questions with exact answers,
-descriptions and short text-only dialogues.
+descriptions and short text-only dialogues (conversations over several pictures: dialogues.py).
 
 Everything is a pure function of a seed, so a held-out set is just another seed, and any
 engineer can regenerate the exact picture a test talks about:
 
     specs = sample_specs(100, seed=1)          # list[Spec]
     image = make_picture(specs[0])             # PIL RGB, 224x224 by default
-    for question, answer, kind in questions(specs[0]): ...
+    for question, answer, kind in questions(specs[0]): ...          # canonical, one per kind
+    questions(specs[0], ref="second")          # the same, about "the second picture"
     describe(specs[0])                         # "Three small red circles on a white background."
     text_dialogues()                           # [[(user, assistant), ...], ...]
 
 A picture holds 1-4 copies of one shape in one colour and one size, each in its own cell of a
 3x3 grid, on a plain background. Answers are short and canonical (lower case, no final
 period) so that exact match is a fair metric: colour "red", shape "circle", count "3",
-position "top left", size "small", background "white", yes/no "yes".
+position "top left" (several shapes: "top, center and bottom right", reading order), size
+"small", background "white", yes/no "yes" (claims about any attribute, true half the time).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class Spec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Spec":
+    def from_dict(cls, d: dict) -> Spec:
         return cls(**{**d, "cells": tuple(d["cells"])})
 
 
@@ -133,33 +135,7 @@ def make_picture(spec: Spec, size: int = 224) -> Image.Image:
 
 
 # ---- language -----------------------------------------------------------------------------------
-def _phrasings(spec: Spec, rng: random.Random | None = None) -> dict[str, list[tuple[str, str]]]:
-    """kind -> [(question, answer)]; the first phrasing of each kind is the canonical one."""
-    noun, it = spec.noun, ("it" if spec.count == 1 else "they")
-    be = "is" if spec.count == 1 else "are"
-    out = {
-        "colour": [(f"What colour {be} the {noun}?", spec.colour), (f"What color {be} the {noun}?", spec.colour),
-                   (f"Which colour {be} the shapes?" if spec.count > 1 else "Which colour is the shape?", spec.colour),
-                   (f"What colour {be} {it}?", spec.colour)],
-        "shape": [("What shape is in the picture?", spec.shape), (f"What shape {be} {it}?", spec.shape),
-                  ("Which shape do you see?", spec.shape), ("What kind of shape is shown?", spec.shape)],
-        "count": [("How many shapes are there?", str(spec.count)),
-                  (f"How many {PLURALS[spec.shape]} are there?", str(spec.count)),
-                  ("How many shapes do you see?", str(spec.count)), ("Count the shapes.", str(spec.count))],
-        "background": [("What colour is the background?", spec.background),
-                       ("What color is the background?", spec.background)],
-    }
-    if spec.count == 1:
-        out["position"] = [(f"Where is the {spec.shape}?", spec.position), ("Where is the shape?", spec.position)]
-        out["size"] = [(f"Is the {spec.shape} small or large?", spec.size), ("How big is the shape?", spec.size)]
-    # yes/no: one true and one false claim about colour and shape
-    other_colour = next(c for c in COLOURS if c != spec.colour) if rng is None else rng.choice([c for c in COLOURS if c != spec.colour])
-    other_shape = next(s for s in SHAPES if s != spec.shape) if rng is None else rng.choice([s for s in SHAPES if s != spec.shape])
-    out["yesno"] = [(f"Is there {_a(spec.colour)} {spec.shape}?", "yes"), (f"Is there {_a(other_colour)} {spec.shape}?", "no"),
-                    (f"Is there {_a(spec.colour)} {other_shape}?", "no"), (f"Are there any {PLURALS[spec.shape]}?", "yes")]
-    out["description"] = [("Describe this image.", describe(spec)), ("What is in the picture?", describe(spec)),
-                          ("What do you see?", describe(spec)), ("Describe the picture.", describe(spec))]
-    return out
+ATTRIBUTES = ("colour", "shape", "count", "position", "size", "background")  # what yes/no claims are about
 
 
 def _a(word: str) -> str:
@@ -167,30 +143,126 @@ def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def questions(spec: Spec, all_phrasings: bool = False, rng: random.Random | None = None) -> list[tuple[str, str, str]]:
-    """[(question, answer, kind)]: one canonical question per kind that applies to the picture
-    (position and size only for a single shape), or every phrasing with all_phrasings (training
-    draws from these with its own rng)."""
-    out = []
-    for kind, pairs in _phrasings(spec, rng).items():
-        if not all_phrasings:  # the canonical yes/no claim is true for even seeds, false for odd ones
-            pairs = pairs[spec.seed % 2 : spec.seed % 2 + 1] if kind == "yesno" else pairs[:1]
-        for question, answer in pairs:
-            out.append((question, answer, kind))
+def _listed(words: list[str]) -> str:
+    """['a'] -> 'a'; ['a', 'b', 'c'] -> 'a, b and c'."""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def positions_text(spec: Spec) -> str:
+    """Where the shapes are, in reading order: "top left" or "top, center and bottom right"."""
+    return _listed([POSITIONS[c] for c in spec.cells])
+
+
+def _at(position: str) -> str:
+    return "in the center" if position == "center" else f"at the {position}"
+
+
+def claim(spec: Spec, attribute: str, true: bool, rng: random.Random, ref: str | None = None) -> tuple[str, str]:
+    """A yes/no question claiming something about `attribute` (one of ATTRIBUTES), true or false
+    as asked; a false claim names a value drawn with `rng` from those the picture does not have."""
+    inp = "" if ref is None else f" in the {ref} picture"
+    noun, be = spec.noun, ("is" if spec.count == 1 else "are")
+
+    def pick(actual, choices):
+        return actual if true else rng.choice([c for c in choices if c != actual])
+
+    if attribute == "colour":
+        colour = pick(spec.colour, list(COLOURS))
+        question = rng.choice([f"{be.capitalize()} the {noun}{inp} {colour}?", f"Is there {_a(colour)} {spec.shape}{inp}?"])
+    elif attribute == "shape":
+        shape = pick(spec.shape, SHAPES)
+        question = rng.choice([f"Is there {_a(shape)}{inp}?", f"Are there any {PLURALS[shape]}{inp}?"])
+    elif attribute == "count":
+        n = pick(spec.count, list(COUNT_WORDS))
+        question = f"Is there only one shape{inp}?" if n == 1 else f"Are there {COUNT_WORDS[n]} shapes{inp}?"
+    elif attribute == "position":
+        occupied = [POSITIONS[c] for c in spec.cells]
+        position = rng.choice(occupied) if true else rng.choice([p for p in POSITIONS if p not in occupied])
+        question = f"Is there a shape {_at(position)}{inp}?"
+    elif attribute == "size":
+        question = f"{be.capitalize()} the {noun}{inp} {pick(spec.size, list(SIZES))}?"
+    elif attribute == "background":
+        question = f"Is the background{inp} {pick(spec.background, list(BACKGROUNDS))}?"
+    else:
+        raise ValueError(attribute)
+    return question, "yes" if true else "no"
+
+
+def _phrasings(spec: Spec, ref: str | None = None) -> dict[str, list[tuple[str, str]]]:
+    """kind -> [(question, answer)] about one picture; the first phrasing of each kind is the
+    canonical one. ref=None asks about the latest picture ("the picture", "it"); ref="second"
+    about the second picture of the conversation ("in the second picture")."""
+    noun, shapes = spec.noun, PLURALS[spec.shape]
+    be = "is" if spec.count == 1 else "are"
+    pic = "the picture" if ref is None else f"the {ref} picture"
+    inp = "" if ref is None else f" in the {ref} picture"
+    it = [] if ref is not None else [("it" if spec.count == 1 else "they")]
+    where = f"Where {be} the {noun}{inp}?"
+    out = {
+        "colour": [(f"What colour {be} the {noun}{inp}?", spec.colour), (f"What color {be} the {noun}{inp}?", spec.colour),
+                   (f"Which colour {be} the {'shape' if spec.count == 1 else 'shapes'}{inp}?", spec.colour)]
+                  + [(f"What colour {be} {w}?", spec.colour) for w in it],
+        "shape": [(f"What shape is in {pic}?", spec.shape), (f"Which shape do you see{inp}?", spec.shape),
+                  (f"What kind of shape is shown{inp}?", spec.shape)] + [(f"What shape {be} {w}?", spec.shape) for w in it],
+        "count": [(f"How many shapes are there{inp}?", str(spec.count)), (f"How many {shapes} are there{inp}?", str(spec.count)),
+                  (f"How many shapes do you see{inp}?", str(spec.count)), (f"Count the shapes{inp}.", str(spec.count))],
+        "position": [(where, positions_text(spec)),
+                     (f"Where {be} the {'shape' if spec.count == 1 else 'shapes'}{inp}?", positions_text(spec)),
+                     (f"Where {be} the {spec.colour} {noun}{inp}?", positions_text(spec)),
+                     (f"In which part of {pic} {be} the {noun}?", positions_text(spec))],
+        "size": [(f"{be.capitalize()} the {noun}{inp} small or large?", spec.size), (f"How big {be} the {noun}{inp}?", spec.size),
+                 (f"What size {be} the {noun}{inp}?", spec.size)],
+        "background": [(f"What colour is the background{inp}?", spec.background),
+                       (f"What color is the background{inp}?", spec.background)],
+        "description": ([("Describe this image.", describe(spec)), ("What is in the picture?", describe(spec)),
+                         ("What do you see?", describe(spec)), ("Describe the picture.", describe(spec))] if ref is None else
+                        [(f"Describe the {ref} picture.", describe(spec)), (f"What is in the {ref} picture?", describe(spec))]),
+    }
+    return out
+
+
+def canonical_claim(spec: Spec, ref: str | None = None) -> tuple[str, str]:
+    """The held-out yes/no question of a picture: the attribute, and whether the claim is true,
+    follow from the spec's seed, so a set of pictures asks about every attribute with balanced answers."""
+    attribute = ATTRIBUTES[spec.seed % len(ATTRIBUTES)]
+    return claim(spec, attribute, (spec.seed // len(ATTRIBUTES)) % 2 == 0, random.Random(spec.seed), ref)
+
+
+def ask(spec: Spec, kind: str, rng: random.Random, ref: str | None = None) -> tuple[str, str]:
+    """One (question, answer) of `kind` about `spec` in a random phrasing (training); yes/no
+    questions are about a random attribute and true half of the time."""
+    if kind == "yesno":
+        return claim(spec, rng.choice(ATTRIBUTES), rng.random() < 0.5, rng, ref)
+    return rng.choice(_phrasings(spec, ref)[kind])
+
+
+def questions(spec: Spec, all_phrasings: bool = False, rng: random.Random | None = None,
+              ref: str | None = None) -> list[tuple[str, str, str]]:
+    """[(question, answer, kind)] about one picture, one per kind (KINDS order): the canonical
+    question of each kind, or with all_phrasings every phrasing (yes/no: a true and a false claim
+    about each attribute, false values drawn with `rng`)."""
+    phrasings, out = _phrasings(spec, ref), []
+    for kind in KINDS:
+        if kind == "yesno":
+            claims = [(attribute, true) for attribute in ATTRIBUTES for true in (True, False)]
+            pairs = ([claim(spec, a, t, rng or random.Random(spec.seed), ref) for a, t in claims] if all_phrasings
+                     else [canonical_claim(spec, ref)])
+        else:
+            pairs = phrasings[kind] if all_phrasings else phrasings[kind][:1]
+        out += [(question, answer, kind) for question, answer in pairs]
     return out
 
 
 def describe(spec: Spec) -> str:
     """One-sentence description, e.g. "A large red circle at the top left on a white background."."""
     if spec.count == 1:
-        where = "in the center" if spec.position == "center" else f"at the {spec.position}"
-        return f"A {spec.size} {spec.colour} {spec.shape} {where} on a {spec.background} background."
+        return f"A {spec.size} {spec.colour} {spec.shape} {_at(spec.position)} on a {spec.background} background."
     return f"{COUNT_WORDS[spec.count].capitalize()} {spec.size} {spec.colour} {spec.noun} on a {spec.background} background."
 
 
 GREETING = "Hello! I am a tiny MiniGPT-4 demo. Show me a picture of shapes and ask me about it."
 ABILITIES = ("I can describe pictures of simple shapes and answer questions about their colour, shape, "
-             "count, size and position.")
+             "count, size and position, and compare several pictures.")
 IDENTITY = "I am a tiny MiniGPT-4 demo model, trained on pictures of simple shapes."
 OUT_OF_WORLD = "I am a tiny demo model: I only know about pictures of simple shapes."
 NO_PICTURE = "Please show me a picture first."
@@ -206,7 +278,8 @@ def text_dialogues() -> list[list[tuple[str, str]]]:
     bye = ["Bye", "Goodbye", "Bye!", "See you"]
     unknown = ["What is the capital of France?", "Tell me a joke.", "What time is it?", "Write a poem.",
                "What is two plus two?", "Who won the football match?"]
-    no_picture = ["Describe this image.", "What colour is the circle?", "How many shapes are there?"]
+    no_picture = ["Describe this image.", "What colour is the circle?", "How many shapes are there?",
+                  "Which picture has more shapes?", "Is there a red square?"]
     dialogues: list[list[tuple[str, str]]] = []
     for g in greet:
         dialogues.append([(g, GREETING)])
@@ -225,16 +298,3 @@ def text_dialogues() -> list[list[tuple[str, str]]]:
     for b in bye:
         dialogues.append([(b, "Goodbye!")])
     return dialogues
-
-
-def tokenizer_texts() -> list[str]:
-    """Every kind of text the demo data produces (for training the tiny tokenizer)."""
-    texts = []
-    for spec in sample_specs(400, seed=7):
-        texts.append(describe(spec))
-        for question, answer, _ in questions(spec, all_phrasings=True, rng=random.Random(spec.seed)):
-            texts.extend([question, answer])
-    for dialogue in text_dialogues():
-        for user, assistant in dialogue:
-            texts.extend([user, assistant])
-    return texts

@@ -35,7 +35,7 @@ def corpus_lines() -> list[str]:
     for t in TEMPLATES.values():
         lines.append(t.sep.join([t.roles[0] + "Hello", t.roles[1] + "Hi there"]) + t.sep)
     try:  # the demo data generator, when present, contributes all of its texts
-        from minigpt4.data.synthetic import tokenizer_texts
+        from minigpt4.data.dialogues import tokenizer_texts
 
         lines.extend(tokenizer_texts())
     except ImportError:

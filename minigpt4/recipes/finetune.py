@@ -82,6 +82,14 @@ def check_settings(settings: FinetuneSettings) -> None:
     if unknown:
         raise UserError(f"trainable: unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
     require_logger(settings.logger.get("wandb"))
+    if settings.heldout.pictures > 0:
+        from minigpt4.training.heldout import parse_kinds
+
+        parse_kinds(settings.heldout.kinds)  # a typo fails now, not after training
+    if settings.data.name == "synthetic":
+        from minigpt4.data.datasets import check_kinds
+
+        check_kinds(settings.data.kinds)
     model_name = settings.load.model.name
     if settings.install_demo and model_name != "tiny":
         raise UserError(f"install_demo=true replaces the shipped demo model (model=tiny), but this run trains "
@@ -98,6 +106,11 @@ def prepare_model(settings: FinetuneSettings, device: torch.device) -> LoadedMod
         if module is None or not hasattr(module, "reset_parameters"):
             raise UserError(f"reinit={part}: only llama_proj can be re-initialised")
         module.reset_parameters()
+    if settings.vision_position_std is not None:
+        if "vision_model" not in lm.random_parts or "vision_model" not in trainable:
+            raise UserError("vision_position_std= re-initialises the ViT's position embeddings: only for a ViT trained "
+                            "from scratch (checkpoint=random, vision_model in trainable); leave it null otherwise")
+        torch.nn.init.normal_(model.vision_model.embeddings.position_embedding, std=float(settings.vision_position_std))
     model.set_trainable(trainable)
     if "llm" in trainable and getattr(model.llm, "is_quantized", False):
         raise UserError("trainable=[llm] with a quantised LLM: use precision=fp16, bf16 or fp32")
@@ -188,9 +201,9 @@ def run(settings: FinetuneSettings) -> Path:
         summary["exports"] = export(lm, run_dir, settings, whole_model=not stop.signal)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if settings.heldout.pictures > 0 and not stop.signal:
-            from minigpt4.training.heldout import heldout_accuracy
+            from minigpt4.training.heldout import run_heldout
 
-            summary["heldout"] = heldout_accuracy(lm, settings.heldout.pictures, settings.heldout.seed)
+            summary["heldout"] = run_heldout(lm, settings.heldout)
             log.info("held-out accuracy: %s; 'Hello' -> %r", summary["heldout"]["accuracy"],
                      summary["heldout"]["greeting"])
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,5 +1,6 @@
-"""Examples -> training batches: tokenised with conversation.encode_example, images as pixels
-or as cached image features, bad rows skipped (and counted) before training starts.
+"""Examples -> training batches: tokenised with conversation.encode_example (encode_dialogue for
+a whole dialogue), images as pixels or as cached image features, bad rows skipped (and counted)
+before training starts.
 
 Feature cache: with the ViT, ln_vision, Q-Former and queries frozen, the image side's output
 (the Q-Former tokens before llama_proj, [Q, proj_in] per image) is the same at every epoch.
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from minigpt4.build import LoadedModel
-from minigpt4.conversation import encode_example, pad_batch
+from minigpt4.conversation import encode_dialogue, encode_example, pad_batch
 from minigpt4.data.datasets import BadRow, Example, ImageRef, build_examples, open_image
 from minigpt4.errors import UserError
 from minigpt4.images import preprocess
@@ -129,8 +130,12 @@ class FinetuneDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict | None:
         ex = self.examples[i]
-        ids, labels = encode_example(self.tokenizer.encode, ex.prompt, ex.target, self.num_image_tokens,
-                                     max_target_tokens=self.max_target_tokens)
+        if ex.conversation is not None:  # a whole dialogue: every answer trains
+            ids, labels = encode_dialogue(self.tokenizer.encode, ex.conversation, self.num_image_tokens,
+                                          max_target_tokens=self.max_target_tokens)
+        else:
+            ids, labels = encode_example(self.tokenizer.encode, ex.prompt, ex.target, self.num_image_tokens,
+                                         max_target_tokens=self.max_target_tokens)
         item = {"ids": ids, "labels": labels}
         if self.cache is not None:
             item["features"] = self.cache.lookup(ex.images)  # [n,Q,proj_in]
