@@ -22,17 +22,28 @@ def alone(loaded, images, question) -> str:
     return session.ask(question).text
 
 
+def submit_jobs(engine, loaded, jobs, as_pixels: bool = False) -> list:
+    """Each (images, question) as a one-turn chat prompt; images encoded here, or sent as pixels
+    for the engine to encode."""
+    requests = []
+    for images, question in jobs:
+        conv = loaded.conversation()
+        for i, _ in enumerate(images):
+            conv.add_image(i)
+        conv.ask(question)
+        if as_pixels:
+            pixels = loaded.pixels(images) if images else None
+            requests.append(engine.submit(engine.prompt_ids(conv), None, GREEDY, pixels=pixels))
+        else:
+            embeds = loaded.encode_images(images) if images else None
+            requests.append(engine.submit(engine.prompt_ids(conv), embeds, GREEDY))
+    return requests
+
+
 def engine_answers(loaded, jobs, slots):
     engine = Engine(loaded, slots=slots, max_context=2000)
     try:
-        requests = []
-        for images, question in jobs:
-            conv = loaded.conversation()
-            for i, _ in enumerate(images):
-                conv.add_image(i)
-            conv.ask(question)
-            embeds = loaded.encode_images(images) if images else None
-            requests.append(engine.submit(engine.prompt_ids(conv), embeds, GREEDY))
+        requests = submit_jobs(engine, loaded, jobs)
         for r in requests:
             assert r.done.wait(120)
         return [clean_answer(r.text, loaded.template) for r in requests], engine.steps
@@ -134,14 +145,7 @@ def test_arrivals_are_admitted_together_images_and_prompts_batched():
     loaded.model.encode_images = lambda pixels: encodes.append(len(pixels)) or encode(pixels)
     try:
         with engine.wake:  # hold the engine thread: everything below waits in the queue together
-            requests = []
-            for images, question in jobs:
-                conv = loaded.conversation()
-                for i, _ in enumerate(images):
-                    conv.add_image(i)
-                conv.ask(question)
-                pixels = loaded.pixels(images) if images else None
-                requests.append(engine.submit(engine.prompt_ids(conv), None, GREEDY, pixels=pixels))
+            requests = submit_jobs(engine, loaded, jobs, as_pixels=True)
         for r in requests:
             assert r.done.wait(120)
         assert [clean_answer(r.text, loaded.template) for r in requests] == expected

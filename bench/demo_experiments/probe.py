@@ -1,24 +1,15 @@
 """Linear probes on the shipped demo model's image side: is position present in ViT / Q-Former / soft tokens?"""
-import random
 import sys
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))  # the repository root
-from minigpt4.build import load_model
-from minigpt4.config import compose, load_spec
-from minigpt4.data import synthetic
-from minigpt4.images import preprocess
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from single_shapes import demo_and_pictures
 
-torch.manual_seed(0)
-lm = load_model(load_spec(compose("chat", ["gpu=cpu", "precision=fp32", "checkpoint=demo"])))
-m = lm.model.eval()
-rng = random.Random(5)
-specs = []
-while len(specs) < 2400:
-    s = synthetic.sample_spec(rng)
-    if s.count == 1: specs.append(s)
-px = torch.stack([preprocess(synthetic.make_picture(s), 64) for s in specs])
+from minigpt4.data import synthetic
+
+m, specs, px = demo_and_pictures()
 feats = {}
 with torch.no_grad():
     vit, qf = [], []

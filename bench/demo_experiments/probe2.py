@@ -1,24 +1,13 @@
 """Does the ViT token CONTENT carry position (what a Q-Former can pool), or only the token index?"""
-import random
 import sys
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))  # the repository root
-from minigpt4.build import load_model
-from minigpt4.config import compose, load_spec
-from minigpt4.data import synthetic
-from minigpt4.images import preprocess
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from single_shapes import demo_and_pictures
 
-torch.manual_seed(0)
-lm = load_model(load_spec(compose("chat", ["gpu=cpu", "precision=fp32", "checkpoint=demo"])))
-m = lm.model.eval()
-rng = random.Random(5)
-specs = []
-while len(specs) < 2400:
-    s = synthetic.sample_spec(rng)
-    if s.count == 1: specs.append(s)
-px = torch.stack([preprocess(synthetic.make_picture(s), 64) for s in specs])
+m, specs, px = demo_and_pictures()
 with torch.no_grad():
     vit = torch.cat([m.vision_model(pixel_values=px[i:i+200]).last_hidden_state for i in range(0, len(px), 200)])
 torch.save({"vit": vit, "cells": [s.cells[0] for s in specs]}, "/tmp/demo_experiments/vit.pt")

@@ -158,7 +158,6 @@ def _kernel_matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | Non
     m, k = x.shape
     x = x.contiguous()
     out = torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
-    block_m = max(16, triton.next_power_of_2(m))
     res = out if residual is None else residual.contiguous()
     grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]),)  # noqa: E731
     if m == 1:  # one row (chat's decode step): a matrix-vector product, no tensor cores
@@ -168,6 +167,7 @@ def _kernel_matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | Non
             _int4_gemv_tuned[grid](x, w.qweight, w.scale, w.low, res, out, w.out_features, k, GROUP=w.group,
                                    HAS_RES=residual is not None)
         return out
+    block_m = max(16, triton.next_power_of_2(m))  # tl.dot needs 16 rows at least
     if w.bits == 8:
         _int8_tuned[grid](x, w.qweight, w.scale, res, out, m, w.out_features, k,
                           HAS_RES=residual is not None, BLOCK_M=block_m)
@@ -179,6 +179,15 @@ def _kernel_matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | Non
 
 if triton is not None:
     import triton.language as tl
+
+    @triton.jit
+    def _store_tile(acc, r_ptr, o_ptr, rm, rn, keep_m, keep_n, N, HAS_RES: tl.constexpr):
+        """out[rm, rn] = acc (+ residual[rm, rn]) in the output's dtype: the tensor-core kernels' end."""
+        out_offsets = rm[:, None] * N + rn[None, :]
+        keep = keep_m[:, None] & keep_n[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + out_offsets, mask=keep, other=0.0).to(tl.float32)
+        tl.store(o_ptr + out_offsets, acc.to(o_ptr.dtype.element_ty), mask=keep)
 
     @triton.jit
     def _int8_kernel(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, M, N, K,
@@ -196,11 +205,7 @@ if triton is not None:
             acc += tl.dot(x, w.to(x.dtype))
         scale = tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
         acc = acc * scale[None, :]
-        out_offsets = rm[:, None] * N + rn[None, :]
-        keep = keep_m[:, None] & keep_n[None, :]
-        if HAS_RES:
-            acc += tl.load(r_ptr + out_offsets, mask=keep, other=0.0).to(tl.float32)
-        tl.store(o_ptr + out_offsets, acc.to(o_ptr.dtype.element_ty), mask=keep)
+        _store_tile(acc, r_ptr, o_ptr, rm, rn, keep_m, keep_n, N, HAS_RES)
 
     @triton.jit
     def _int4_kernel(x_ptr, q_ptr, s_ptr, l_ptr, r_ptr, o_ptr, M, N, K,
@@ -225,11 +230,7 @@ if triton is not None:
             w_hi = ((byte >> 4).to(tl.float32) * scale + low).to(x_lo.dtype)
             acc += tl.dot(x_lo, w_lo)
             acc += tl.dot(x_hi, w_hi)
-        out_offsets = rm[:, None] * N + rn[None, :]
-        keep = keep_m[:, None] & keep_n[None, :]
-        if HAS_RES:
-            acc += tl.load(r_ptr + out_offsets, mask=keep, other=0.0).to(tl.float32)
-        tl.store(o_ptr + out_offsets, acc.to(o_ptr.dtype.element_ty), mask=keep)
+        _store_tile(acc, r_ptr, o_ptr, rm, rn, keep_m, keep_n, N, HAS_RES)
 
     @triton.jit
     def _int8_gemv(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, N, K,

@@ -185,17 +185,18 @@ class StaticDecoder:
         if start:
             for i, layer in enumerate(self.cache.layers):
                 prefix.update(layer.keys[index, :, :start], layer.values[index, :, :start], i)
-        real = torch.arange(t, device=device)[None] < torch.tensor(lengths, device=device)[:, None]  # [R,T]
-        mask = torch.cat([real.new_ones(r, start), real], dim=1).long()  # [R,start+T]
+        lengths_t = torch.tensor(lengths, device=device)  # [R]
+        real = torch.arange(t, device=device)[None] < lengths_t[:, None]  # [R,T]
+        valid = torch.cat([real.new_ones(r, start), real], dim=1)  # [R,start+T]
         positions = torch.arange(start, start + t, device=device).expand(r, t)
-        hidden = self.llm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+        hidden = self.llm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=valid.long(),
                                 past_key_values=prefix, use_cache=True).last_hidden_state  # [R,T,H]
         for i, layer in enumerate(self.cache.layers):
             layer.keys[index, :, start : start + t] = prefix.layers[i].keys[:, :, start : start + t]
             layer.values[index, :, start : start + t] = prefix.layers[i].values[:, :, start : start + t]
         self.valid[index] = False
-        self.valid[index, : start + t] = torch.cat([real.new_ones(r, start), real], dim=1)
-        last = hidden[torch.arange(r, device=device), torch.tensor(lengths, device=device) - 1]  # [R,H]
+        self.valid[index, : start + t] = valid
+        last = hidden[torch.arange(r, device=device), lengths_t - 1]  # [R,H]
         return self.llm.get_output_embeddings()(last)
 
     @torch.inference_mode()

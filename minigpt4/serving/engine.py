@@ -289,9 +289,9 @@ class Engine:
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for k, row in enumerate(rows):
             active = self.rows[row]
-            settings = active.request.settings
-            shared = active.request.generator is None and settings.repetition_penalty == 1.0
-            key = (repr(settings), len(active.generated) < settings.min_new_tokens) if shared else ("own", k)
+            request = active.request
+            key = ((request.sample_group, len(active.generated) < request.settings.min_new_tokens)
+                   if request.sample_group is not None else ("own", k))
             groups[key].append(k)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         for members in groups.values():

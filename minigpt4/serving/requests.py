@@ -45,6 +45,12 @@ class Request:
     prefilled: int = 0  # prompt positions computed (the rest came from the row's cached prefix)
     keys: list = field(default_factory=list)  # one per prompt position: token id, or (image digest, slot)
     pixels: torch.Tensor | None = None  # [N,3,S,S]: images the engine encodes (batched with other arrivals)
+    # requests with the same key sample in one call (no generator or token history of their own)
+    sample_group: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.generator is None and self.settings.repetition_penalty == 1.0:
+            self.sample_group = repr(self.settings)
 
     @property
     def prompt_tokens(self) -> int:
