@@ -3,7 +3,8 @@
     python bench/bench_api.py                       # 7B shape, random fp16, GPU 0: 1, 8, 32, 64 clients
     python bench/bench_api.py --tiny --clients 1 4  # CPU smoke test (the demo-sized model)
 
-Each client sends its requests one after another over HTTP (server-sent events), each a text
+The clients run in a process of their own (bench/api_clients.py: one asyncio loop), as real
+clients do. Each client sends its requests one after another over HTTP (server-sent events), each a text
 question of ~100 tokens answered with exactly --new tokens (random weights never stop:
 min_new_tokens and no stop string force the length, as the other benches do). Reported per
 client count: aggregate generated tokens/s, p50/p99 time to first token, p50 time between
@@ -18,20 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import httpx
 import torch
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import api_clients  # noqa: E402
 from minigpt4.build import load_model  # noqa: E402
 from minigpt4.config import compose, load_spec  # noqa: E402
 from minigpt4.generation import GenerationSettings  # noqa: E402
@@ -53,20 +55,6 @@ def start_server(loaded, slots: int, new: int):
     return engine, server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
 
 
-def one_request(url: str, question: str) -> dict:
-    """Stream one answer -> {ttft, gaps, tokens}."""
-    body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": question}]}
-    start, stamps = time.perf_counter(), []
-    with httpx.stream("POST", url + "/chat/completions", json=body, timeout=600) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
-                stamps.append(time.perf_counter())
-            if line.startswith("data: {") and '"usage"' in line:
-                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-    return {"ttft": stamps[0] - start if stamps else float("nan"),
-            "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
-
-
 def token_timings(requests) -> dict:
     """Engine-side, per token (random weights emit byte tokens that reach the client only once a
     character completes, which delays the client's text chunks): submit -> first token, and the
@@ -80,15 +68,10 @@ def token_timings(requests) -> dict:
             "token_itl_p50_ms": 1e3 * itl[len(itl) // 2] if itl else float("nan")}
 
 
-def run_clients(url: str, clients: int, per_client: int, question: str, engine=None) -> dict:
-    def client(_):
-        return [one_request(url, question) for _ in range(per_client)]
-
+def run_clients(clients_process, url: str, clients: int, per_client: int, question: str, engine=None) -> dict:
+    """`clients` streaming clients (in the clients' own process) -> the row of the table."""
     first = len(engine.seen) if engine is not None else 0
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = [r for batch in pool.map(client, range(clients)) for r in batch]
-    seconds = time.perf_counter() - start
+    results, seconds = clients_process.submit(api_clients.load, url, clients, per_client, question).result()
     ttft = sorted(r["ttft"] for r in results)
     gaps = [g for r in results for g in r["gaps"]]
     return {"clients": clients, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / seconds,
@@ -97,25 +80,16 @@ def run_clients(url: str, clients: int, per_client: int, question: str, engine=N
             **(token_timings(engine.seen[first:]) if engine is not None else {})}
 
 
-def soak(url: str, clients: int, seconds: float, question: str) -> dict:
+def soak(clients_process, url: str, clients: int, seconds: float, question: str) -> dict:
     """`clients` clients sending requests back to back for `seconds`; GPU memory sampled every 5 s:
     it must stay flat (no per-request growth)."""
-    samples, stop = [], time.perf_counter() + seconds
-
-    def client(_):
-        done = 0
-        while time.perf_counter() < stop:
-            one_request(url, question)
-            done += 1
-        return done
-
-    with ThreadPoolExecutor(clients + 1) as pool:
-        futures = [pool.submit(client, i) for i in range(clients)]
-        while time.perf_counter() < stop:
-            samples.append(torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
-            time.sleep(5)
-        requests = sum(f.result() for f in futures)
-    return {"clients": clients, "seconds": seconds, "requests": requests,
+    samples = []
+    job = clients_process.submit(api_clients.load, url, clients, 0, question, seconds)
+    while not job.done():
+        samples.append(torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
+        time.sleep(5)
+    results, _ = job.result()
+    return {"clients": clients, "seconds": seconds, "requests": len(results),
             "allocated_gib_first": samples[0], "allocated_gib_min": min(samples), "allocated_gib_max": max(samples),
             "allocated_gib_last": samples[-1], "samples": len(samples)}
 
@@ -151,21 +125,23 @@ def main() -> None:
     question = " ".join(["how many red circles are there in the picture"] * 11) + "?"
     engine, server, url = start_server(loaded, max(args.clients), args.new)
     rows = []
+    clients_process = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
-        one_request(url, question)  # warm-up: graphs for the first shapes
-        sequential = run_clients(url, 1, max(args.clients) * args.per_client // 4 or 1, question, engine)
+        clients_process.submit(api_clients.load, url, 1, 1, question).result()  # warm-up: the first graphs
+        sequential = run_clients(clients_process, url, 1, max(args.clients) * args.per_client // 4 or 1, question, engine)
         print(f"sequential: {sequential['tok_s']:.1f} tok/s", flush=True)
         for n in args.clients:
             if loaded.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            row = run_clients(url, n, args.per_client, question, engine)
+            row = run_clients(clients_process, url, n, args.per_client, question, engine)
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if loaded.device.type == "cuda" else None
             rows.append(row)
             print(json.dumps(row), flush=True)
         if args.soak:
-            soaked = soak(url, 32, args.soak, question)
+            soaked = soak(clients_process, url, 32, args.soak, question)
             print("soak:", json.dumps(soaked), flush=True)
     finally:
+        clients_process.shutdown()
         server.should_exit = True
         engine.close()
     peer = batch_decode_peer(loaded, 32, question, args.new)

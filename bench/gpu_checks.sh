@@ -35,7 +35,9 @@ named() { [[ " $SELECTED " == *" $1 "* ]]; }
 pick() { [ -n "$run_all" ] || named "$1"; }
 pick tests && step 330 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "not max-autotune"
 # the GPU tests without the 7B gate (the decode step runs it)
-named tests_fast && step 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "not 7b_paths"
+named tests_fast && step 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "not 7b_paths"
+# the engine's and the static decoder's GPU tests only (row-bounded steps: a graph per rows and length)
+named engine_tests && step 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_static_decode.py
 # the gate on the 7B shape (every path but max-autotune, batch 1, 8, 32) and the speed of ours,
 # ours compiled and transformers' static cache at batch 1 and 32
 pick decode && step 330 python3 bench/bench_decode.py --batches 1 32 --gate-batches 1 8 32 --gate-paths dynamic static "static compile" --paths static "static compile" "hf static"
@@ -45,6 +47,8 @@ pick profile && step 90 python3 bench/profile_step.py
 named profile32 && step 60 python3 bench/profile_step.py --batches 32
 pick profile_unfused && step 90 python3 bench/profile_step.py --unfused --batches 1
 pick evaluate && step 240 python3 bench/bench_evaluate.py --batches 1 32
+# evaluate.py's rows through the serving engine beside its static batches (issue 16, item 4)
+named evaluate_engine && step "${EVAL_ENGINE_LIMIT:-200}" python3 bench/bench_evaluate.py --batches 32 --skip-stock --engine
 pick chat_compile && step 180 python3 bench/bench_chat.py --compile
 # the API under 1/8/32/64 streaming clients. The image has no FastAPI: also carry, in .whl/,
 # fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.13.4 pydantic-core==2.46.4

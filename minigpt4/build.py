@@ -184,7 +184,8 @@ def save_bundle(
     info = ck.BundleInfo(
         name=loaded.name, template=loaded.template.name, image_size=loaded.image_size, arch=arch,
         dtype=str(model.llm.dtype).removeprefix("torch."), sources=loaded.sources,
-        random_parts=loaded.random_parts, trained_parts=trained_parts,
+        # a part trained since it was drawn at random is no longer random
+        random_parts=[p for p in loaded.random_parts if p not in (trained_parts or [])], trained_parts=trained_parts,
     )
     return ck.write_bundle(model.state_dict(), directory, info, loaded.tokenizer.path, max_shard_bytes)
 

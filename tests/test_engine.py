@@ -67,6 +67,33 @@ def test_engine_answers_as_sessions_do_with_fewer_rows_than_requests():
     assert got == expected
 
 
+def test_requests_take_the_lowest_rows_and_a_step_covers_only_those():
+    """One request at a time on an 8-row engine decodes in row 0 with one-row steps; three
+    together take rows 0-2 and steps of four rows (a power of two); the answers are the ones
+    each request gets alone."""
+    torch.set_num_threads(1)
+    loaded = build_tiny(["checkpoint=demo"])
+    jobs = jobs_for(loaded)[:3]
+    expected = [alone(loaded, *job) for job in jobs]
+    engine = Engine(loaded, slots=8, max_context=2000)
+    stepped = []
+    step_rows = engine.decoder.step_rows
+    engine.decoder.step_rows = lambda tokens, *a, **k: stepped.append(len(tokens)) or step_rows(tokens, *a, **k)
+    try:
+        first = submit_jobs(engine, loaded, jobs[:1])[0]
+        assert first.done.wait(60)
+        assert set(stepped) == {1}
+        stepped.clear()
+        with engine.wake:  # the engine thread waits: the three are admitted in one round
+            requests = submit_jobs(engine, loaded, jobs)
+        for r in requests:
+            assert r.done.wait(60)
+        assert stepped[0] == 4 and set(stepped) <= {1, 2, 4}  # rows 0-2, then fewer as answers end
+        assert [clean_answer(r.text, loaded.template) for r in requests] == expected
+    finally:
+        engine.close()
+
+
 @pytest.mark.gpu
 def test_engine_on_the_gpu_answers_as_sessions_do():
     """CUDA graphs per attention bucket, rows at different lengths, the Triton per-row cache writes."""

@@ -196,3 +196,27 @@ def test_fused_step_equals_transformers_step():
     torch.testing.assert_close(before, after)
     q = llm.model.layers[0].self_attn.q_proj.weight
     assert q.data_ptr() == llm.__dict__["_minigpt4_fused"].layers[0].qkv.data_ptr()  # a view, no copy
+
+
+def test_stepping_the_first_rows_leaves_the_others_alone():
+    """step_rows over the first R of B rows (a serving engine with few rows in use) gives those rows
+    the logits a step over all B rows gives them, and writes nothing into rows R..B-1."""
+    loaded = build_tiny(["checkpoint=demo"])
+    llm, hidden = loaded.model.llm, loaded.model.llm.config.hidden_size
+    torch.manual_seed(7)
+    embeds = torch.randn(4, 12, hidden) * 0.02
+    mask = torch.ones(4, 12, dtype=torch.long)
+    positions = torch.arange(12).expand(4, 12)
+    full, part = StaticDecoder(llm, 4, 64), StaticDecoder(llm, 4, 64)
+    for dec in (full, part):
+        dec.prefill(embeds, positions, mask)
+    tokens, pos = torch.tensor([5, 6, 7, 8]), torch.full((4,), 12)
+    slots = torch.full((4,), 12)
+    want = full.step_rows(tokens, pos, slots, longest=13).clone()
+    untouched = [(layer.keys[2:].clone(), layer.values[2:].clone()) for layer in part.cache.layers]
+    got = part.step_rows(tokens[:2], pos[:2], slots[:2], longest=13)
+    assert got.shape[0] == 2
+    torch.testing.assert_close(got, want[:2], rtol=1e-5, atol=1e-5)
+    for layer, (k, v) in zip(part.cache.layers, untouched):
+        assert torch.equal(layer.keys[2:], k) and torch.equal(layer.values[2:], v)
+    assert not part.valid[2:, 12].any() and part.valid[:2, 12].all()

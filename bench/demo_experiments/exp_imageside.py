@@ -17,7 +17,9 @@ from minigpt4.images import preprocess
 
 torch.manual_seed(int(os.environ.get("SEED", "0")))
 init, steps, lr, target, pos_std = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], float(sys.argv[5])
-lm = load_model(load_spec(compose("chat", ["gpu=cpu", "precision=fp32", f"checkpoint={init}"])))
+IMAGE = int(os.environ.get("IMAGE", "64"))  # the ViT's input size (patch 8): 64 is the demo's
+lm = load_model(load_spec(compose("chat", ["gpu=cpu", "precision=fp32", f"checkpoint={init}", f"model.image_size={IMAGE}",
+                                           f"model.arch.vision.image_size={IMAGE}"])))
 m = lm.model
 def sincos(grid, dim):
     ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float), torch.arange(grid, dtype=torch.float), indexing="ij")
@@ -30,14 +32,15 @@ def sincos(grid, dim):
 if pos_std > 0:
     with torch.no_grad(): m.vision_model.embeddings.position_embedding.normal_(0, pos_std)
 elif pos_std < 0:
-    with torch.no_grad(): m.vision_model.embeddings.position_embedding.copy_(sincos(8, 128) * -pos_std)
+    with torch.no_grad(): m.vision_model.embeddings.position_embedding.copy_(sincos(IMAGE // 8, 128) * -pos_std)
 m.set_trainable(["vision_model", "qformer", "query_tokens"]); m.train()
 def pool(n, seed):
     specs = synthetic.sample_specs(n, seed)
-    px = torch.stack([preprocess(synthetic.make_picture(s), 64) for s in specs])
+    px = torch.stack([preprocess(synthetic.make_picture(s), IMAGE) for s in specs])
     occ = torch.zeros(n, 9)
     for i, s in enumerate(specs):
         if target == "colour": occ[i, list(synthetic.COLOURS).index(s.colour)] = 1
+        elif target == "shape": occ[i, synthetic.SHAPES.index(s.shape)] = 1
         else: occ[i, list(s.cells)] = 1
     return specs, px, occ
 t = time.time(); tr_specs, tr_px, tr_occ = pool(6000, 11); te_specs, te_px, te_occ = pool(600, 12); print("pool s", round(time.time() - t))
@@ -48,11 +51,18 @@ single = torch.tensor([s.count == 1 for s in te_specs])
 for step in range(1, steps + 1):
     b = torch.randint(0, len(tr_px), (64,))
     logits = head(m.image_features(tr_px[b]).flatten(1))
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, tr_occ[b])
+    loss = (torch.nn.functional.cross_entropy(logits[:, :4], tr_occ[b, :4].argmax(1)) if target == "shape"
+            else torch.nn.functional.binary_cross_entropy_with_logits(logits, tr_occ[b]))
     opt.zero_grad(); loss.backward(); opt.step()
     if step % 100 == 0:
         with torch.no_grad():
             m.eval(); out = head(m.image_features(te_px).flatten(1)); m.train()
+        if target == "shape":  # one of 4 classes (the head's other outputs unused): small and large shapes apart
+            right = (out[:, :4].argmax(1) == te_occ[:, :4].argmax(1)).float()
+            small = torch.tensor([s.size == "small" for s in te_specs])
+            print(f"step {step} loss {loss.item():.3f} shape {right.mean().item():.2f} small {right[small].mean().item():.2f} "
+                  f"large {right[~small].mean().item():.2f} ({time.time() - t:.0f}s)", flush=True)
+            continue
         exact = ((out > 0).float() == te_occ).all(1).float()
         cell = (out[single].argmax(1) == te_occ[single].argmax(1)).float().mean().item()
         print(f"step {step} loss {loss.item():.3f} occupancy exact {exact.mean().item():.2f} single cell {cell:.2f} ({time.time() - t:.0f}s)", flush=True)

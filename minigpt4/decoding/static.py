@@ -70,7 +70,7 @@ class StaticDecoder:
         self._uncompiled = self._forward
         if compile:
             self._forward = _compiled(self._forward, compile)
-        self.step_graphs: dict[int, tuple] = {}  # attend bucket -> (graph, its logits [B,V])
+        self.step_graphs: dict[tuple[int, int], tuple] = {}  # (attend bucket, rows) -> (graph, its logits [rows,V])
         # Batch-1 prefills (chat turns) padded to a bucket: on CUDA each bucket's forward is a
         # captured graph (eager, the ~1,400 kernel launches of a 7B forward take ~20 ms).
         # Tests switch it on for the CPU to check the padding itself.
@@ -201,43 +201,50 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, longest: int) -> torch.Tensor:
-        """One token per row, each row at its own length: row b writes slot slots[b] ([B] long)
-        and attends to its valid slots; `longest` = the largest slot + 1 -> logits [B,V] (a view).
-        Rows at different lengths need the fused step (each row's own write slot); transformers'
-        step writes where the layers' position says, so it serves one row."""
+        """One token per row, each row at its own length, for the first R = len(tokens) rows
+        (rows R.. are left alone: a serving engine steps only as many rows as are in use, its
+        active rows kept low; R from a few sizes, as each is a graph): row b writes slot slots[b]
+        ([R] long) and attends to its valid slots; `longest` = the largest slot + 1 -> logits [R,V]
+        (a view). Rows at different lengths need the fused step (each row's own write slot);
+        transformers' step writes where the layers' position says, so it serves one row."""
+        rows = tokens.shape[0]
         if not self.use_fused:
             if self.batch_size != 1:
                 raise ValueError("rows at different lengths need the fused step")
             self._rewind(longest - 1)  # the one row's write position
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.slot.copy_(slots)
-        self.valid[torch.arange(self.batch_size, device=self.valid.device), self.slot] = True
-        return self._replay(longest)
+        self.tokens[:rows].copy_(tokens)
+        self.positions[:rows].copy_(positions)
+        self.slot[:rows].copy_(slots)
+        self.valid[torch.arange(rows, device=self.valid.device), self.slot[:rows]] = True
+        return self._replay(longest, rows)
 
-    def _replay(self, longest: int) -> torch.Tensor:
-        """The step that attends to the slots below `longest`, rounded up to ATTEND_BUCKET (the
-        whole cache for transformers' step and a compiled one): a graph replay on CUDA, one
-        graph per attention length, captured on first use."""
+    def _replay(self, longest: int, rows: int | None = None) -> torch.Tensor:
+        """The step of the first `rows` rows (all: None) that attends to the slots below `longest`,
+        rounded up to ATTEND_BUCKET (the whole cache for transformers' step and a compiled one):
+        a graph replay on CUDA, one graph per (attention length, rows), captured on first use."""
+        rows = rows or self.batch_size
         attend = self.max_len
         if self.use_fused and not self.compile:
             attend = min(self.max_len, -(-longest // ATTEND_BUCKET) * ATTEND_BUCKET)
         if not self.cuda:  # CPU: the same cache logic, eager (used by the tests)
-            return self._run_step(attend)
-        if attend not in self.step_graphs:
-            self.step_graphs[attend] = self._capture_step(attend)
-        graph, logits = self.step_graphs[attend]
+            return self._run_step(attend, rows)
+        if (attend, rows) not in self.step_graphs:
+            self.step_graphs[attend, rows] = self._capture_step(attend, rows)
+        graph, logits = self.step_graphs[attend, rows]
         graph.replay()
         return logits
 
-    def _run_step(self, attend: int) -> torch.Tensor:
-        return self._forward(self._model, self.cache, self.tokens, self.positions, self.slot, self.valid, attend)
+    def _run_step(self, attend: int, rows: int) -> torch.Tensor:
+        if rows == self.batch_size:
+            return self._forward(self._model, self.cache, self.tokens, self.positions, self.slot, self.valid, attend)
+        return self._forward(self._model, self.cache, self.tokens[:rows], self.positions[:rows], self.slot[:rows],
+                             self.valid[:rows], attend, rows=rows)
 
-    def _capture_step(self, attend: int) -> tuple:
+    def _capture_step(self, attend: int, rows: int) -> tuple:
         start = self.length
         rewind = lambda: self._rewind(start)  # noqa: E731 - transformers' step advances the layers
         try:
-            return _capture_graph(lambda: self._run_step(attend), rewind)
+            return _capture_graph(lambda: self._run_step(attend, rows), rewind)
         except Exception as err:  # noqa: BLE001 - torch.compile failing on this machine
             if not self.compile:
                 raise
@@ -245,13 +252,15 @@ class StaticDecoder:
                         type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
             self.compile = False
             self._forward = self._uncompiled
-            return _capture_graph(lambda: self._run_step(attend), rewind)
+            return _capture_graph(lambda: self._run_step(attend, rows), rewind)
 
 
 def _fused_forward(model: fused.FusedLlama, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor,
-                   slot: torch.Tensor, valid: torch.Tensor, attend: int, triton: bool = True) -> torch.Tensor:
-    """One step on the fused weights -> logits [B,V]."""
-    keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+                   slot: torch.Tensor, valid: torch.Tensor, attend: int, triton: bool = True,
+                   rows: int | None = None) -> torch.Tensor:
+    """One step on the fused weights (of the cache's first `rows` rows; None: all) -> logits [B,V]."""
+    keys = [layer.keys[:rows] for layer in cache.layers]  # [:None] is the whole tensor
+    values = [layer.values[:rows] for layer in cache.layers]
     return model.step(keys, values, tokens, positions, slot, valid, attend, triton=triton)
 
 

@@ -3,7 +3,9 @@
 The engine owns the loaded model and one static decoder with `slots` rows. A background thread
 loops: admit waiting requests into free rows (each is prefilled into its own row), then run
 one decode step for every active row at once, each row at its own length (the fused step
-writes each row's own cache slot and attends to its own valid slots). A request that finishes
+writes each row's own cache slot and attends to its own valid slots). A step covers only the
+rows up to the highest in use (rounded up to a power of two), and requests take the lowest free
+rows, so one conversation on a 64-row engine decodes at batch-1 speed. A request that finishes
 frees its row at once; a new one joins between two steps. Each request keeps its own sampling
 settings, token budget, stop strings and random generator, so a greedy answer equals the same
 request decoded alone. Front-ends (the API; the terminal and web page later) submit requests
@@ -132,17 +134,25 @@ class Engine:
         return cache_keys(ids, digests, self.loaded.model.num_image_tokens)
 
     def _pick_row(self, keys: list, taken: set[int]) -> tuple[int, int]:
-        """The free row (not in `taken`) holding the longest prefix of `keys` (ties: the least
-        recently used) -> (row, reusable positions: at least one position is left to compute,
-        and never a part of an image)."""
-        best, best_n = None, -1
+        """The free row (not in `taken`) holding the longest prefix of `keys` -> (row, reusable
+        positions: at least one position is left to compute, and never a part of an image).
+        Ties: a row below the highest row in use (a step covers those anyway; the least recently
+        used of them), else the lowest row: the rows in use stay low, and a step covers only them."""
+        in_use = [row for row, active in enumerate(self.rows) if active is not None] + list(taken)
+        extent = max(in_use) + 1 if in_use else 0
+
+        def rank(row: int, n: int) -> tuple:
+            inside = row < extent
+            return (n, inside, -self.row_freed[row] if inside else -row)
+
+        best, best_rank = None, None
         for row, active in enumerate(self.rows):
             if active is not None or row in taken:
                 continue
-            n = reusable_prefix(self.row_keys[row], keys)
-            if n > best_n or (n == best_n and self.row_freed[row] < self.row_freed[best]):
-                best, best_n = row, n
-        return best, best_n
+            candidate = rank(row, reusable_prefix(self.row_keys[row], keys))
+            if best_rank is None or candidate > best_rank:
+                best, best_rank = row, candidate
+        return best, best_rank[0]
 
     def active(self) -> int:
         return sum(row is not None for row in self.rows)
@@ -255,13 +265,16 @@ class Engine:
             self._take(row, self.rows[row], token)
 
     def _step(self) -> None:
-        """One decode step for every active row, then each row's next token."""
+        """One decode step for the rows up to the highest active one (rounded up to a power of
+        two: a graph each), then each active row's next token."""
         device = self.loaded.device
-        tokens = torch.zeros(self.slots, dtype=torch.long)
-        positions = torch.zeros(self.slots, dtype=torch.long)
+        highest = max(i for i, active in enumerate(self.rows) if active is not None)
+        stepped = min(self.slots, 1 << highest.bit_length())  # rows 0..stepped-1
+        tokens = torch.zeros(stepped, dtype=torch.long)
+        positions = torch.zeros(stepped, dtype=torch.long)
         # idle rows write their last slot, which no request reaches (their kept prefix stays intact)
-        slots = torch.full((self.slots,), self.max_len - 1, dtype=torch.long)
-        for i, active in enumerate(self.rows):
+        slots = torch.full((stepped,), self.max_len - 1, dtype=torch.long)
+        for i, active in enumerate(self.rows[:stepped]):
             if active is not None:
                 tokens[i], positions[i], slots[i] = active.next_token, active.length, active.length
         longest = max(a.length for a in self.rows if a is not None) + 1

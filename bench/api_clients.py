@@ -1,0 +1,48 @@
+"""Streaming clients for bench/bench_api.py, run in a process of their own (as real clients are):
+in the server's process, 32-64 client threads parsing server-sent events took the GIL from the
+engine and the event loop and inflated every latency (2026-12-02: client-side first chunk 1.3 s
+where the engine's first token came after 0.27 s). One asyncio loop drives every client here."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+import httpx
+
+
+async def _one(client: httpx.AsyncClient, url: str, question: str) -> dict:
+    """Stream one answer -> {ttft, gaps, tokens} (text chunks' arrival times)."""
+    body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": question}]}
+    start, stamps, tokens = time.perf_counter(), [], 0
+    async with client.stream("POST", url + "/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                stamps.append(time.perf_counter())
+            if line.startswith("data: {") and '"usage"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return {"ttft": stamps[0] - start if stamps else float("nan"),
+            "gaps": [b - a for a, b in itertools.pairwise(stamps)], "tokens": tokens}
+
+
+async def _clients(url: str, clients: int, per_client: int, question: str, seconds: float | None) -> tuple[list, float]:
+    stop = time.perf_counter() + seconds if seconds else None
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(limits=limits, timeout=600) as client:
+        async def one_client() -> list[dict]:
+            done = []
+            while (stop is None and len(done) < per_client) or (stop is not None and time.perf_counter() < stop):
+                done.append(await _one(client, url, question))
+            return done
+
+        start = time.perf_counter()
+        batches = await asyncio.gather(*(one_client() for _ in range(clients)))
+        return [r for batch in batches for r in batch], time.perf_counter() - start
+
+
+def load(url: str, clients: int, per_client: int, question: str, seconds: float | None = None) -> tuple[list, float]:
+    """`clients` concurrent clients, each sending `per_client` requests in turn (or for `seconds`)
+    -> (one result per request, wall seconds)."""
+    return asyncio.run(_clients(url, clients, per_client, question, seconds))
