@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import api_clients  # noqa: E402
 from minigpt4.build import load_model  # noqa: E402
 from minigpt4.config import compose, load_spec  # noqa: E402
-from minigpt4.generation import GenerationSettings  # noqa: E402
 from minigpt4.frontends.api import ApiSettings, create_app  # noqa: E402
+from minigpt4.generation import GenerationSettings  # noqa: E402
 from minigpt4.serving.engine import Engine  # noqa: E402
 
 
@@ -98,7 +98,6 @@ def soak(clients_process, url: str, clients: int, seconds: float, question: str)
 def batch_decode_peer(loaded, batch: int, question: str, new: int) -> float:
     """evaluate.py's path for the same prompt: one static batch of `batch` rows -> tokens/s."""
     from bench.bench_decode import ours, timed
-
     from minigpt4.decoding import make_decoder
 
     llm = loaded.model.llm

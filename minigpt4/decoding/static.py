@@ -1,5 +1,6 @@
 """The static decoder: a fixed-size KV cache, and on CUDA one captured graph per decode-step
-length bucket and per batch-1 prefill length bucket.
+length bucket (and number of rows stepped: a serving engine steps only the rows in use) and per
+batch-1 prefill length bucket.
 
 Eager decoding of a 7B Llama spends most of each token launching kernels from Python; replaying
 a captured graph removes that, so batch-1 decoding approaches the memory-bandwidth limit
