@@ -254,31 +254,51 @@ def _usage(request: Request) -> dict:
             "total_tokens": request.prompt_tokens + request.completion_tokens}
 
 
-async def _next_event(http, request: Request, ready: asyncio.Event) -> tuple[str, str] | None:
-    """The request's next event; None (and the request cancelled) once the client is gone.
-    Waits on `ready` (set by the engine), looking at the connection twice a second."""
-    while True:
-        ready.clear()
-        try:
-            return request.events.get_nowait()
-        except queue.Empty:
-            pass
-        if await http.is_disconnected():
-            request.cancel()
-            return None
-        try:
-            await asyncio.wait_for(ready.wait(), timeout=0.5)
-        except TimeoutError:
-            pass
+class _Events:
+    """A request's events as the event loop reads them: every pending event at once (the engine
+    adds one per token; at 32 streams a loop that woke, checked the connection and set a timer
+    per token took the GIL from the engine), and the connection looked at twice a second."""
+
+    CHECK_EVERY = 0.5  # seconds between two looks at the client's connection
+
+    def __init__(self, http, request: Request, ready: asyncio.Event):
+        self.http, self.request, self.ready = http, request, ready
+        self.checked = time.monotonic()
+
+    async def next(self) -> list[tuple[str, str]] | None:
+        """The pending events (at least one); None (and the request cancelled) once the client is gone."""
+        while True:
+            self.ready.clear()
+            events = []
+            try:
+                while True:
+                    events.append(self.request.events.get_nowait())
+            except queue.Empty:
+                pass
+            if time.monotonic() - self.checked >= self.CHECK_EVERY or not events:
+                self.checked = time.monotonic()
+                if await self.http.is_disconnected():
+                    self.request.cancel()
+                    return None
+            if events:
+                return events
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout=self.CHECK_EVERY)
+            except TimeoutError:
+                pass
 
 
 async def _wait(http, request: Request, ready: asyncio.Event) -> None:
+    events = _Events(http, request, ready)
     while True:
-        event = await _next_event(http, request, ready)
-        if event is None or event[0] == "done":
+        batch = await events.next()
+        if batch is None:
             return
-        if event[0] == "error":
-            raise UserError(event[1])
+        for kind, value in batch:
+            if kind == "done":
+                return
+            if kind == "error":
+                raise UserError(value)
 
 
 async def _stream(http, request: Request, ready: asyncio.Event, answer_id: str, created: int, model: str):
@@ -290,21 +310,24 @@ async def _stream(http, request: Request, ready: asyncio.Event, answer_id: str, 
         return f"data: {json.dumps(data)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
+    events = _Events(http, request, ready)
     try:
         while True:
-            event = await _next_event(http, request, ready)
-            if event is None:
+            batch = await events.next()
+            if batch is None:
                 return
-            kind, value = event
-            if kind == "delta":
-                yield chunk({"content": value})
-            elif kind == "error":
-                yield f"data: {json.dumps(ApiError(500, value, kind='server_error').body())}\n\n"
-                return
+            text = "".join(value for kind, value in batch if kind == "delta")  # what arrived together, one chunk
+            if text:
+                yield chunk({"content": text})
+            end = next(((kind, value) for kind, value in batch if kind != "delta"), None)
+            if end is None:
+                continue
+            if end[0] == "error":
+                yield f"data: {json.dumps(ApiError(500, end[1], kind='server_error').body())}\n\n"
             else:
                 yield chunk({}, finish=request.finish_reason, usage=_usage(request))
                 yield "data: [DONE]\n\n"
-                return
+            return
     finally:
         if not request.done.is_set():  # the client went away mid-answer: free its row
             request.cancel()
