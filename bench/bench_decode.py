@@ -77,6 +77,7 @@ def quantized_copy(llm, mode: str):
 
 def quant_gate_paths(qllm, mode: str) -> dict:
     return {f"{mode} static": lambda b, n: make_decoder(qllm, b, n, static=True),
+            f"{mode} static compile": lambda b, n: make_decoder(qllm, b, n, static=True, compile=True),  # batch 1 only
             f"{mode} dynamic": lambda b, n: DynamicDecoder(qllm, b)}
 
 
@@ -206,6 +207,10 @@ def main():
         for mode, qllm in quantized.items():  # teacher-forced against the fp16 model's eager forward
             results += run_gate(qllm, quant_gate_paths(qllm, mode), batches=tuple(args.gate_batches or args.batches),
                                 reference_llm=llm)
+            # and against the quantized model's own eager forward: the kernels and the compiled step
+            # must compute the int model exactly (random weights' flat logits make the fp16 gate blind)
+            own = {f"{name} vs {mode}": fn for name, fn in quant_gate_paths(qllm, mode).items()}
+            results += run_gate(qllm, own, batches=tuple(args.gate_batches or args.batches))
         print(table(results), flush=True)
         out["gate"] = [r.row() for r in results]
         failed = not all(r.ok() for r in results)
@@ -222,10 +227,15 @@ def main():
             step_bytes = weight_bytes + b * average_len * kv_per_position
             row = {"batch": b, "limit_tok_s": b * bandwidth / step_bytes}
             paths = speed_paths(llm, b, args.prompt, args.new)
+            wanted = args.paths + args.quant
             for mode, qllm in quantized.items():
-                paths[mode] = speed_paths(qllm, b, args.prompt, args.new)["static"]
+                ours_q = speed_paths(qllm, b, args.prompt, args.new)
+                paths[mode] = ours_q["static"]
+                if "static compile" in args.paths:  # generation.compile on int weights (batch 1: Inductor's fusion)
+                    paths[f"{mode} compile"] = ours_q["static compile"]
+                    wanted = [*wanted, f"{mode} compile"]
             for name, fn in paths.items():
-                if name not in args.paths + args.quant:
+                if name not in wanted:
                     continue
                 t, first = timed(lambda: fn(embeds, mask), device)
                 row[name] = b * args.new / t
@@ -233,7 +243,7 @@ def main():
                 print(f"batch {b:>3} {name:<16} {row[name]:>9.1f} tok/s (first call {first:.1f} s)", flush=True)
             rows.append(row)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        names = args.paths + args.quant
+        names = args.paths + args.quant + [f"{m} compile" for m in args.quant if "static compile" in args.paths]
         print(f"\n{'batch':>5} " + " ".join(f"{n:>14}" for n in names) + f" {'limit':>9}")
         for r in rows:
             print(f"{r['batch']:>5} " + " ".join(f"{r.get(n, float('nan')):>14.1f}" for n in names) + f" {r['limit_tok_s']:>9.1f}")

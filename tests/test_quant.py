@@ -82,6 +82,17 @@ def test_int4_decode_paths_equal_the_int4_model_s_own_forward():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_batch_1_decoding_computes_the_quantized_model(mode):
+    """generation.compile on int8/int4 weights (a batch-1 decoder: QuantLinear's torch form, which
+    Inductor fuses) computes the quantized model as its own forward does; at batch 3 compile is off."""
+    llm = quantize_llm(small_llm(), mode)
+    paths = {f"{mode} static compile": lambda b, n: make_decoder(llm, b, n, static=True, compile=True)}
+    results = run_gate(llm, paths, batches=(1,), new_tokens=8)
+    assert all(r.agreement == 1.0 and r.max_logit_diff < 1e-3 for r in results), table(results)
+    assert make_decoder(llm, 3, 16, static=True, compile=True).compile is False
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_precision_quantizes_the_demo_model(mode):
     from tiny_models import build_tiny
 

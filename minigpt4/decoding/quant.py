@@ -88,9 +88,9 @@ class QuantLinear(nn.Module):
         """x [..., K] -> [..., N]; residual (same shape as the output) is added in fp32 when given."""
         rows = x.reshape(-1, self.in_features)
         res = None if residual is None else residual.reshape(-1, self.out_features)
-        if rows.is_cuda and triton is not None and rows.shape[0] <= KERNEL_MAX_ROWS:
+        if rows.is_cuda and triton is not None and rows.shape[0] <= KERNEL_MAX_ROWS and not torch.compiler.is_compiling():
             out = _kernel_matmul(rows, self, res)
-        else:
+        else:  # also under torch.compile (a batch-1 decoder): Inductor fuses the dequantisation into the product
             out = F.linear(rows, self.dequantize().to(rows.dtype))
             out = out if res is None else out + res
         return out.view(*x.shape[:-1], self.out_features)

@@ -46,9 +46,11 @@ class StaticDecoder:
         device = llm.get_input_embeddings().weight.device
         config = llm.config
         self.requested_compile = compile
-        if compile and quantized_mode(llm):
-            log.info("generation.compile is off for precision=%s: its int kernels are Triton's already",
-                     quantized_mode(llm))
+        if compile and quantized_mode(llm) and batch_size > 1:
+            # one row: Inductor fuses the dequantisation into the matrix-vector products
+            # (QuantLinear's torch form); more rows would multiply by dequantised copies
+            log.info("generation.compile is off for precision=%s at batch %d: its int kernels are Triton's already",
+                     quantized_mode(llm), batch_size)
             compile = False
         self.llm, self.batch_size, self.max_len, self.compile = llm, batch_size, max_len, compile
         self.cache = StaticCache(config=config, max_cache_len=max_len)
