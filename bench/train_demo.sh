@@ -15,7 +15,8 @@
 #   them into outputs/demo_resume/ here and carry that folder (and .whl) with the PART=2 call, which
 #   joins the parts, resumes (Lightning restores the elapsed time: max_time is the total, 840 s)
 #   and then exports and runs the held-out set as one call does.
-# EXTRA="overrides" are added to the run (a CPU trial: EXTRA="gpu=cpu trainer.batch_size=8 data.size=64").
+# EXTRA="overrides" are added to the run (a CPU trial: EXTRA="gpu=cpu trainer.batch_size=8 data.size=64";
+# a 96-px demo: EXTRA="model.image_size=96 model.arch.vision.image_size=96"); give PART=2 the same EXTRA.
 # Install the result with: cp $OUT/demo/* minigpt4/assets/demo/ (docs/FINETUNE.md, "Results").
 # (A 50-step calibration run to size data.size was tried first, 2026-12-02: its 21 s were mostly the
 # DataLoader workers starting, so it under-measured the H200's ~6,000 samples/s by 6x.)
