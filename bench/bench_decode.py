@@ -218,6 +218,8 @@ def main():
         bandwidth = copy_bandwidth(device)
         weight_bytes = sum(p.nbytes for p in llm.parameters()) - llm.get_input_embeddings().weight.nbytes
         kv_per_position = 2 * llm.config.num_hidden_layers * llm.config.hidden_size * dtype.itemsize
+        # the paths timed, in the table's order: int weights compiled when "static compile" is asked for
+        names = args.paths + args.quant + [f"{m} compile" for m in args.quant if "static compile" in args.paths]
         rows = []
         for b in args.batches:
             embeds = torch.randn(b, args.prompt, llm.config.hidden_size, device=device, dtype=dtype) * 0.02
@@ -227,15 +229,12 @@ def main():
             step_bytes = weight_bytes + b * average_len * kv_per_position
             row = {"batch": b, "limit_tok_s": b * bandwidth / step_bytes}
             paths = speed_paths(llm, b, args.prompt, args.new)
-            wanted = args.paths + args.quant
             for mode, qllm in quantized.items():
                 ours_q = speed_paths(qllm, b, args.prompt, args.new)
                 paths[mode] = ours_q["static"]
-                if "static compile" in args.paths:  # generation.compile on int weights (batch 1: Inductor's fusion)
-                    paths[f"{mode} compile"] = ours_q["static compile"]
-                    wanted = [*wanted, f"{mode} compile"]
+                paths[f"{mode} compile"] = ours_q["static compile"]  # generation.compile on int weights (batch 1)
             for name, fn in paths.items():
-                if name not in wanted:
+                if name not in names:
                     continue
                 t, first = timed(lambda: fn(embeds, mask), device)
                 row[name] = b * args.new / t
@@ -243,7 +242,6 @@ def main():
                 print(f"batch {b:>3} {name:<16} {row[name]:>9.1f} tok/s (first call {first:.1f} s)", flush=True)
             rows.append(row)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        names = args.paths + args.quant + [f"{m} compile" for m in args.quant if "static compile" in args.paths]
         print(f"\n{'batch':>5} " + " ".join(f"{n:>14}" for n in names) + f" {'limit':>9}")
         for r in rows:
             print(f"{r['batch']:>5} " + " ".join(f"{r.get(n, float('nan')):>14.1f}" for n in names) + f" {r['limit_tok_s']:>9.1f}")

@@ -238,10 +238,10 @@ class StaticDecoder:
         return logits
 
     def _run_step(self, attend: int, rows: int) -> torch.Tensor:
-        if rows == self.batch_size:
-            return self._forward(self._model, self.cache, self.tokens, self.positions, self.slot, self.valid, attend)
-        return self._forward(self._model, self.cache, self.tokens[:rows], self.positions[:rows], self.slot[:rows],
-                             self.valid[:rows], attend, rows=rows)
+        inputs = self.tokens, self.positions, self.slot, self.valid
+        if rows != self.batch_size:  # a serving engine's rows in use (the fused step only)
+            inputs = tuple(t[:rows] for t in inputs)
+        return self._forward(self._model, self.cache, *inputs, attend)
 
     def _capture_step(self, attend: int, rows: int) -> tuple:
         start = self.length
@@ -259,11 +259,10 @@ class StaticDecoder:
 
 
 def _fused_forward(model: fused.FusedLlama, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor,
-                   slot: torch.Tensor, valid: torch.Tensor, attend: int, triton: bool = True,
-                   rows: int | None = None) -> torch.Tensor:
-    """One step on the fused weights (of the cache's first `rows` rows; None: all) -> logits [B,V]."""
-    keys = [layer.keys[:rows] for layer in cache.layers]  # [:None] is the whole tensor
-    values = [layer.values[:rows] for layer in cache.layers]
+                   slot: torch.Tensor, valid: torch.Tensor, attend: int, triton: bool = True) -> torch.Tensor:
+    """One step on the fused weights for the cache's first B = len(tokens) rows -> logits [B,V]."""
+    rows = tokens.shape[0]
+    keys, values = [layer.keys[:rows] for layer in cache.layers], [layer.values[:rows] for layer in cache.layers]
     return model.step(keys, values, tokens, positions, slot, valid, attend, triton=triton)
 
 

@@ -278,7 +278,8 @@ class Engine:
             if active is not None:
                 tokens[i], positions[i], slots[i] = active.next_token, active.length, active.length
         longest = max(a.length for a in self.rows if a is not None) + 1
-        logits = self.decoder.step_rows(tokens.to(device), positions.to(device), slots.to(device), longest=longest).float()
+        tokens, positions, slots = torch.stack([tokens, positions, slots]).to(device)  # one copy to the device
+        logits = self.decoder.step_rows(tokens, positions, slots, longest=longest).float()
         self.steps += 1
         live = []
         for i, active in enumerate(self.rows):
