@@ -11,7 +11,9 @@ client count: aggregate generated tokens/s, p50/p99 time to first token, p50 tim
 tokens, peak GPU memory, and the same requests sent one after another ("sequential"). The
 same two latencies per token as the engine saw them ("per token (engine)"): random weights emit
 byte tokens that reach the client only when a UTF-8 character completes, which delays its text
-chunks. --soak: 32 clients for that many seconds, GPU memory sampled every 5 s. Peer: evaluate.py's
+chunks. --sync-clients: those client counts again with the engine's steps not fed ahead (each
+step's tokens taken on the host before the next step is queued: the engine before 2026-12-02).
+--soak: 32 clients for that many seconds, GPU memory sampled every 5 s. Peer: evaluate.py's
 path (one static batch of 32, the same prompt), in the same process.
 """
 
@@ -116,6 +118,8 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=2, help="requests each client sends in turn")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--soak", type=float, default=0, help="then 32 clients for this many seconds: memory flat?")
+    ap.add_argument("--sync-clients", type=int, nargs="*", default=[32],
+                    help="these client counts again with each step's tokens taken before the next step is queued")
     args = ap.parse_args()
     overrides = ["model=tiny", "checkpoint=random", "gpu=cpu"] if args.tiny else ["model=7b", "checkpoint=random", "gpu=0"]
     torch.manual_seed(0)
@@ -134,8 +138,13 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             row = run_clients(clients_process, url, n, args.per_client, question, engine)
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if loaded.device.type == "cuda" else None
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append({**row, "feed_ahead": True})
+            print(json.dumps(rows[-1]), flush=True)
+        engine.feed_ahead = False  # the engine idles between runs: the next step reads it
+        for n in args.sync_clients:
+            rows.append({**run_clients(clients_process, url, n, args.per_client, question, engine), "feed_ahead": False})
+            print(json.dumps(rows[-1]), flush=True)
+        engine.feed_ahead = True
         if args.soak:
             soaked = soak(clients_process, url, 32, args.soak, question)
             print("soak:", json.dumps(soaked), flush=True)
@@ -145,10 +154,10 @@ def main() -> None:
         engine.close()
     peer = batch_decode_peer(loaded, 32, question, args.new)
     print(f"evaluate.py's path, one static batch of 32: {peer:.1f} tok/s", flush=True)
-    print(f"\n{'clients':>7} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}   per token (engine): "
+    print(f"\n{'clients':>7} {'ahead':>5} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}   per token (engine): "
           f"{'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}")
     for r in rows:
-        print(f"{r['clients']:>7} {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms"
+        print(f"{r['clients']:>7} {str(r['feed_ahead']):>5} {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms"
               f"                       {r.get('token_ttft_p50_ms', float('nan')):>7.1f}ms "
               f"{r.get('token_ttft_p99_ms', float('nan')):>7.1f}ms {r.get('token_itl_p50_ms', float('nan')):>6.1f}ms")
     if os.environ.get("OUT"):

@@ -147,25 +147,27 @@ class StreamState:
         return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-class _HostCopy:
-    """Token ids to the host without waiting for work queued after them (pinned buffer + event)."""
+class HostCopy:
+    """Token ids (up to `size`) to the host without waiting for work queued after them (pinned
+    buffer + event): the decode loops feed the next step before they read these."""
 
-    def __init__(self, bsz: int, device: torch.device):
+    def __init__(self, size: int, device: torch.device):
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self.host = torch.empty(bsz, dtype=torch.long, pin_memory=True)
+            self.host = torch.empty(size, dtype=torch.long, pin_memory=True)
             self.event = torch.cuda.Event()
 
-    def start(self, tokens: torch.Tensor) -> None:
+    def start(self, tokens: torch.Tensor) -> HostCopy:
         self.tokens = tokens
         if self.cuda:
-            self.host.copy_(tokens, non_blocking=True)
+            self.host[: len(tokens)].copy_(tokens, non_blocking=True)
             self.event.record()
+        return self
 
     def wait(self) -> list[int]:
         if self.cuda:
             self.event.synchronize()
-            return self.host.tolist()
+            return self.host[: len(self.tokens)].tolist()
         return self.tokens.tolist()
 
 
@@ -253,7 +255,7 @@ def generate(
     done_rows, n_done = None, 0  # [B] bool on the device, once some row has finished
     generated = torch.zeros((bsz, 0), dtype=torch.long, device=device)
     next_pos = positions[:, -1] + 1  # [B]
-    to_host = _HostCopy(bsz, device)
+    to_host = HostCopy(bsz, device)
 
     def feed() -> torch.Tensor:  # this step's `tokens` into the cache -> the next logits
         nonlocal next_pos

@@ -94,6 +94,45 @@ def test_requests_take_the_lowest_rows_and_a_step_covers_only_those():
         engine.close()
 
 
+def test_steps_fed_ahead_end_each_request_where_it_ends_alone():
+    """Each step is fed from the last step's tokens before the host reads them, so a request is
+    found finished a step late: requests that end at different steps (their own token budgets, a
+    minimum length, a repetition penalty, which makes the engine wait for its tokens) still get
+    exactly their answers alone, in 2 rows reused by 5 requests."""
+    from dataclasses import replace
+
+    torch.set_num_threads(1)
+    loaded = build_tiny(["checkpoint=demo"])
+    jobs = jobs_for(loaded)
+    settings = [replace(GREEDY, max_new_tokens=3), replace(GREEDY, max_new_tokens=40),
+                replace(GREEDY, repetition_penalty=1.3, max_new_tokens=20),
+                replace(GREEDY, min_new_tokens=12, max_new_tokens=14), replace(GREEDY, max_new_tokens=1)]
+    expected, counts = [], []
+    for (images, question), setting in zip(jobs, settings):
+        session = ChatSession(loaded, setting)
+        session.add_images(images)
+        reply = session.ask(question)
+        expected.append(reply.text)
+        counts.append(reply.n_tokens)
+    engine = Engine(loaded, slots=2, max_context=2000)
+    try:
+        requests = []
+        for (images, question), setting in zip(jobs, settings):
+            conv = loaded.conversation()
+            for i, _ in enumerate(images):
+                conv.add_image(i)
+            conv.ask(question)
+            embeds = loaded.encode_images(images) if images else None
+            requests.append(engine.submit(engine.prompt_ids(conv), embeds, setting))
+        for r in requests:
+            assert r.done.wait(60)
+        assert [clean_answer(r.text, loaded.template) for r in requests] == expected
+        assert [r.completion_tokens for r in requests] == counts  # no token of a step for nothing
+        assert counts[0] <= 3 and counts[4] == 1
+    finally:
+        engine.close()
+
+
 @pytest.mark.gpu
 def test_engine_on_the_gpu_answers_as_sessions_do():
     """CUDA graphs per attention bucket, rows at different lengths, the Triton per-row cache writes."""
@@ -104,6 +143,49 @@ def test_engine_on_the_gpu_answers_as_sessions_do():
     expected = [alone(loaded, *job) for job in jobs]
     got, _ = engine_answers(loaded, jobs, slots=3)
     assert got == expected
+
+
+@pytest.mark.gpu
+def test_a_step_is_queued_without_waiting_for_the_gpu():
+    """Feeding steps ahead pays only if queueing one never waits for the device: a copy from
+    pageable memory or an index given as a Python list would (torch synchronises the stream).
+    torch's sync debug mode raises on any such wait while _launch queues a step of 3 rows. The
+    engine captured every step's graph at start (rows 1, 2, 4 x lengths up to 512): none is
+    captured while requests decode."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from minigpt4.decoding.static import ATTEND_BUCKET
+    from minigpt4.serving.engine import CAPTURED_POSITIONS
+
+    loaded = build_tiny(["checkpoint=demo", "gpu=0"])
+    engine = Engine(loaded, slots=4, max_context=2000, start=False)
+    captured = set(engine.decoder.step_graphs)
+    assert captured == {(a, r) for a in range(ATTEND_BUCKET, CAPTURED_POSITIONS + 1, ATTEND_BUCKET) for r in (1, 2, 4)}
+    settings = GenerationSettings(do_sample=False, max_new_tokens=200, min_new_tokens=200)
+    for images, question in jobs_for(loaded)[:3]:
+        conv = loaded.conversation()
+        for i, _ in enumerate(images):
+            conv.add_image(i)
+        conv.ask(question)
+        engine.submit(engine.prompt_ids(conv), loaded.encode_images(images) if images else None, settings, stops=())
+    with torch.inference_mode():
+        engine._admit()
+        for _ in range(ATTEND_BUCKET + 1):  # until the next step's graph exists (capturing one waits)
+            engine._step()
+            longest = max(a.length for a in engine.rows if a is not None) + 1
+            if (-(-longest // ATTEND_BUCKET) * ATTEND_BUCKET, 4) in engine.decoder.step_graphs:
+                break
+        previous, engine.in_flight = engine.in_flight, None
+        assert previous is not None
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            current = engine._launch(previous)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        engine._take_step(previous)
+        engine._take_step(current)
+    assert len(current.rows) == 3 and all(a.sampled == a.length - len(a.request.ids) + 1 for _, a in current.rows)
+    assert set(engine.decoder.step_graphs) == captured
 
 
 def test_a_conversations_next_turn_reuses_its_rows_prefix():

@@ -14,11 +14,11 @@ from minigpt4.config import ASSETS, load_spec
 
 DEMO = ASSETS / "demo"  # checkpoint=demo (conf/checkpoint/demo.yaml)
 
-# Issue #18: the demo shipped on 2026-12-02 answers positions, yes/no and questions over several
-# pictures, but still confuses small squares/circles and triangles/stars (held-out, greedy, 300 per
-# kind: shape 0.80, description 0.80, difference 0.62). Tests of its answers hold the kinds that name
-# a shape to these floors, every other kind to the goal, until a retrain fixes small shapes.
-SHAPE_LIMITED = {"shape": 0.75, "description": 0.75, "difference": 0.5}
+# Issue #18: the demo shipped on 2026-12-02 (96 px) reaches the 95% goal on every question kind but
+# one (held-out, greedy, 300 per kind): "same" 0.89, whose comparisons of two backgrounds are at
+# chance (30 of 60; every other attribute 238 of 240). Tests of its answers hold that kind to this
+# floor, every other kind to the goal, until a retrain fixes it.
+BELOW_GOAL = {"same": 0.85}
 
 
 def build_tiny(overrides: list[str] | None = None, seed: int = 0):

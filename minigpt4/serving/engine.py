@@ -34,8 +34,9 @@ from minigpt4.conversation import Conversation, encode_prompt
 from minigpt4.decoding import StaticDecoder, cache_keys, reusable_prefix
 from minigpt4.decoding.fused import unsupported_reason
 from minigpt4.errors import UserError
-from minigpt4.generation import GenerationSettings, StreamState, next_tokens
+from minigpt4.generation import GenerationSettings, HostCopy, StreamState
 from minigpt4.serving.requests import ActiveRequest, QueueFull, Request, chunks
+from minigpt4.serving.steps import InFlight, StagedInputs, in_sampling_groups, sample
 from minigpt4.settings import MAX_CONTEXT, ChatSettings
 
 __all__ = ["Engine", "QueueFull", "Request", "default_slots"]
@@ -43,6 +44,7 @@ __all__ = ["Engine", "QueueFull", "Request", "default_slots"]
 log = logging.getLogger(__name__)
 
 PREFILL_POSITIONS = 8192  # positions (rows x longest new part) one admission forward computes at most
+CAPTURED_POSITIONS = 512  # decode graphs captured at start for conversations up to this long (the rest on first use)
 
 
 def default_slots(device: torch.device, llm, max_len: int) -> int:
@@ -67,7 +69,10 @@ class Engine:
         return cls(loaded, slots=settings.serve.slots or None, max_context=settings.chat.max_context,
                    max_queue=settings.serve.max_queue)
 
-    def __init__(self, loaded: LoadedModel, slots: int | None = None, max_context: int = MAX_CONTEXT, max_queue: int = 64):
+    def __init__(self, loaded: LoadedModel, slots: int | None = None, max_context: int = MAX_CONTEXT, max_queue: int = 64,
+                 feed_ahead: bool = True, start: bool = True):
+        """feed_ahead=False takes each step's tokens before the next step is queued (slower: for
+        comparison); start=False runs no engine thread (the caller calls _admit and _step)."""
         self.loaded = loaded
         self.max_len = -(-(max_context + 1) // 64) * 64
         self.max_context = max_context
@@ -81,6 +86,11 @@ class Engine:
         self.decoder = StaticDecoder(loaded.model.llm, self.slots, self.max_len, use_fused=reason is None)
         with torch.inference_mode():
             self.decoder.valid[:, 0] = True  # idle rows attend to one slot (never to nothing)
+        # every step size (rows 1, 2, 4, .., slots) at the usual lengths, before any request waits for one
+        row_counts = sorted({min(self.slots, 1 << k) for k in range(self.slots.bit_length() + 1)})
+        started = time.perf_counter()
+        if captured := self.decoder.capture_steps(row_counts, min(CAPTURED_POSITIONS, self.max_len)):
+            log.info("captured %d decode graphs in %.1f s", captured, time.perf_counter() - started)
         self.rows: list[ActiveRequest | None] = [None] * self.slots
         self.row_keys: list[list] = [[] for _ in range(self.slots)]  # what each row's cache holds
         self.row_freed = [0] * self.slots  # when each row was last freed (least recently used goes first)
@@ -89,8 +99,13 @@ class Engine:
         self.closed = False
         self.admitting = 0  # popped from the queue, being prefilled into a row
         self.steps = 0
+        self.in_flight: InFlight | None = None  # the last step, its tokens not yet read on the host
+        self.host_copies = [HostCopy(self.slots, loaded.device) for _ in range(2)]  # this step's and the last's
+        self.staged = StagedInputs(5 * self.slots, loaded.device)  # a step's inputs: see _launch
+        self.feed_ahead = feed_ahead
         self.thread = threading.Thread(target=self._loop, name="minigpt4-engine", daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     # ---- front-end side ------------------------------------------------------------------------
     def prompt_ids(self, conversation: Conversation) -> list[int]:
@@ -161,7 +176,8 @@ class Engine:
         with self.wake:
             self.closed = True
             self.wake.notify()
-        self.thread.join(timeout=30)
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout=30)
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -180,6 +196,7 @@ class Engine:
                         self._step()
             except Exception as err:
                 log.exception("engine step failed")
+                self.in_flight = None
                 for i, active in enumerate(self.rows):
                     if active is not None:
                         self._fail(active.request, f"{type(err).__name__}: {err}")
@@ -261,62 +278,64 @@ class Engine:
             return
         for request, row in ready:
             self.rows[row] = ActiveRequest(request, StreamState(self.loaded.tokenizer, request.stops), len(request.ids))
-        for row, token in zip(rows, self._sample_rows(rows, logits)):
-            self._take(row, self.rows[row], token)
+        ordered = in_sampling_groups([(row, self.rows[row]) for row in rows])
+        index = torch.tensor([rows.index(row) for row, _ in ordered], device=logits.device)
+        for (row, active), token in zip(ordered, sample(ordered, logits[index], self.loaded.tokenizer.eos_id).tolist()):
+            self._take(row, active, token)
 
     def _step(self) -> None:
-        """One decode step for the rows up to the highest active one (rounded up to a power of
-        two: a graph each), then each active row's next token."""
-        device = self.loaded.device
-        highest = max(i for i, active in enumerate(self.rows) if active is not None)
-        stepped = min(self.slots, 1 << highest.bit_length())  # rows 0..stepped-1
-        tokens = torch.zeros(stepped, dtype=torch.long)
-        positions = torch.zeros(stepped, dtype=torch.long)
-        # idle rows write their last slot, which no request reaches (their kept prefix stays intact)
-        slots = torch.full((stepped,), self.max_len - 1, dtype=torch.long)
-        for i, active in enumerate(self.rows[:stepped]):
-            if active is not None:
-                tokens[i], positions[i], slots[i] = active.next_token, active.length, active.length
-        longest = max(a.length for a in self.rows if a is not None) + 1
-        tokens, positions, slots = torch.stack([tokens, positions, slots]).to(device)  # one copy to the device
-        logits = self.decoder.step_rows(tokens, positions, slots, longest=longest).float()
-        self.steps += 1
-        live = []
-        for i, active in enumerate(self.rows):
-            if active is None:
-                continue
+        """One decode step, fed ahead: it is queued on the device before the host takes the
+        previous step's tokens (streams them, checks stop strings, ends requests), so the GPU does
+        not wait for that Python. A request found finished then had one step for nothing, which
+        is dropped. A row that samples from its whole token history (a repetition penalty) makes
+        the engine take each step at once instead (so does feed_ahead=False)."""
+        previous, self.in_flight = self.in_flight, None
+        current = self._launch(previous)
+        if previous is not None:
+            self._take_step(previous)
+        if current is None:
+            return
+        if not self.feed_ahead or any(a.request.settings.repetition_penalty != 1.0 for _, a in current.rows):
+            self._take_step(current)
+        else:
+            self.in_flight = current
+
+    def _launch(self, previous: InFlight | None) -> InFlight | None:
+        """Queue a decode step for the rows with tokens left to sample, and their sampling, without
+        waiting for the device. The step covers the rows up to the highest of them (rounded up to
+        a power of two: a graph each); a row that still holds the request `previous` sampled for
+        is fed that token on the device."""
+        live = [(i, a) for i, a in enumerate(self.rows) if a is not None and a.sampled < a.request.settings.max_new_tokens]
+        if not live:
+            return None
+        stepped = min(self.slots, 1 << live[-1][0].bit_length())  # rows 0..stepped-1
+        live = in_sampling_groups(live)
+        carried = {row: k for k, (row, active) in enumerate(previous.rows) if self.rows[row] is active} if previous else {}
+        tokens, positions, carry = [0] * stepped, [0] * stepped, [-1] * stepped
+        slots = [self.max_len - 1] * stepped  # idle rows write their last slot, which no request reaches
+        for i, active in live:
+            tokens[i], positions[i], slots[i], carry[i] = active.next_token, active.length, active.length, carried.get(i, -1)
             active.length += 1
+        longest = max(slots[i] for i, _ in live) + 1
+        staged = self.staged(tokens + positions + slots + carry + [i for i, _ in live])  # one copy to the device
+        tokens_d, positions_d, slots_d, carry_d = staged[: 4 * stepped].view(4, stepped)
+        if carried:  # [stepped]: the previous step's token where carried, else the host's
+            tokens_d = torch.where(carry_d >= 0, previous.tokens[carry_d.clamp(min=0)], tokens_d)
+        logits = self.decoder.step_rows(tokens_d, positions_d, slots_d, longest=longest)  # [stepped,V]
+        self.steps += 1
+        sampled = sample(live, logits[staged[4 * stepped :]].float(), self.loaded.tokenizer.eos_id)
+        return InFlight(live, sampled, self.host_copies[self.steps % 2].start(sampled))
+
+    def _take_step(self, step: InFlight) -> None:
+        """Take a step's tokens on the host, for the rows that still hold the request that sampled them."""
+        for (row, active), token in zip(step.rows, step.copy.wait()):
+            if self.rows[row] is not active:  # ended (a step late) or cancelled since
+                continue
             if active.request.cancelled.is_set():
                 self._finish(active.request, "cancelled")
-                self._free(i)
+                self._free(row)
             else:
-                live.append(i)
-        if not live:
-            return
-        for i, token in zip(live, self._sample_rows(live, logits[live])):
-            self._take(i, self.rows[i], token)
-
-    def _sample_rows(self, rows: list[int], logits: torch.Tensor) -> list[int]:
-        """Each row's next token from its logits (logits[k] for rows[k]), with its own settings.
-        Rows that need no state of their own (no generator, no repetition penalty) and share
-        settings sample in one call; the rest one by one. All on the device, read in one transfer."""
-        groups: dict[tuple, list[int]] = collections.defaultdict(list)
-        for k, row in enumerate(rows):
-            active = self.rows[row]
-            request = active.request
-            key = ((request.sample_group, len(active.generated) < request.settings.min_new_tokens)
-                   if request.sample_group is not None else ("own", k))
-            groups[key].append(k)
-        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        for members in groups.values():
-            index = torch.tensor(members, device=logits.device)
-            active = self.rows[rows[members[0]]]
-            request = active.request
-            generated = (torch.tensor([active.generated], dtype=torch.long, device=logits.device)
-                         if request.settings.repetition_penalty != 1.0 else logits.new_zeros((1, 0), dtype=torch.long))
-            tokens[index] = next_tokens(logits[index], request.settings, generated, len(active.generated),
-                                        self.loaded.tokenizer.eos_id, request.generator)
-        return tokens.tolist()
+                self._take(row, active, token)
 
     def _take(self, row: int, active: ActiveRequest, token: int) -> None:
         """Take the row's next token: stream it, finish the row if done."""

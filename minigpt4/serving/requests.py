@@ -85,9 +85,10 @@ class ActiveRequest:
 
     request: Request
     stream: StreamState
-    length: int  # cached positions of the row (the next token is written at this slot)
-    generated: list[int] = field(default_factory=list)
-    next_token: int = 0
+    length: int  # positions of the row fed so far (the next token is written at this slot)
+    generated: list[int] = field(default_factory=list)  # tokens taken on the host (no EOS)
+    sampled: int = 0  # tokens sampled, also those still on their way to the host
+    next_token: int = 0  # the next input, when the host has it (else the last step's, on the device)
     shown: bool = False
 
 
