@@ -40,11 +40,11 @@ from minigpt4.build import load_model  # noqa: E402
 from minigpt4.config import compose, load_spec  # noqa: E402
 from minigpt4.frontends.api import ApiSettings, create_app  # noqa: E402
 from minigpt4.generation import GenerationSettings  # noqa: E402
-from minigpt4.serving.engine import Engine  # noqa: E402
+from minigpt4.serving.engine import CAPTURED_POSITIONS, Engine  # noqa: E402
 
 
 def start_server(loaded, slots: int, new: int):
-    engine = Engine(loaded, slots=slots, max_context=2000, max_queue=1024)
+    engine = Engine(loaded, slots=slots, max_context=2000, max_queue=1024, capture_positions=CAPTURED_POSITIONS)  # as chat.py's
     engine.seen = []  # every request, for the engine-side token timings
     submit = engine.submit
     engine.submit = lambda *a, **k: engine.seen.append(submit(*a, **k)) or engine.seen[-1]
@@ -157,7 +157,7 @@ def main() -> None:
     print(f"\n{'clients':>7} {'ahead':>5} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}   per token (engine): "
           f"{'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}")
     for r in rows:
-        print(f"{r['clients']:>7} {str(r['feed_ahead']):>5} {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms"
+        print(f"{r['clients']:>7} {r['feed_ahead']!s:>5} {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms"
               f"                       {r.get('token_ttft_p50_ms', float('nan')):>7.1f}ms "
               f"{r.get('token_ttft_p99_ms', float('nan')):>7.1f}ms {r.get('token_itl_p50_ms', float('nan')):>6.1f}ms")
     if os.environ.get("OUT"):

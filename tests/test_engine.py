@@ -158,7 +158,7 @@ def test_a_step_is_queued_without_waiting_for_the_gpu():
     from minigpt4.serving.engine import CAPTURED_POSITIONS
 
     loaded = build_tiny(["checkpoint=demo", "gpu=0"])
-    engine = Engine(loaded, slots=4, max_context=2000, start=False)
+    engine = Engine(loaded, slots=4, max_context=2000, capture_positions=CAPTURED_POSITIONS, start=False)
     captured = set(engine.decoder.step_graphs)
     assert captured == {(a, r) for a in range(ATTEND_BUCKET, CAPTURED_POSITIONS + 1, ATTEND_BUCKET) for r in (1, 2, 4)}
     settings = GenerationSettings(do_sample=False, max_new_tokens=200, min_new_tokens=200)

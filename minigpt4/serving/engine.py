@@ -44,7 +44,7 @@ __all__ = ["Engine", "QueueFull", "Request", "default_slots"]
 log = logging.getLogger(__name__)
 
 PREFILL_POSITIONS = 8192  # positions (rows x longest new part) one admission forward computes at most
-CAPTURED_POSITIONS = 512  # decode graphs captured at start for conversations up to this long (the rest on first use)
+CAPTURED_POSITIONS = 512  # a server captures its decode graphs at start for conversations up to this long
 
 
 def default_slots(device: torch.device, llm, max_len: int) -> int:
@@ -67,12 +67,15 @@ class Engine:
         """The engine of chat.py's ui=web and ui=api: serve.slots rows (None: the device's
         default), serve.max_queue, chat.max_context."""
         return cls(loaded, slots=settings.serve.slots or None, max_context=settings.chat.max_context,
-                   max_queue=settings.serve.max_queue)
+                   max_queue=settings.serve.max_queue, capture_positions=CAPTURED_POSITIONS)
 
     def __init__(self, loaded: LoadedModel, slots: int | None = None, max_context: int = MAX_CONTEXT, max_queue: int = 64,
-                 feed_ahead: bool = True, start: bool = True):
-        """feed_ahead=False takes each step's tokens before the next step is queued (slower: for
-        comparison); start=False runs no engine thread (the caller calls _admit and _step)."""
+                 capture_positions: int = 0, feed_ahead: bool = True, start: bool = True):
+        """capture_positions: on a GPU, capture the decode graphs of every step size for lengths up
+        to this many positions now (a server: ~50 ms a graph for a 7B, which no request should wait
+        for), not on first use. feed_ahead=False takes each step's tokens before the next step is
+        queued (slower: for comparison). start=False runs no engine thread (the caller calls _admit
+        and _step)."""
         self.loaded = loaded
         self.max_len = -(-(max_context + 1) // 64) * 64
         self.max_context = max_context
@@ -89,7 +92,7 @@ class Engine:
         # every step size (rows 1, 2, 4, .., slots) at the usual lengths, before any request waits for one
         row_counts = sorted({min(self.slots, 1 << k) for k in range(self.slots.bit_length() + 1)})
         started = time.perf_counter()
-        if captured := self.decoder.capture_steps(row_counts, min(CAPTURED_POSITIONS, self.max_len)):
+        if captured := self.decoder.capture_steps(row_counts, min(capture_positions, self.max_len)):
             log.info("captured %d decode graphs in %.1f s", captured, time.perf_counter() - started)
         self.rows: list[ActiveRequest | None] = [None] * self.slots
         self.row_keys: list[list] = [[] for _ in range(self.slots)]  # what each row's cache holds
