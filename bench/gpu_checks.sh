@@ -50,6 +50,8 @@ pick profile_unfused && step 90 python3 bench/profile_step.py --unfused --batche
 pick evaluate && step 240 python3 bench/bench_evaluate.py --batches 1 32
 # evaluate.py's rows through the serving engine beside its static batches (issue 16, item 4)
 named evaluate_engine && step "${EVAL_ENGINE_LIMIT:-200}" python3 bench/bench_evaluate.py --batches 32 --skip-stock --engine
+# the same with answers of different lengths (each row its own, 16-256 tokens): where the engine should win
+named evaluate_varied && step "${EVAL_ENGINE_LIMIT:-200}" python3 bench/bench_evaluate.py --batches 32 --skip-stock --engine --lengths varied
 pick chat_compile && step 180 python3 bench/bench_chat.py --compile
 # the API under 1/8/32/64 streaming clients. The image has no FastAPI: also carry, in .whl/,
 # fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.13.4 pydantic-core==2.46.4
