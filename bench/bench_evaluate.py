@@ -73,20 +73,19 @@ class ForcedLengths:
     get their length + 1 as max_new_tokens = min_new_tokens (the last token for the EOS)."""
 
     def __init__(self, lengths: dict[tuple, int]):
-        self.lengths, self.batch = lengths, None
+        self.lengths = lengths
+        self.ends: torch.Tensor | None = None  # [B]: the lengths of the batch generate() is decoding
 
     def __enter__(self):
         self.saved = generation.next_tokens, answering.generate, Engine.submit
         next_tokens, generate, submit = self.saved
-        forced = self
 
-        def sample(logits, settings, generated, step, eos_id, generator):  # generate()'s rows: forced.batch
-            ends = forced.batch
-            logits[:, eos_id] = torch.where(step < ends, float("-inf"), float("inf"))
+        def sample(logits, settings, generated, step, eos_id, generator):
+            logits[:, eos_id] = torch.where(step < self.ends, float("-inf"), float("inf"))
             return next_tokens(logits, replace(settings, min_new_tokens=0), generated, step, eos_id, generator)
 
         def generate_batch(model, tokenizer, sequences, *args, **kwargs):
-            forced.batch = torch.tensor([self.lengths[tuple(ids)] for ids in sequences], device=model.device)
+            self.ends = torch.tensor([self.lengths[tuple(ids)] for ids in sequences], device=model.device)
             return generate(model, tokenizer, sequences, *args, **kwargs)
 
         def submit_row(engine, ids, embeds, settings, *args, **kwargs):

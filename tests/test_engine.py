@@ -22,21 +22,22 @@ def alone(loaded, images, question) -> str:
     return session.ask(question).text
 
 
-def submit_jobs(engine, loaded, jobs, as_pixels: bool = False) -> list:
+def submit_jobs(engine, loaded, jobs, as_pixels: bool = False, settings=GREEDY, **submit) -> list:
     """Each (images, question) as a one-turn chat prompt; images encoded here, or sent as pixels
-    for the engine to encode."""
+    for the engine to encode. settings: for every job, or a list of one per job."""
     requests = []
-    for images, question in jobs:
+    for k, (images, question) in enumerate(jobs):
         conv = loaded.conversation()
         for i, _ in enumerate(images):
             conv.add_image(i)
         conv.ask(question)
+        setting = settings[k] if isinstance(settings, list) else settings
         if as_pixels:
             pixels = loaded.pixels(images) if images else None
-            requests.append(engine.submit(engine.prompt_ids(conv), None, GREEDY, pixels=pixels))
+            requests.append(engine.submit(engine.prompt_ids(conv), None, setting, pixels=pixels, **submit))
         else:
             embeds = loaded.encode_images(images) if images else None
-            requests.append(engine.submit(engine.prompt_ids(conv), embeds, GREEDY))
+            requests.append(engine.submit(engine.prompt_ids(conv), embeds, setting, **submit))
     return requests
 
 
@@ -116,14 +117,7 @@ def test_steps_fed_ahead_end_each_request_where_it_ends_alone():
         counts.append(reply.n_tokens)
     engine = Engine(loaded, slots=2, max_context=2000)
     try:
-        requests = []
-        for (images, question), setting in zip(jobs, settings):
-            conv = loaded.conversation()
-            for i, _ in enumerate(images):
-                conv.add_image(i)
-            conv.ask(question)
-            embeds = loaded.encode_images(images) if images else None
-            requests.append(engine.submit(engine.prompt_ids(conv), embeds, setting))
+        requests = submit_jobs(engine, loaded, jobs, settings=settings)
         for r in requests:
             assert r.done.wait(60)
         assert [clean_answer(r.text, loaded.template) for r in requests] == expected
@@ -162,19 +156,11 @@ def test_a_step_is_queued_without_waiting_for_the_gpu():
     captured = set(engine.decoder.step_graphs)
     assert captured == {(a, r) for a in range(ATTEND_BUCKET, CAPTURED_POSITIONS + 1, ATTEND_BUCKET) for r in (1, 2, 4)}
     settings = GenerationSettings(do_sample=False, max_new_tokens=200, min_new_tokens=200)
-    for images, question in jobs_for(loaded)[:3]:
-        conv = loaded.conversation()
-        for i, _ in enumerate(images):
-            conv.add_image(i)
-        conv.ask(question)
-        engine.submit(engine.prompt_ids(conv), loaded.encode_images(images) if images else None, settings, stops=())
+    submit_jobs(engine, loaded, jobs_for(loaded)[:3], settings=settings, stops=())
     with torch.inference_mode():
         engine._admit()
-        for _ in range(ATTEND_BUCKET + 1):  # until the next step's graph exists (capturing one waits)
-            engine._step()
-            longest = max(a.length for a in engine.rows if a is not None) + 1
-            if (-(-longest // ATTEND_BUCKET) * ATTEND_BUCKET, 4) in engine.decoder.step_graphs:
-                break
+        engine._step()  # its graph was captured at start, as was the next one's
+        engine._step()
         previous, engine.in_flight = engine.in_flight, None
         assert previous is not None
         torch.cuda.set_sync_debug_mode("error")

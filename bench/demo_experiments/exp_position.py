@@ -32,7 +32,7 @@ while len(specs) < 1200:
     if s.count == 1: specs.append(s)
 m = lm.model.eval()
 with torch.no_grad():
-    q = torch.cat([m.image_features(torch.stack([preprocess(synthetic.make_picture(s), 64) for s in specs[i:i+200]])) for i in range(0, 1200, 200)]).flatten(1)
+    q = torch.cat([m.image_features(torch.stack([preprocess(synthetic.make_picture(s), lm.image_size) for s in specs[i:i+200]])) for i in range(0, 1200, 200)]).flatten(1)
 y = torch.tensor([s.cells[0] for s in specs]); q = (q - q[:900].mean(0)) / (q[:900].std(0) + 1e-5)
 W = torch.zeros(q.shape[1], 9, requires_grad=True); opt = torch.optim.Adam([W], 1e-2, weight_decay=1e-3)
 for _ in range(300):

@@ -26,7 +26,7 @@ m, tok = lm.model, lm.tokenizer
 m.set_trainable(["llama_proj", "llm"]); m.train()
 def feats(specs):
     with torch.no_grad():
-        return torch.cat([m.image_features(torch.stack([preprocess(synthetic.make_picture(s), 64) for s in specs[i:i+256]])) for i in range(0, len(specs), 256)])
+        return torch.cat([m.image_features(torch.stack([preprocess(synthetic.make_picture(s), lm.image_size) for s in specs[i:i+256]])) for i in range(0, len(specs), 256)])
 t = time.time()
 train_specs, test_specs = synthetic.sample_specs(4000, 21), synthetic.sample_specs(300, 22)
 F, TF = feats(train_specs), feats(test_specs); print("features", round(time.time() - t), flush=True)

@@ -12,7 +12,7 @@ from minigpt4.images import preprocess
 
 
 def demo_and_pictures(n: int = 2400, seed: int = 5):
-    """-> (the demo MiniGPT4 in eval mode, specs of n single-shape pictures, their pixels [n,3,64,64])."""
+    """-> (the demo MiniGPT4 in eval mode, specs of n single-shape pictures, their pixels [n,3,S,S] at the model's size)."""
     torch.manual_seed(0)
     lm = load_model(load_spec(compose("chat", ["gpu=cpu", "precision=fp32", "checkpoint=demo"])))
     rng = random.Random(seed)
@@ -21,5 +21,5 @@ def demo_and_pictures(n: int = 2400, seed: int = 5):
         s = synthetic.sample_spec(rng)
         if s.count == 1:
             specs.append(s)
-    pixels = torch.stack([preprocess(synthetic.make_picture(s), 64) for s in specs])
+    pixels = torch.stack([preprocess(synthetic.make_picture(s), lm.image_size) for s in specs])
     return lm.model.eval(), specs, pixels

@@ -89,8 +89,8 @@ class Engine:
         self.decoder = StaticDecoder(loaded.model.llm, self.slots, self.max_len, use_fused=reason is None)
         with torch.inference_mode():
             self.decoder.valid[:, 0] = True  # idle rows attend to one slot (never to nothing)
-        # every step size (rows 1, 2, 4, .., slots) at the usual lengths, before any request waits for one
-        row_counts = sorted({min(self.slots, 1 << k) for k in range(self.slots.bit_length() + 1)})
+        # every step size at the usual lengths, before any request waits for one
+        row_counts = sorted({self._stepped(row) for row in range(self.slots)})
         started = time.perf_counter()
         if captured := self.decoder.capture_steps(row_counts, min(capture_positions, self.max_len)):
             log.info("captured %d decode graphs in %.1f s", captured, time.perf_counter() - started)
@@ -311,7 +311,7 @@ class Engine:
         live = [(i, a) for i, a in enumerate(self.rows) if a is not None and a.sampled < a.request.settings.max_new_tokens]
         if not live:
             return None
-        stepped = min(self.slots, 1 << live[-1][0].bit_length())  # rows 0..stepped-1
+        stepped = self._stepped(live[-1][0])  # rows 0..stepped-1
         live = in_sampling_groups(live)
         carried = {row: k for k, (row, active) in enumerate(previous.rows) if self.rows[row] is active} if previous else {}
         tokens, positions, carry = [0] * stepped, [0] * stepped, [-1] * stepped
@@ -328,6 +328,11 @@ class Engine:
         self.steps += 1
         sampled = sample(live, logits[staged[4 * stepped :]].float(), self.loaded.tokenizer.eos_id)
         return InFlight(live, sampled, self.host_copies[self.steps % 2].start(sampled))
+
+    def _stepped(self, highest: int) -> int:
+        """How many rows a step covers when `highest` is the highest row it must: a power of two
+        (a graph each), at most the slots."""
+        return min(self.slots, 1 << highest.bit_length())
 
     def _take_step(self, step: InFlight) -> None:
         """Take a step's tokens on the host, for the rows that still hold the request that sampled them."""
