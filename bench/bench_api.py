@@ -20,6 +20,7 @@ path (one static batch of 32, the same prompt), in the same process.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import multiprocessing
 import os
@@ -40,7 +41,7 @@ from minigpt4.build import load_model  # noqa: E402
 from minigpt4.config import compose, load_spec  # noqa: E402
 from minigpt4.frontends.api import ApiSettings, create_app  # noqa: E402
 from minigpt4.generation import GenerationSettings  # noqa: E402
-from minigpt4.serving.engine import CAPTURED_POSITIONS, Engine  # noqa: E402
+from minigpt4.serving.engine import ADMIT_WAIT, CAPTURED_POSITIONS, Engine  # noqa: E402
 
 
 def start_server(loaded, slots: int, new: int):
@@ -70,30 +71,42 @@ def token_timings(requests) -> dict:
             "token_itl_p50_ms": 1e3 * itl[len(itl) // 2] if itl else float("nan")}
 
 
-def run_clients(clients_process, url: str, clients: int, per_client: int, question: str, engine=None) -> dict:
-    """`clients` streaming clients (in the clients' own process) -> the row of the table."""
+def admissions(engine, before: collections.Counter, seconds: float) -> dict:
+    """How the engine admitted requests since `before` (its stats then): each admission pauses
+    every decoding row for a prefill."""
+    done = engine.stats - before
+    return {"admissions": done["admissions"], "per_admission": done["admitted"] / max(1, done["admissions"]),
+            "admit_share": done["admit_s"] / seconds}
+
+
+def run_clients(clients_process, url: str, clients: int, per_client: int, question: str, engine=None,
+                seconds: float | None = None) -> dict:
+    """`clients` streaming clients (in the clients' own process), each sending `per_client`
+    requests in turn or, given `seconds`, requests back to back for that long -> the row of the table."""
     first = len(engine.seen) if engine is not None else 0
-    results, seconds = clients_process.submit(api_clients.load, url, clients, per_client, question).result()
+    before = engine.stats.copy() if engine is not None else None
+    results, seconds = clients_process.submit(api_clients.load, url, clients, per_client, question, seconds).result()
     ttft = sorted(r["ttft"] for r in results)
     gaps = [g for r in results for g in r["gaps"]]
     return {"clients": clients, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / seconds,
             "ttft_p50_ms": 1e3 * ttft[len(ttft) // 2], "ttft_p99_ms": 1e3 * ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))],
             "itl_p50_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"), "seconds": seconds,
-            **(token_timings(engine.seen[first:]) if engine is not None else {})}
+            **(token_timings(engine.seen[first:]) if engine is not None else {}),
+            **(admissions(engine, before, seconds) if engine is not None else {})}
 
 
-def soak(clients_process, url: str, clients: int, seconds: float, question: str) -> dict:
-    """`clients` clients sending requests back to back for `seconds`; GPU memory sampled every 5 s:
-    it must stay flat (no per-request growth)."""
-    samples = []
-    job = clients_process.submit(api_clients.load, url, clients, 0, question, seconds)
-    while not job.done():
+def soak(clients_process, url: str, clients: int, seconds: float, question: str, engine) -> dict:
+    """`clients` clients sending requests back to back for `seconds` (the steady state: their
+    requests no longer arrive together); GPU memory sampled every 5 s: it must stay flat (no
+    per-request growth)."""
+    samples, row = [], {}
+    job = threading.Thread(target=lambda: row.update(run_clients(clients_process, url, clients, 0, question, engine, seconds)))
+    job.start()
+    while job.is_alive():
         samples.append(torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
-        time.sleep(5)
-    results, _ = job.result()
-    return {"clients": clients, "seconds": seconds, "requests": len(results),
-            "allocated_gib_first": samples[0], "allocated_gib_min": min(samples), "allocated_gib_max": max(samples),
-            "allocated_gib_last": samples[-1], "samples": len(samples)}
+        job.join(timeout=5)
+    return {**row, "allocated_gib_first": samples[0], "allocated_gib_min": min(samples),
+            "allocated_gib_max": max(samples), "allocated_gib_last": samples[-1], "samples": len(samples)}
 
 
 @torch.inference_mode()
@@ -117,7 +130,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--per-client", type=int, default=2, help="requests each client sends in turn")
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--soak", type=float, default=0, help="then 32 clients for this many seconds: memory flat?")
+    ap.add_argument("--soak", type=float, default=0,
+                    help="then 32 clients back to back for this many seconds, once per --admit-wait-ms: memory flat?")
+    ap.add_argument("--admit-wait-ms", type=float, nargs="+", default=[ADMIT_WAIT * 1000],
+                    help="the engine's admit_wait: the first for every run, the others again at 32 clients (and soaked)")
     ap.add_argument("--sync-clients", type=int, nargs="*", default=[32],
                     help="these client counts again with each step's tokens taken before the next step is queued")
     args = ap.parse_args()
@@ -127,7 +143,8 @@ def main() -> None:
     loaded.template = loaded.template.with_overrides(stop=())
     question = " ".join(["how many red circles are there in the picture"] * 11) + "?"
     engine, server, url = start_server(loaded, max(args.clients), args.new)
-    rows = []
+    engine.admit_wait = args.admit_wait_ms[0] / 1000
+    rows, soaked = [], []
     clients_process = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
         clients_process.submit(api_clients.load, url, 1, 1, question).result()  # warm-up: the first graphs
@@ -138,32 +155,41 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             row = run_clients(clients_process, url, n, args.per_client, question, engine)
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if loaded.device.type == "cuda" else None
-            rows.append({**row, "feed_ahead": True})
+            rows.append({**row, "feed_ahead": True, "admit_wait_ms": args.admit_wait_ms[0]})
             print(json.dumps(rows[-1]), flush=True)
         engine.feed_ahead = False  # the engine idles between runs: the next step reads it
         for n in args.sync_clients:
-            rows.append({**run_clients(clients_process, url, n, args.per_client, question, engine), "feed_ahead": False})
+            rows.append({**run_clients(clients_process, url, n, args.per_client, question, engine), "feed_ahead": False,
+                         "admit_wait_ms": args.admit_wait_ms[0]})
             print(json.dumps(rows[-1]), flush=True)
         engine.feed_ahead = True
-        if args.soak:
-            soaked = soak(clients_process, url, 32, args.soak, question)
-            print("soak:", json.dumps(soaked), flush=True)
+        for k, wait in enumerate(args.admit_wait_ms):
+            engine.admit_wait = wait / 1000
+            if k:
+                rows.append({**run_clients(clients_process, url, 32, args.per_client, question, engine),
+                             "feed_ahead": True, "admit_wait_ms": wait})
+                print(json.dumps(rows[-1]), flush=True)
+            if args.soak:
+                soaked.append({**soak(clients_process, url, 32, args.soak, question, engine), "admit_wait_ms": wait})
+                print("soak:", json.dumps(soaked[-1]), flush=True)
     finally:
         clients_process.shutdown()
         server.should_exit = True
         engine.close()
     peer = batch_decode_peer(loaded, 32, question, args.new)
     print(f"evaluate.py's path, one static batch of 32: {peer:.1f} tok/s", flush=True)
-    print(f"\n{'clients':>7} {'ahead':>5} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}   per token (engine): "
-          f"{'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}")
-    for r in rows:
-        print(f"{r['clients']:>7} {r['feed_ahead']!s:>5} {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms"
+    print(f"\n{'run':>6} {'clients':>7} {'ahead':>5} {'wait':>6} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}"
+          f"   per token (engine): {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}  admissions  per  prefill share")
+    for name, r in [("burst", r) for r in rows] + [("soak", r) for r in soaked]:
+        print(f"{name:>6} {r['clients']:>7} {r['feed_ahead'] if 'feed_ahead' in r else True!s:>5} {r['admit_wait_ms']:>4.0f}ms"
+              f" {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms"
               f"                       {r.get('token_ttft_p50_ms', float('nan')):>7.1f}ms "
-              f"{r.get('token_ttft_p99_ms', float('nan')):>7.1f}ms {r.get('token_itl_p50_ms', float('nan')):>6.1f}ms")
+              f"{r.get('token_ttft_p99_ms', float('nan')):>7.1f}ms {r.get('token_itl_p50_ms', float('nan')):>6.1f}ms"
+              f"  {r.get('admissions', 0):>10} {r.get('per_admission', 0):>4.1f} {r.get('admit_share', 0):>13.2f}")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_api.json").write_text(json.dumps(
             {"rows": rows, "sequential": sequential, "args": vars(args), "batch32_peer_tok_s": peer,
-             "soak": soaked if args.soak else None,
+             "soak": soaked,
              "device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu"}, indent=2))
 
 

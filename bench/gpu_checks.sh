@@ -57,7 +57,8 @@ pick chat_compile && step 180 python3 bench/bench_chat.py --compile
 # fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.13.4 pydantic-core==2.46.4
 # annotated-types==0.7.0 typing-inspection==0.4.2 opentelemetry-api==1.45.2 anyio click h11 sniffio
 # (pip download as the device README says)
-named api && step "${API_LIMIT:-420}" python3 bench/bench_api.py --soak "${SOAK:-300}"
+# (API_ARGS: more options, e.g. "--admit-wait-ms 20 0 50" soaks each)
+named api && step "${API_LIMIT:-420}" python3 bench/bench_api.py --soak "${SOAK:-300}" ${API_ARGS:-}
 # only the speed of int8/int4 at batch 1 beside fp16 ours and transformers' static (no gate)
 named quant_speed && step 110 python3 bench/bench_decode.py --no-gate --batches 1 --quant int8 int4 --paths static "hf static"
 # int8/int4 with generation.compile at batch 1 (Inductor fuses the dequantisation: gpt-fast's way)

@@ -145,6 +145,7 @@ class ServeOptions:
 
     slots: int | None
     max_queue: int
+    admit_wait_ms: float
 
 
 @dataclass(frozen=True)

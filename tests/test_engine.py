@@ -174,6 +174,34 @@ def test_a_step_is_queued_without_waiting_for_the_gpu():
     assert set(engine.decoder.step_graphs) == captured
 
 
+def test_while_rows_decode_a_newcomer_waits_to_be_prefilled_with_others():
+    """Every admission pauses every decoding row for a prefill: while rows decode, a request is
+    admitted once it has waited admit_wait or enough wait to fill the free rows; with no row
+    decoding, at once. Their answers are the ones each gets alone."""
+    torch.set_num_threads(1)
+    loaded = build_tiny(["checkpoint=demo"])
+    engine = Engine(loaded, slots=4, max_context=2000, admit_wait=60.0, start=False)
+    jobs = jobs_for(loaded)
+    with torch.inference_mode():
+        first = submit_jobs(engine, loaded, jobs[:1])
+        assert engine._admission_due()  # nothing decodes: at once
+        engine._admit()
+        engine._step()
+        second = submit_jobs(engine, loaded, jobs[1:2])
+        assert not engine._admission_due()  # one waits, three rows free, 60 s not passed
+        second[0].submitted_at -= 60.0
+        assert engine._admission_due()  # waited long enough
+        third = submit_jobs(engine, loaded, jobs[2:4])
+        assert engine._admission_due()  # three wait for three free rows
+        engine._admit()
+        assert engine.stats["admissions"] == 2 and engine.stats["admitted"] == 4
+        assert not engine._admission_due()  # none waits
+        while any(engine.rows):
+            engine._step()
+    answers = [clean_answer(r.text, loaded.template) for r in first + second + third]
+    assert answers == [clean_answer(alone(loaded, images, q), loaded.template) for images, q in jobs[:4]]
+
+
 def test_a_conversations_next_turn_reuses_its_rows_prefix():
     """Turn 2 goes to the free row that holds turn 1 and prefills only what is new; the answers
     are ChatSession's (which keeps its own cache). Another request with another image in the

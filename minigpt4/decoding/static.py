@@ -218,7 +218,7 @@ class StaticDecoder:
         self.tokens[:rows].copy_(tokens)
         self.positions[:rows].copy_(positions)
         self.slot[:rows].copy_(slots)
-        self.valid[torch.arange(rows, device=self.valid.device), self.slot[:rows]] = True
+        self.valid[:rows].scatter_(1, self.slot[:rows, None], True)  # not index_put_: it waits for the GPU
         return self._replay(longest, rows)
 
     def capture_steps(self, row_counts: list[int], longest: int) -> int:

@@ -44,6 +44,7 @@ __all__ = ["Engine", "QueueFull", "Request", "default_slots"]
 log = logging.getLogger(__name__)
 
 PREFILL_POSITIONS = 8192  # positions (rows x longest new part) one admission forward computes at most
+ADMIT_WAIT = 0.02  # seconds a request may wait for others to be prefilled with it while rows decode (serve.admit_wait_ms)
 CAPTURED_POSITIONS = 512  # a server captures its decode graphs at start for conversations up to this long
 
 
@@ -67,11 +68,16 @@ class Engine:
         """The engine of chat.py's ui=web and ui=api: serve.slots rows (None: the device's
         default), serve.max_queue, chat.max_context."""
         return cls(loaded, slots=settings.serve.slots or None, max_context=settings.chat.max_context,
-                   max_queue=settings.serve.max_queue, capture_positions=CAPTURED_POSITIONS)
+                   max_queue=settings.serve.max_queue, capture_positions=CAPTURED_POSITIONS,
+                   admit_wait=settings.serve.admit_wait_ms / 1000)
 
     def __init__(self, loaded: LoadedModel, slots: int | None = None, max_context: int = MAX_CONTEXT, max_queue: int = 64,
-                 capture_positions: int = 0, feed_ahead: bool = True, start: bool = True):
-        """capture_positions: on a GPU, capture the decode graphs of every step size for lengths up
+                 capture_positions: int = 0, feed_ahead: bool = True, admit_wait: float = ADMIT_WAIT,
+                 start: bool = True):
+        """admit_wait: while rows decode, a waiting request is admitted once it has waited this many
+        seconds or enough others wait to fill the free rows: every admission pauses every row's
+        decoding for a prefill, and 32 clients that arrive one by one would pause it 32 times.
+        capture_positions: on a GPU, capture the decode graphs of every step size for lengths up
         to this many positions now (a server: ~50 ms a graph for a 7B, which no request should wait
         for), not on first use. feed_ahead=False takes each step's tokens before the next step is
         queued (slower: for comparison). start=False runs no engine thread (the caller calls _admit
@@ -106,6 +112,9 @@ class Engine:
         self.host_copies = [HostCopy(self.slots, loaded.device) for _ in range(2)]  # this step's and the last's
         self.staged = StagedInputs(5 * self.slots, loaded.device)  # a step's inputs: see _launch
         self.feed_ahead = feed_ahead
+        self.admit_wait = admit_wait
+        # admissions, requests admitted, seconds spent admitting (prefill included)
+        self.stats = collections.Counter()
         self.thread = threading.Thread(target=self._loop, name="minigpt4-engine", daemon=True)
         if start:
             self.thread.start()
@@ -194,7 +203,8 @@ class Engine:
                     return
             try:
                 with torch.inference_mode():
-                    self._admit()
+                    if self._admission_due():
+                        self._admit()
                     if any(self.rows):
                         self._step()
             except Exception as err:
@@ -205,6 +215,16 @@ class Engine:
                         self._fail(active.request, f"{type(err).__name__}: {err}")
                         self._free(i)
 
+    def _admission_due(self) -> bool:
+        """Admit now? When requests wait and either no row decodes (nobody pays for the pause),
+        enough wait to fill the free rows, or the first has waited admit_wait."""
+        with self.wake:
+            free = self.rows.count(None)
+            if not self.waiting or not free:
+                return False
+            return (free == self.slots or len(self.waiting) >= free
+                    or time.perf_counter() - self.waiting[0].submitted_at >= self.admit_wait)
+
     def _admit(self) -> None:
         """Admit as many waiting requests as there are free rows: their images in one forward,
         their prompts in batched prefills, then their first tokens."""
@@ -212,6 +232,7 @@ class Engine:
             free = self.rows.count(None)
             batch = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
             self.admitting = len(batch)
+        started = time.perf_counter()
         try:
             live = []
             for request in batch:
@@ -233,6 +254,7 @@ class Engine:
                     self._prefill(chunk, start)
         finally:
             self.admitting = 0
+            self.stats.update(admissions=1, admitted=len(batch), admit_s=time.perf_counter() - started)
 
     def _encode_pixels(self, requests: list[Request]) -> None:
         """The soft tokens of every request that brought pixels, in one forward of the image side."""
