@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from minigpt4.decoding import DynamicDecoder, StaticDecoder, make_decoder
-from minigpt4.decoding.gate import run_gate, table
+from minigpt4.decoding.gate import run_gate, run_rows_gate, table
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=512, max_position_embeddings=512,
@@ -43,6 +43,15 @@ def test_every_cpu_path_passes_the_gate():
     assert all(r.agreement == 1.0 and r.max_logit_diff < 1e-3 for r in results), table(results)
 
 
+def test_the_serving_engines_rows_pass_the_gate():
+    """Requests prefilled together into rows out of order, each decoding at its own length, and a
+    second turn onto a cached row: each request's answer logits are its own eager forward's."""
+    llm = small_llm()
+    result = run_rows_gate(llm, "engine rows", lambda b, n: StaticDecoder(llm, b, n), new_tokens=8)
+    print(table([result]))
+    assert result.positions == 5 * 8 and result.agreement == 1.0 and result.max_logit_diff < 1e-3, table([result])
+
+
 class _ShiftedPositions(DynamicDecoder):
     """The bug of 2026-12-01 in miniature: a prefill whose position ids are off."""
 
@@ -74,6 +83,13 @@ def test_7b_paths_pass_the_gate(llm_7b, path):
     results = run_gate(llm_7b, {path: gate_paths(llm_7b)[path]})
     print(table(results))
     assert all(r.ok() for r in results), table(results)
+
+
+@pytest.mark.gpu
+def test_7b_engine_rows_pass_the_gate(llm_7b):
+    result = run_rows_gate(llm_7b, "engine rows", lambda b, n: StaticDecoder(llm_7b, b, n))
+    print(table([result]))
+    assert result.ok(), table([result])
 
 
 @pytest.mark.gpu

@@ -220,3 +220,31 @@ def test_stepping_the_first_rows_leaves_the_others_alone():
     for layer, (k, v) in zip(part.cache.layers, untouched):
         assert torch.equal(layer.keys[2:], k) and torch.equal(layer.values[2:], v)
     assert not part.valid[2:, 12].any() and part.valid[:2, 12].all()
+
+
+def test_fused_row_prefill_equals_transformers_prefill():
+    """A serving engine's admission (prefill_rows: right-padded prompts into chosen rows, after a
+    cached prefix) through the fused weights gives transformers' logits, keys, values and valid
+    slots; the other rows are left alone."""
+    loaded = build_tiny(["checkpoint=demo"])
+    llm, hidden = loaded.model.llm, loaded.model.llm.config.hidden_size
+    torch.manual_seed(8)
+    prefix, new = torch.randn(4, 10, hidden) * 0.02, torch.randn(2, 9, hidden) * 0.02
+    runs = []
+    for use_fused in (False, True):
+        dec = StaticDecoder(llm, 4, 64, use_fused=use_fused)
+        first = dec.prefill_rows([0, 1, 2, 3], prefix, [10, 10, 10, 10]).clone()
+        untouched = [(layer.keys[[0, 2]].clone(), layer.values[[0, 2]].clone()) for layer in dec.cache.layers]
+        second = dec.prefill_rows([3, 1], new, [9, 5], start=10).clone()  # row 1's prompt is padded
+        for layer, (k, v) in zip(dec.cache.layers, untouched):
+            assert torch.equal(layer.keys[[0, 2]], k) and torch.equal(layer.values[[0, 2]], v)
+        real = [(3, 19), (1, 15)]  # each row's real slots
+        runs.append((first, second, [(layer.keys[r, :, :n], layer.values[r, :, :n]) for layer in dec.cache.layers
+                                     for r, n in real], dec.valid.clone()))
+    (first, second, cached, valid), (first_f, second_f, cached_f, valid_f) = runs
+    torch.testing.assert_close(first_f, first, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second_f, second, rtol=1e-4, atol=1e-4)
+    for (k, v), (k_f, v_f) in zip(cached, cached_f):
+        torch.testing.assert_close(k_f, k, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(v_f, v, rtol=1e-4, atol=1e-5)
+    assert torch.equal(valid_f, valid) and valid[1, :15].all() and not valid[1, 15:].any()

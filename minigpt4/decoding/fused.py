@@ -156,6 +156,38 @@ class FusedLlama:
             x = _linear(act, w.down, residual=x)
         return F.linear(norm(x, self.final_norm, self.eps), self.lm_head)[:, : self.vocab]  # [B,V]
 
+    def prefill(self, keys: list[torch.Tensor], values: list[torch.Tensor], rows: torch.Tensor, x: torch.Tensor,
+                start: int, last: torch.Tensor) -> torch.Tensor:
+        """Feed x [R,T,H] (input embeddings, right-padded) at positions start..start+T-1 into the
+        cache rows `rows` ([R] long) of every layer's keys/values [B,nkv,L,hd], after the R rows'
+        first `start` slots (taken as valid) -> the logits of each row's position last[r] [R,V].
+        Query t sees the slots up to start+t: a real position never sees the padding after it.
+        A serving engine's admissions: a handful of large products a layer, and the keys and
+        values written straight into the rows (no cache of transformers' to copy from)."""
+        r, t, h = x.shape
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        norm = kernels.rms_norm if self.use_triton else rms_norm
+        cos, sin = self.cos[start : start + t, None], self.sin[start : start + t, None]  # [T,1,hd]
+        sees = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)  # [T,start+T]
+        x = x.reshape(r * t, h)
+        for i, w in enumerate(self.layers):
+            qkv = _linear(norm(x, w.attn_norm, self.eps), w.qkv).view(r, t, nh + 2 * nkv, hd)
+            q, k, v = qkv.split([nh, nkv, nkv], dim=2)  # [R,T,n,hd]
+            q = (q * cos + _rotate_half(q) * sin).transpose(1, 2)  # [R,nh,T,hd]
+            k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)  # [R,nkv,T,hd]
+            v = v.transpose(1, 2)
+            keys[i][rows, :, start : start + t] = k
+            values[i][rows, :, start : start + t] = v
+            if start:  # the rows' cached prefixes, then the new positions
+                k = torch.cat([keys[i][rows, :, :start], k], dim=2)
+                v = torch.cat([values[i][rows, :, :start], v], dim=2)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=sees, enable_gqa=nkv != nh)  # [R,nh,T,hd]
+            x = _linear(attn.transpose(1, 2).reshape(r * t, nh * hd), w.o, residual=x)
+            gate_up = _linear(norm(x, w.mlp_norm, self.eps), w.gate_up)  # [RT,2I]
+            x = _linear(kernels.silu_mul(gate_up) if self.use_triton else silu_mul(gate_up), w.down, residual=x)
+        x = x.view(r, t, h)[torch.arange(r, device=x.device), last]  # [R,H]
+        return F.linear(norm(x, self.final_norm, self.eps), self.lm_head)[:, : self.vocab]  # [R,V]
+
 
 def _weight(linear: nn.Module) -> Weight:
     return linear if type(linear) is QuantLinear else linear.weight

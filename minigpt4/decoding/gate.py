@@ -6,7 +6,8 @@ and its argmax at every answer position is compared with the argmax of one eager
 transformers forward over the whole sequence (no cache at all). Scenarios are the shapes users
 produce: image + text prompts at batch 1, 8 and 32 with left padding, a left-padded batch-1
 prefill, and a chat of several turns on one decoder (prefix reuse, an image mid-conversation)
-ending with a regenerate (the cache cropped back into the last turn).
+ending with a regenerate (the cache cropped back into the last turn). run_rows_gate covers the
+serving engine's rows: requests prefilled together and decoded each at its own length.
 
 The GPU tests (tests/test_decode_gate.py) and bench/bench_decode.py run it on the 7B shape and
 fail below MIN_AGREEMENT; fp16 near-ties on random weights explain a few percent, not more.
@@ -181,6 +182,65 @@ def run_gate(llm: LlamaForCausalLM, paths: dict[str, MakeDecoder], batches: tupl
             del decoder
         del reference
     return results
+
+
+def run_rows_gate(llm: LlamaForCausalLM, path: str, make: MakeDecoder, new_tokens: int = 32,
+                  seed: int = 0) -> GateResult:
+    """The serving engine's shapes on one static decoder with the fused step (`make`): four
+    requests of different lengths prefilled together, right-padded, into rows out of order
+    (prefill_rows), answered by steps in which each row is at its own length (step_rows; idle
+    rows write their last slot, as the engine's do), then a second turn of one of them
+    prefilled onto its cached row and answered while the others idle. Each request is
+    compared with its own eager forward."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = []
+    for k, n_text in enumerate((90, 41, 120, 17)):
+        seq = _Sequence(llm, 1, gen)
+        seq.prompt(n_text, image=k != 3, first=True)
+        seq.answer(new_tokens)
+        seqs.append(seq)
+    seqs[0].prompt(20)
+    seqs[0].answer(new_tokens)
+    total = max(seq.tensors()[0].shape[1] for seq in seqs)
+    decoder = make(len(seqs), total + 1)  # + the idle rows' slot
+    row_of = [2, 0, 3, 1]  # request k decodes in row row_of[k]
+    got = _rows_teacher_forced(seqs, decoder, row_of)
+    results = [_compare(path, "engine_rows", _reference(llm, seq), out) for seq, out in zip(seqs, got)]
+    return GateResult(path, "engine_rows", sum(r.agreement * r.positions for r in results) / sum(r.positions for r in results),
+                      max(r.max_logit_diff for r in results), sum(r.positions for r in results))
+
+
+@torch.inference_mode()
+def _rows_teacher_forced(seqs: list[_Sequence], decoder, row_of: list[int]) -> list[dict[int, torch.Tensor]]:
+    """Segment by segment: the prompts of the requests that have one prefilled together (after
+    what their rows hold), then their answers fed a token a step -> per request {sequence index:
+    logits [1,V] predicting index + 1}."""
+    out: list[dict[int, torch.Tensor]] = [{} for _ in seqs]
+    at, logits = [0] * len(seqs), {}
+    device = seqs[0].embed.weight.device
+    idle = decoder.max_len - 1
+    for s in range(max(len(seq.segments) for seq in seqs)):
+        todo = [k for k, seq in enumerate(seqs) if s < len(seq.segments)]
+        kind = seqs[todo[0]].segments[s][0]
+        if kind == "prompt":  # the turn's requests start at the same position
+            parts = [seqs[k].segments[s][1][0] for k in todo]
+            padded = torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)
+            first = decoder.prefill_rows([row_of[k] for k in todo], padded, [len(p) for p in parts], start=at[todo[0]])
+            for k, part, row_logits in zip(todo, parts, first.float()):
+                logits[k], at[k] = row_logits[None], at[k] + len(part)
+            continue
+        tokens = {k: seqs[k].segments[s][2][0] for k in todo}
+        for j in range(len(tokens[todo[0]])):
+            step = torch.zeros(3, len(row_of), dtype=torch.long)  # tokens, positions, slots by row
+            step[2] = idle
+            for k in todo:
+                out[k][at[k] - 1] = logits[k].clone()
+                step[:, row_of[k]] = torch.tensor([int(tokens[k][j]), at[k], at[k]])
+                at[k] += 1
+            rows = decoder.step_rows(*step.to(device), longest=max(at[k] for k in todo)).float()
+            for k in todo:
+                logits[k] = rows[row_of[k]][None]
+    return out
 
 
 def table(results: list[GateResult]) -> str:

@@ -176,29 +176,33 @@ class StaticDecoder:
         """Cache R new prompts at once, each after the first `start` slots of its own row (the
         rest of each row is dropped; other rows stay as they are): embeds [R,T,H] right-padded,
         row r's first lengths[r] positions real, at positions start.. -> each row's last logits [R,V].
-        One eager forward through a DynamicCache holding the rows' common-length prefixes; its keys
-        and values are then copied into the rows' slots (a padding position's too: it is never
-        marked valid, and the row's next decode step overwrites it)."""
+        One eager forward through the fused weights, which writes the keys and values straight
+        into the rows' slots (a padding position's too: it is never marked valid, and the row's
+        next decode step overwrites it). Without the fused step: transformers' forward through a
+        DynamicCache holding the rows' common-length prefixes, whose keys and values are copied."""
         r, t = embeds.shape[:2]
         if start + t > self.max_len:
             raise ValueError(f"{start + t} positions do not fit the static cache of {self.max_len}")
         device = embeds.device
         index = torch.tensor(rows, device=device)
+        lengths_t = torch.tensor(lengths, device=device)  # [R]
+        real = torch.arange(t, device=device)[None] < lengths_t[:, None]  # [R,T]
+        self.valid[index] = False
+        self.valid[index, : start + t] = torch.cat([real.new_ones(r, start), real], dim=1)
+        if self.use_fused:
+            return self._model.prefill([layer.keys for layer in self.cache.layers],
+                                       [layer.values for layer in self.cache.layers], index, embeds, start, lengths_t - 1)
         prefix = DynamicCache()
         if start:
             for i, layer in enumerate(self.cache.layers):
                 prefix.update(layer.keys[index, :, :start], layer.values[index, :, :start], i)
-        lengths_t = torch.tensor(lengths, device=device)  # [R]
-        real = torch.arange(t, device=device)[None] < lengths_t[:, None]  # [R,T]
-        valid = torch.cat([real.new_ones(r, start), real], dim=1)  # [R,start+T]
         positions = torch.arange(start, start + t, device=device).expand(r, t)
-        hidden = self.llm.model(inputs_embeds=embeds, position_ids=positions, attention_mask=valid.long(),
+        hidden = self.llm.model(inputs_embeds=embeds, position_ids=positions,
+                                attention_mask=self.valid[index, : start + t].long(),
                                 past_key_values=prefix, use_cache=True).last_hidden_state  # [R,T,H]
         for i, layer in enumerate(self.cache.layers):
             layer.keys[index, :, start : start + t] = prefix.layers[i].keys[:, :, start : start + t]
             layer.values[index, :, start : start + t] = prefix.layers[i].values[:, :, start : start + t]
-        self.valid[index] = False
-        self.valid[index, : start + t] = valid
         last = hidden[torch.arange(r, device=device), lengths_t - 1]  # [R,H]
         return self.llm.get_output_embeddings()(last)
 

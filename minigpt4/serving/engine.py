@@ -44,7 +44,7 @@ __all__ = ["Engine", "QueueFull", "Request", "default_slots"]
 log = logging.getLogger(__name__)
 
 PREFILL_POSITIONS = 8192  # positions (rows x longest new part) one admission forward computes at most
-ADMIT_WAIT = 0.02  # seconds a request may wait for others to be prefilled with it while rows decode (serve.admit_wait_ms)
+ADMIT_WAIT = 0.05  # seconds a request may wait for others to be prefilled with it while rows decode (serve.admit_wait_ms)
 CAPTURED_POSITIONS = 512  # a server captures its decode graphs at start for conversations up to this long
 
 
