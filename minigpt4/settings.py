@@ -278,6 +278,7 @@ class DataOptions:
     multi_fraction: float | None = None  # share of conversations with 2-4 pictures (data/dialogues.py)
     max_turns: int | None = None
     kinds: str | tuple[str, ...] | None = None  # the question kinds training asks: all (None), or a list (dialogues.ALL_KINDS)
+    minimal_pairs: float | None = None  # share of pictures-together conversations that start from a minimal pair (dialogues.minimal_pair)
 
     def __post_init__(self):  # a YAML/CLI list arrives as a list: keep it hashable and typed
         if self.kinds is not None and not isinstance(self.kinds, str):

@@ -288,3 +288,33 @@ def test_multi_picture_examples_have_one_image_slot_run_per_picture_and_train_ev
     cached = FinetuneDataset(examples, tok.path, num_image_tokens=4, image_size=32, picture_size=64, cache=cache)
     features = collate([cached[i] for i in rows], tok.pad_id)["features"]
     assert features.flatten().tolist() == [float(refs.index(r)) for i in rows for r in examples[i].images]
+
+
+def test_minimal_pairs_differ_in_the_asked_attribute_half_the_time_and_leave_the_default_data_alone():
+    """data.minimal_pairs: a share of the conversations with pictures attached together start
+    with two pictures that differ in the attribute asked about (or not: yes and no equally
+    often) and, independently, in one other attribute half the time. Off (0.0, the default),
+    every conversation is the one the shipped demo was trained on."""
+    default = dialogues.Mix()
+    for i in range(200):
+        assert dialogues.sample_dialogue(random.Random(i)) == dialogues.sample_dialogue(random.Random(i), mix=default)
+    pairs = dialogues.Mix(minimal_pairs=1.0)
+    firsts = []
+    for i in range(2000):
+        turns = dialogues.sample_dialogue(random.Random(f"pairs:{i}"), text_fraction=0.0, multi_fraction=1.0, mix=pairs)
+        if len(turns[0].images) == 2 and turns[0].kind == "same":
+            firsts.append(turns[0])
+    assert len(firsts) > 700  # about half the multi-picture conversations attach their pictures together
+    answers = [t.answer for t in firsts]
+    assert 0.45 < answers.count("yes") / len(answers) < 0.55
+    backgrounds = [t for t in firsts if "background" in t.question]
+    assert 0.45 < len(backgrounds) / len(firsts) < 0.55
+    for turn in firsts:
+        a, b = turn.images
+        differing = [attr for attr in dialogues.VARIED if getattr(a, attr) != getattr(b, attr)]
+        assert len(differing) <= 2
+        asked = next(attr for attr, word in (("background", "background"), ("colour", "colour"), ("count", "number"),
+                                             ("size", "size"), ("shape", "shape")) if word in turn.question)
+        assert turn.answer == ("no" if asked in differing else "yes")
+    with pytest.raises(UserError, match="data.minimal_pairs"):
+        SyntheticExamples(4, seed=0, style="chat", template=TEMPLATE, minimal_pairs=1.5)

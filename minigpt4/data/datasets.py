@@ -140,10 +140,13 @@ class SyntheticExamples(Sequence[Example]):
     conversation comes with the example (`conversation`), so every answer in it is trained."""
 
     def __init__(self, size: int, seed: int, style: str, template: Template, text_fraction: float = 0.08,
-                 max_turns: int = 4, multi_fraction: float = 0.5, kinds: Sequence[str] | None = None):
+                 max_turns: int = 4, multi_fraction: float = 0.5, kinds: Sequence[str] | None = None,
+                 minimal_pairs: float = 0.0):
         self.size, self.seed, self.style, self.template = size, seed, style, template
         self.text_fraction, self.max_turns, self.multi_fraction = text_fraction, max_turns, multi_fraction
-        self.mix = dialogues.Mix(frozenset(check_kinds(kinds)))
+        if not 0.0 <= minimal_pairs <= 1.0:
+            raise UserError(f"data.minimal_pairs={minimal_pairs}: a share, between 0 and 1")
+        self.mix = dialogues.Mix(frozenset(check_kinds(kinds)), minimal_pairs)
 
     def __len__(self) -> int:
         return self.size
@@ -186,7 +189,7 @@ def build_examples(data: DataOptions, template: Template, seed: int) -> tuple[Se
     if name == "synthetic":
         return SyntheticExamples(int(data.size), int(data.seed), style, template, float(data.text_fraction),
                                  int(data.max_turns), float(data.multi_fraction if data.multi_fraction is not None else 0.5),
-                                 data.kinds), []
+                                 data.kinds, float(data.minimal_pairs or 0.0)), []
     if data.path in (None, "", "???"):
         raise UserError(f"data={name} needs data.path=/path/to/the/data")
     if name == "cc_sbu_align":

@@ -159,9 +159,12 @@ def difference_question(pictures: list[Spec], i: int, j: int, rng: random.Random
 
 @dataclass(frozen=True)
 class Mix:
-    """Which kinds training asks: all of them, or a subset (data.kinds=[colour,count])."""
+    """Which kinds training asks: all of them, or a subset (data.kinds=[colour,count]); and the
+    share of conversations with pictures attached together that start from a minimal pair
+    (data.minimal_pairs, see minimal_pair)."""
 
     kinds: frozenset[str] = frozenset(ALL_KINDS)
+    minimal_pairs: float = 0.0
 
     def pick(self, weights: dict[str, float], rng: random.Random) -> str:
         allowed = {k: w for k, w in weights.items() if k in self.kinds}
@@ -220,11 +223,32 @@ def _single_picture(rng: random.Random, max_turns: int, mix: Mix) -> list[Turn]:
 
 
 def _pictures_together(rng: random.Random, max_turns: int, mix: Mix) -> list[Turn]:
-    """2-4 pictures attached at once (chat.images=[a,b] or several /image), then questions."""
-    pictures = sample_pictures(rng.choice((2, 2, 3, 4)), rng)
-    turns = [multi_turn(pictures, mix.pick(MULTI_WEIGHTS, rng), rng, mix) for _ in range(rng.randint(1, max_turns))]
+    """2-4 pictures attached at once (chat.images=[a,b] or several /image), then questions; or,
+    for a share mix.minimal_pairs of them, a minimal pair asked "same ...?" first."""
+    if mix.minimal_pairs and "same" in mix.kinds and rng.random() < mix.minimal_pairs:
+        pictures, first = minimal_pair(rng)
+        turns = [first] + [multi_turn(pictures, mix.pick(MULTI_WEIGHTS, rng), rng, mix) for _ in range(rng.randint(0, max_turns - 1))]
+    else:
+        pictures = sample_pictures(rng.choice((2, 2, 3, 4)), rng)
+        turns = [multi_turn(pictures, mix.pick(MULTI_WEIGHTS, rng), rng, mix) for _ in range(rng.randint(1, max_turns))]
     turns[0] = replace(turns[0], images=tuple(pictures))
     return turns
+
+
+def minimal_pair(rng: random.Random) -> tuple[list[Spec], Turn]:
+    """Two pictures that differ in the attribute asked about or not (yes and no equally often)
+    and, independently, half the time in one other attribute -> (pictures, "same <attribute>?").
+    Backgrounds are asked half the time: the demo model of 2026-12-02 compared every attribute
+    but the background, whose answer followed whether the counts differed
+    (bench/demo_experiments/probe_same_bg.py)."""
+    others = [a for a in VARIED if a != "background"]
+    attribute = "background" if rng.random() < 0.5 else rng.choice(others)
+    first = synthetic.sample_spec(rng)
+    changes = [attribute] if rng.random() < 0.5 else []
+    if rng.random() < 0.5:
+        changes.append(rng.choice([a for a in VARIED if a != attribute]))
+    pictures = [first, changed(first, rng, **{a: rng.choice([v for v in VALUES[a] if v != getattr(first, a)]) for a in changes})]
+    return pictures, Turn(*same_question(pictures, 0, 1, attribute, rng), "same")
 
 
 def _pictures_between_turns(rng: random.Random, mix: Mix) -> list[Turn]:
