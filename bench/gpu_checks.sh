@@ -35,13 +35,13 @@ named() { [[ " $SELECTED " == *" $1 "* ]]; }
 pick() { [ -n "$run_all" ] || named "$1"; }
 pick tests && step 330 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "not max-autotune"
 # the GPU tests without the 7B gate (the decode step runs it)
-named tests_fast && step 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "not 7b_paths"
+named tests_fast && step 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "not 7b_paths"
 # the engine's and the static decoder's GPU tests only (row-bounded steps: a graph per rows and length)
 named engine_tests && step 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_static_decode.py
 # the gate on the 7B shape (every path but max-autotune, batch 1, 8, 32) and the speed of ours,
 # ours compiled and transformers' static cache at batch 1 and 32
-# (~400 s: run it in a call of its own; with tests_fast it ran out of 330 s on 2026-12-02)
-pick decode && step 400 python3 bench/bench_decode.py --batches 1 32 --gate-batches 1 8 32 --gate-paths dynamic static "static compile" --paths static "static compile" "hf static"
+# (~360 s, 357 s on 2026-12-02 before the engine rows gate was added: run it in a call of its own)
+pick decode && step 450 python3 bench/bench_decode.py --batches 1 32 --gate-batches 1 8 32 --gate-paths dynamic static "static compile" --paths static "static compile" "hf static"
 pick first_turn && step 90 python3 bench/bench_chat.py --first-turn-only
 pick chat && step 120 python3 bench/bench_chat.py --repeats 3 --turns 6
 pick profile && step 90 python3 bench/profile_step.py
