@@ -76,8 +76,7 @@ def quantized_copy(llm, mode: str):
 
 
 def quant_gate_paths(qllm, mode: str) -> dict:
-    return {f"{mode} static": lambda b, n: make_decoder(qllm, b, n, static=True),
-            f"{mode} static compile": lambda b, n: make_decoder(qllm, b, n, static=True, compile=True),  # batch 1 only
+    return {f"{mode} static": lambda b, n: make_decoder(qllm, b, n, static=True),  # also with generation.compile (off on int weights)
             f"{mode} dynamic": lambda b, n: DynamicDecoder(qllm, b)}
 
 
@@ -209,8 +208,8 @@ def main():
         for mode, qllm in quantized.items():  # teacher-forced against the fp16 model's eager forward
             results += run_gate(qllm, quant_gate_paths(qllm, mode), batches=tuple(args.gate_batches or args.batches),
                                 reference_llm=llm)
-            # and against the quantized model's own eager forward: the kernels and the compiled step
-            # must compute the int model exactly (random weights' flat logits make the fp16 gate blind)
+            # and against the quantized model's own eager forward: the kernels must compute the int
+            # model exactly (random weights' flat logits make the fp16 gate blind)
             own = {f"{name} vs {mode}": fn for name, fn in quant_gate_paths(qllm, mode).items()}
             results += run_gate(qllm, own, batches=tuple(args.gate_batches or args.batches))
         print(table(results), flush=True)
@@ -220,8 +219,7 @@ def main():
         bandwidth = copy_bandwidth(device)
         weight_bytes = sum(p.nbytes for p in llm.parameters()) - llm.get_input_embeddings().weight.nbytes
         kv_per_position = 2 * llm.config.num_hidden_layers * llm.config.hidden_size * dtype.itemsize
-        # the paths timed, in the table's order: int weights compiled when "static compile" is asked for
-        names = args.paths + args.quant + [f"{m} compile" for m in args.quant if "static compile" in args.paths]
+        names = args.paths + args.quant  # the paths timed, in the table's order
         rows = []
         for b in args.batches:
             embeds = torch.randn(b, args.prompt, llm.config.hidden_size, device=device, dtype=dtype) * 0.02
@@ -234,7 +232,6 @@ def main():
             for mode, qllm in quantized.items():
                 ours_q = speed_paths(qllm, b, args.prompt, args.new)
                 paths[mode] = ours_q["static"]
-                paths[f"{mode} compile"] = ours_q["static compile"]  # generation.compile on int weights (batch 1)
             for name, fn in paths.items():
                 if name not in names:
                     continue

@@ -90,7 +90,7 @@ class QuantLinear(nn.Module):
         res = None if residual is None else residual.reshape(-1, self.out_features)
         if rows.is_cuda and triton is not None and rows.shape[0] <= KERNEL_MAX_ROWS and not torch.compiler.is_compiling():
             out = _kernel_matmul(rows, self, res)
-        else:  # also under torch.compile (a batch-1 decoder): Inductor fuses the dequantisation into the product
+        else:  # many rows (a prefill; the gate's eager reference), the CPU, and under torch.compile
             out = F.linear(rows, self.dequantize().to(rows.dtype))
             out = out if res is None else out + res
         return out.view(*x.shape[:-1], self.out_features)

@@ -46,11 +46,12 @@ class StaticDecoder:
         device = llm.get_input_embeddings().weight.device
         config = llm.config
         self.requested_compile = compile
-        if compile and quantized_mode(llm) and batch_size > 1:
-            # one row: Inductor fuses the dequantisation into the matrix-vector products
-            # (QuantLinear's torch form); more rows would multiply by dequantised copies
-            log.info("generation.compile is off for precision=%s at batch %d: its int kernels are Triton's already",
-                     quantized_mode(llm), batch_size)
+        if compile and quantized_mode(llm):
+            # compiled, QuantLinear takes its torch form: a whole dequantised fp16 weight written,
+            # then multiplied (5 bytes moved a weight against fp16's 2): int8 decoded 98 tokens/s
+            # compiled against 267 with its Triton kernels (H200, 2026-12-02, docs/BENCHMARKS.md)
+            log.info("generation.compile is off for precision=%s: its Triton int kernels decode faster than "
+                     "a compiled step", quantized_mode(llm))
             compile = False
         self.llm, self.batch_size, self.max_len, self.compile = llm, batch_size, max_len, compile
         self.cache = StaticCache(config=config, max_cache_len=max_len)
