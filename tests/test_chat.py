@@ -533,9 +533,8 @@ def test_demo_answers_the_two_picture_conversation(demo_loaded):
 def test_demo_answers_every_kind_held_out(demo_loaded):
     """Positions, yes/no and the multi-picture kinds, asked as chat asks them (the model's own
     earlier answers in the history), on pictures from a seed no training or doc number uses.
-    The goal is 95% per kind (docs/FINETUNE.md); 40 conversations per kind allow a little less.
-    "same" is held to BELOW_GOAL (tiny_models.py) until a retrain fixes its comparisons of
-    backgrounds (40 conversations, 2026-12-02: same 0.9, difference 0.975, every other kind 1.0)."""
+    The goal is 95% per kind (docs/FINETUNE.md); 40 conversations per kind allow a little less
+    (BELOW_GOAL in tiny_models.py: kinds accepted lower, none now)."""
     from minigpt4.data.dialogues import ALL_KINDS
     from minigpt4.training.heldout import heldout_accuracy
 

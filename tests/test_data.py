@@ -209,12 +209,12 @@ def test_yes_no_answers_are_balanced_and_true():
         assert f" {spec.colour}" in synthetic.claim(spec, "colour", True, rng)[0]
         assert f" {spec.colour}" not in synthetic.claim(spec, "colour", False, rng)[0].replace(spec.noun, "")
     turns = [t for i in range(3000) for t in dialogues.sample_dialogue(random.Random(f"balance:{i}"))]
-    for kind in ("yesno", "same"):
-        answers = [t.answer for t in turns if t.kind == kind]
+    for kind in ("yesno", "same"):  # "same" about backgrounds: "white and gray, so no"
+        answers = [t.answer.split()[-1] for t in turns if t.kind == kind]
         assert len(answers) > 300 and set(answers) == {"yes", "no"}
         assert 0.45 < answers.count("yes") / len(answers) < 0.55, kind
     for kind in ("yesno", "same"):
-        held = [d[-1].answer for d in dialogues.heldout_dialogues(kind, 300, 1000)]
+        held = [d[-1].answer.split()[-1] for d in dialogues.heldout_dialogues(kind, 300, 1000)]
         assert 0.44 < held.count("yes") / len(held) < 0.56, kind
     more = [d[-1].answer for d in dialogues.heldout_dialogues("more", 300, 1000)]
     assert {more.count(a) for a in ("the first", "the second", dialogues.SAME_NUMBER)} == {100}
@@ -227,6 +227,8 @@ def test_comparisons_and_totals():
     assert dialogues.total_question(pair) == ("How many shapes are there in all?", "4")
     assert dialogues.more_question(pair, 0, 1) == ("Which picture has more shapes?", "the second")
     assert dialogues.same_question(pair, 0, 1, "colour") == ("Are the shapes in the two pictures the same colour?", "no")
+    assert dialogues.same_question(pair, 0, 1, "background") == ("Do the two pictures have the same background?",
+                                                                 "gray and white, so no")
     assert dialogues.difference_question(pair, 0, 1)[1] == (
         "colour: yellow vs green, shape: star vs triangle, count: 1 vs 3, size: small vs large, background: gray vs white")
     assert dialogues.difference_text(star, synthetic.Spec("star", "yellow", 1, "small", "gray", (2,), seed=3)) == "only the positions"
@@ -305,7 +307,7 @@ def test_minimal_pairs_differ_in_the_asked_attribute_half_the_time_and_leave_the
         if len(turns[0].images) == 2 and turns[0].kind == "same":
             firsts.append(turns[0])
     assert len(firsts) > 700  # about half the multi-picture conversations attach their pictures together
-    answers = [t.answer for t in firsts]
+    answers = [t.answer.split()[-1] for t in firsts]
     assert 0.45 < answers.count("yes") / len(answers) < 0.55
     backgrounds = [t for t in firsts if "background" in t.question]
     assert 0.45 < len(backgrounds) / len(firsts) < 0.55
@@ -315,6 +317,6 @@ def test_minimal_pairs_differ_in_the_asked_attribute_half_the_time_and_leave_the
         assert len(differing) <= 2
         asked = next(attr for attr, word in (("background", "background"), ("colour", "colour"), ("count", "number"),
                                              ("size", "size"), ("shape", "shape")) if word in turn.question)
-        assert turn.answer == ("no" if asked in differing else "yes")
+        assert turn.answer.split()[-1] == ("no" if asked in differing else "yes")
     with pytest.raises(UserError, match="data.minimal_pairs"):
         SyntheticExamples(4, seed=0, style="chat", template=TEMPLATE, minimal_pairs=1.5)

@@ -22,7 +22,7 @@ with torch.inference_mode():
 agrees, said = collections.Counter(), collections.Counter()
 for turns, got in zip(convs, replies):
     first, second = turns[0].images
-    answer = normalise(got[-1])
+    answer = normalise(got[-1]).split()[-1] if got[-1].strip() else ""  # "white and gray, so no" -> "no"
     said[answer] += 1
     for attribute in dialogues.VARIED:
         agrees[attribute] += (answer == "yes") == (getattr(first, attribute) == getattr(second, attribute))
