@@ -13,7 +13,8 @@ With several pictures in a conversation:
   - "in all" / "in total" / "altogether" counts the shapes of every picture so far;
   - any other question about a picture is about the latest one.
 Multi-picture kinds: total (count over all pictures), nth (about a named picture), more (which
-picture has more or fewer shapes), same (yes/no: same colour, shape, count, size, background?),
+picture has more or fewer shapes), same (yes/no: same colour, shape, count, size? backgrounds:
+"white and gray, so no"),
 difference (what differs), earlier (a named earlier picture after a later one was added, in a
 later turn), latest (an unnamed question after a second picture was added).
 """
