@@ -15,6 +15,7 @@ Triton kernels to them. Rounding follows transformers (fp32 norms, fp16 products
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -151,9 +152,7 @@ class FusedLlama:
                 q.view(b, nh, 1, hd), keys[i][:, :, :attend], values[i][:, :, :attend],
                 attn_mask=mask, enable_gqa=nkv != nh)
             x = _linear(attn.reshape(b, nh * hd), w.o, residual=x)
-            gate_up = _linear(norm(x, w.mlp_norm, self.eps), w.gate_up)  # [B,2I]
-            act = kernels.silu_mul(gate_up) if triton else silu_mul(gate_up)  # [B,I]
-            x = _linear(act, w.down, residual=x)
+            x = self._mlp(x, w, norm, triton)
         return F.linear(norm(x, self.final_norm, self.eps), self.lm_head)[:, : self.vocab]  # [B,V]
 
     def prefill(self, keys: list[torch.Tensor], values: list[torch.Tensor], rows: torch.Tensor, x: torch.Tensor,
@@ -173,8 +172,7 @@ class FusedLlama:
         for i, w in enumerate(self.layers):
             qkv = _linear(norm(x, w.attn_norm, self.eps), w.qkv).view(r, t, nh + 2 * nkv, hd)
             q, k, v = qkv.split([nh, nkv, nkv], dim=2)  # [R,T,n,hd]
-            q = (q * cos + _rotate_half(q) * sin).transpose(1, 2)  # [R,nh,T,hd]
-            k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)  # [R,nkv,T,hd]
+            q, k = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2)  # [R,n,T,hd]
             v = v.transpose(1, 2)
             keys[i][rows, :, start : start + t] = k
             values[i][rows, :, start : start + t] = v
@@ -183,10 +181,14 @@ class FusedLlama:
                 v = torch.cat([values[i][rows, :, :start], v], dim=2)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=sees, enable_gqa=nkv != nh)  # [R,nh,T,hd]
             x = _linear(attn.transpose(1, 2).reshape(r * t, nh * hd), w.o, residual=x)
-            gate_up = _linear(norm(x, w.mlp_norm, self.eps), w.gate_up)  # [RT,2I]
-            x = _linear(kernels.silu_mul(gate_up) if self.use_triton else silu_mul(gate_up), w.down, residual=x)
+            x = self._mlp(x, w, norm, self.use_triton)
         x = x.view(r, t, h)[torch.arange(r, device=x.device), last]  # [R,H]
         return F.linear(norm(x, self.final_norm, self.eps), self.lm_head)[:, : self.vocab]  # [R,V]
+
+    def _mlp(self, x: torch.Tensor, w: LayerWeights, norm: Callable, triton: bool) -> torch.Tensor:
+        """x [N,H] -> x + down(silu(gate) * up) of the normed x [N,H] (the residual inside the product)."""
+        gate_up = _linear(norm(x, w.mlp_norm, self.eps), w.gate_up)  # [N,2I]
+        return _linear(kernels.silu_mul(gate_up) if triton else silu_mul(gate_up), w.down, residual=x)
 
 
 def _weight(linear: nn.Module) -> Weight:
@@ -215,12 +217,16 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posi
     b, hd = qkv.shape[0], keys.shape[-1]
     q, k, v = qkv.view(b, nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=1)
     c, s = cos[positions][:, None], sin[positions][:, None]  # [B,1,hd]
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
+    q, k = _rotate(q, c, s), _rotate(k, c, s)
     rows = torch.arange(b, device=qkv.device)
     keys[rows, :, slot] = k
     values[rows, :, slot] = v
     return q
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [..., hd] (cos/sin broadcast to it), as transformers' Llama applies it."""
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

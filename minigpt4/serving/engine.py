@@ -11,16 +11,13 @@ settings, token budget, stop strings and random generator, so a greedy answer eq
 request decoded alone. Front-ends (the API; the terminal and web page later) submit requests
 and read their events.
 
-Prefix reuse: a free row keeps the keys and values of its last request. A new request goes to
-the free row that already holds the longest prefix of it (a conversation's next turn finds its
-own history; requests sharing a system prompt share that), and only the rest is prefilled.
-Image positions are keyed by a digest of the image's soft tokens, so two images never match.
+Prefix reuse (serving/prefix.py): a free row keeps the keys and values of its last request, and
+a new request goes to the free row that holds the longest prefix of it.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import threading
 import time
@@ -31,10 +28,11 @@ import torch
 
 from minigpt4.build import LoadedModel
 from minigpt4.conversation import Conversation, encode_prompt
-from minigpt4.decoding import StaticDecoder, cache_keys, reusable_prefix
+from minigpt4.decoding import StaticDecoder
 from minigpt4.decoding.fused import unsupported_reason
 from minigpt4.errors import UserError
 from minigpt4.generation import GenerationSettings, HostCopy, StreamState
+from minigpt4.serving.prefix import pick_row, prompt_keys
 from minigpt4.serving.requests import ActiveRequest, QueueFull, Request, chunks
 from minigpt4.serving.steps import InFlight, StagedInputs, in_sampling_groups, sample
 from minigpt4.settings import MAX_CONTEXT, ChatSettings
@@ -142,7 +140,8 @@ class Engine:
             generator.manual_seed(int(seed)) if seed is not None else generator.seed()
         request = Request(ids, image_embeds, replace(settings, max_new_tokens=min(settings.max_new_tokens, room)),
                           tuple(stops if stops is not None else self.loaded.template.stop), generator,
-                          keys=self._keys(ids, image_embeds if pixels is None else pixels), notify=notify,
+                          keys=prompt_keys(ids, image_embeds if pixels is None else pixels,
+                                           self.loaded.model.num_image_tokens), notify=notify,
                           pixels=pixels)
         with self.wake:
             if self.closed:
@@ -152,34 +151,6 @@ class Engine:
             self.waiting.append(request)
             self.wake.notify()
         return request
-
-    def _keys(self, ids: list[int], images: torch.Tensor | None) -> list:
-        """Cache keys of a prompt; an image is known by a digest of its soft tokens or pixels
-        (the same picture gives the same pixels, and so the same soft tokens)."""
-        digests = [f"{tuple(e.shape)}:" + hashlib.sha1(e.float().cpu().numpy().tobytes()).hexdigest()
-                   for e in images] if images is not None else []
-        return cache_keys(ids, digests, self.loaded.model.num_image_tokens)
-
-    def _pick_row(self, keys: list, taken: set[int]) -> tuple[int, int]:
-        """The free row (not in `taken`) holding the longest prefix of `keys` -> (row, reusable
-        positions: at least one position is left to compute, and never a part of an image).
-        Ties: a row below the highest row in use (a step covers those anyway; the least recently
-        used of them), else the lowest row: the rows in use stay low, and a step covers only them."""
-        in_use = [row for row, active in enumerate(self.rows) if active is not None] + list(taken)
-        extent = max(in_use) + 1 if in_use else 0
-
-        def rank(row: int, n: int) -> tuple:
-            inside = row < extent
-            return (n, inside, -self.row_freed[row] if inside else -row)
-
-        best, best_rank = None, None
-        for row, active in enumerate(self.rows):
-            if active is not None or row in taken:
-                continue
-            candidate = rank(row, reusable_prefix(self.row_keys[row], keys))
-            if best_rank is None or candidate > best_rank:
-                best, best_rank = row, candidate
-        return best, best_rank[0]
 
     def active(self) -> int:
         return sum(row is not None for row in self.rows)
@@ -245,7 +216,7 @@ class Engine:
             for request in live:
                 if request.done.is_set():  # its images failed
                     continue
-                row, start = self._pick_row(request.keys, taken)
+                row, start = pick_row(self.rows, self.row_keys, self.row_freed, request.keys, taken)
                 taken.add(row)
                 self.row_keys[row] = []  # the row is rewritten from `start` on
                 placed[start].append((request, row))
@@ -304,7 +275,8 @@ class Engine:
         for request, row in ready:
             self.rows[row] = ActiveRequest(request, StreamState(self.loaded.tokenizer, request.stops), len(request.ids))
         ordered = in_sampling_groups([(row, self.rows[row]) for row in rows])
-        index = torch.tensor([rows.index(row) for row, _ in ordered], device=logits.device)
+        position = {row: k for k, row in enumerate(rows)}  # logits[k] is rows[k]'s
+        index = torch.tensor([position[row] for row, _ in ordered], device=logits.device)
         for (row, active), token in zip(ordered, sample(ordered, logits[index], self.loaded.tokenizer.eos_id).tolist()):
             self._take(row, active, token)
 
