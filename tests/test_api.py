@@ -218,3 +218,17 @@ def test_api_key(loaded):
     finally:
         s.close()
 
+
+
+def test_the_guard_refuses_big_bodies_and_wrong_keys_before_anything_else():
+    """413 over ui.max_body_mb and 401 without the key, even while the model loads (no engine)."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(None, None, GREEDY, ApiSettings(api_key="k", max_body_mb=0.001)))
+    big = {"messages": [{"role": "user", "content": "x" * 2000}]}
+    too_big = client.post("/v1/chat/completions", json=big, headers={"Authorization": "Bearer k"})
+    assert too_big.status_code == 413 and "ui.max_body_mb" in too_big.json()["error"]["message"]
+    assert client.get("/health").status_code == 401
+    assert client.get("/health", headers={"Authorization": "Bearer k"}).status_code == 503  # loading
+    small = client.post("/v1/chat/completions", json={"messages": []}, headers={"Authorization": "Bearer k"})
+    assert small.status_code == 503

@@ -168,6 +168,30 @@ def settings_for(body: dict, defaults: GenerationSettings) -> tuple[GenerationSe
     return settings, tuple(stop) if stop else None, seed
 
 
+class _Guard:
+    """The API key and body-size checks, as plain ASGI middleware. Starlette's
+    @app.middleware("http") relays every streamed chunk through a memory stream and a task: at 32
+    streams it took half the server's CPU from the engine (2026-12-02, a fake engine stepping
+    every 6.5 ms: 2,910 -> 4,270 tokens/s without it)."""
+
+    def __init__(self, app, settings: ApiSettings, error):
+        self.app, self.settings, self.error = app, settings, error
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])  # lower-case byte names
+            settings = self.settings
+            if settings.api_key and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {settings.api_key}":
+                err = ApiError(401, "missing or wrong API key: send Authorization: Bearer <ui.api_key>",
+                               kind="authentication_error")
+                return await self.error(err)(scope, receive, send)
+            length = headers.get(b"content-length", b"").decode("latin-1")
+            if length.isdigit() and int(length) > settings.max_body_mb * 2**20:
+                return await self.error(ApiError(413, f"request body over ui.max_body_mb={settings.max_body_mb:g} MB"))(
+                    scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 # ---- the app ------------------------------------------------------------------------------------
 def create_app(engine: Engine | None, loaded: LoadedModel | None, defaults: GenerationSettings,
                settings: ApiSettings, model_name: str = "minigpt4"):
@@ -178,15 +202,7 @@ def create_app(engine: Engine | None, loaded: LoadedModel | None, defaults: Gene
     def error(err: ApiError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status)
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        if settings.api_key and request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            return error(ApiError(401, "missing or wrong API key: send Authorization: Bearer <ui.api_key>",
-                                  kind="authentication_error"))
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_mb * 2**20:
-            return error(ApiError(413, f"request body over ui.max_body_mb={settings.max_body_mb:g} MB"))
-        return await call_next(request)
+    app.add_middleware(_Guard, settings=settings, error=error)
 
     @app.get("/health")
     async def health():
@@ -275,7 +291,7 @@ class _Events:
                     events.append(self.request.events.get_nowait())
             except queue.Empty:
                 pass
-            if time.monotonic() - self.checked >= self.CHECK_EVERY or not events:
+            if time.monotonic() - self.checked >= self.CHECK_EVERY:  # not on every wake: a look costs a task and a timer
                 self.checked = time.monotonic()
                 if await self.http.is_disconnected():
                     self.request.cancel()
