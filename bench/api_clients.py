@@ -15,6 +15,8 @@ import httpx
 
 async def _one(client: httpx.AsyncClient, url: str, question: str) -> dict:
     """Stream one answer -> {ttft, gaps, tokens} (text chunks' arrival times)."""
+    if "{n}" in question:  # each request its own question (no cached prefix beyond the system prompt)
+        question = question.replace("{n}", str(next(_numbers)))
     body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": question}]}
     start, stamps, tokens = time.perf_counter(), [], 0
     async with client.stream("POST", url + "/chat/completions", json=body) as response:
@@ -25,6 +27,9 @@ async def _one(client: httpx.AsyncClient, url: str, question: str) -> dict:
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     return {"ttft": stamps[0] - start if stamps else float("nan"),
             "gaps": [b - a for a, b in itertools.pairwise(stamps)], "tokens": tokens}
+
+
+_numbers = itertools.count(1)
 
 
 async def _clients(url: str, clients: int, per_client: int, question: str, seconds: float | None) -> tuple[list, float]:
@@ -42,7 +47,11 @@ async def _clients(url: str, clients: int, per_client: int, question: str, secon
         return [r for batch in batches for r in batch], time.perf_counter() - start
 
 
-def load(url: str, clients: int, per_client: int, question: str, seconds: float | None = None) -> tuple[list, float]:
+def load(url: str, clients: int, per_client: int, question: str, seconds: float | None = None,
+         first_number: int = 1) -> tuple[list, float]:
     """`clients` concurrent clients, each sending `per_client` requests in turn (or for `seconds`)
-    -> (one result per request, wall seconds)."""
+    -> (one result per request, wall seconds). "{n}" in the question: a number of its own per
+    request, counted from first_number."""
+    global _numbers
+    _numbers = itertools.count(first_number)
     return asyncio.run(_clients(url, clients, per_client, question, seconds))

@@ -3,8 +3,8 @@
     python bench/bench_api.py                       # 7B shape, random fp16, GPU 0: 1, 8, 32, 64 clients
     python bench/bench_api.py --tiny --clients 1 4  # CPU smoke test (the demo-sized model)
 
-The clients run in a process of their own (bench/api_clients.py: one asyncio loop), as real
-clients do. Each client sends its requests one after another over HTTP (server-sent events), each a text
+The clients run in four processes of their own (bench/api_clients.py: one asyncio loop each),
+as real clients do. Each client sends its requests one after another over HTTP (server-sent events), each a text
 question of ~100 tokens answered with exactly --new tokens (random weights never stop:
 min_new_tokens and no stop string force the length, as the other benches do). Reported per
 client count: aggregate generated tokens/s, p50/p99 time to first token, p50 time between
@@ -14,7 +14,10 @@ answer only with pieces a client sees at once (visible_answers_only: before 2026
 their tokens were ids the bench's tokenizer cannot show, and client-side latencies waited for
 the visible ones). --sync-clients: those client counts again with the engine's steps not fed ahead (each
 step's tokens taken on the host before the next step is queued: the engine before 2026-12-02).
---soak: 32 clients for that many seconds, GPU memory sampled every 5 s. Peer: evaluate.py's
+--soak: 32 clients for that many seconds, GPU memory sampled every 5 s, once per
+--soak-prompts: "same" (every request the same question: the row a request gets holds its whole
+prompt, so an admission prefills one position and costs only its fixed part) and "distinct"
+(each request its own question: only the system prompt is reused, as for real users). Peer: evaluate.py's
 path (one static batch of 32, the same prompt), in the same process.
 """
 
@@ -98,13 +101,20 @@ def admissions(engine, before: collections.Counter, seconds: float) -> dict:
             "admit_share": done["admit_s"] / seconds}
 
 
+CLIENT_PROCESSES = 4  # the clients' processes: one asyncio loop parsing 32-64 streams lagged (client p99 TTFT 423 ms, engine 169 ms)
+
+
 def run_clients(clients_process, url: str, clients: int, per_client: int, question: str, engine=None,
                 seconds: float | None = None) -> dict:
-    """`clients` streaming clients (in the clients' own process), each sending `per_client`
+    """`clients` streaming clients (spread over the clients' processes), each sending `per_client`
     requests in turn or, given `seconds`, requests back to back for that long -> the row of the table."""
     first = len(engine.seen) if engine is not None else 0
     before = engine.stats.copy() if engine is not None else None
-    results, seconds = clients_process.submit(api_clients.load, url, clients, per_client, question, seconds).result()
+    groups = [clients // CLIENT_PROCESSES + (k < clients % CLIENT_PROCESSES) for k in range(CLIENT_PROCESSES)]
+    jobs = [clients_process.submit(api_clients.load, url, n, per_client, question, seconds, 1 + k * 10**6)
+            for k, n in enumerate(groups) if n]
+    parts = [job.result() for job in jobs]
+    results, seconds = [r for part, _ in parts for r in part], max(wall for _, wall in parts)
     ttft = sorted(r["ttft"] for r in results)
     gaps = [g for r in results for g in r["gaps"]]
     return {"clients": clients, "requests": len(results), "tok_s": sum(r["tokens"] for r in results) / seconds,
@@ -151,6 +161,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--soak", type=float, default=0,
                     help="then 32 clients back to back for this many seconds, once per --admit-wait-ms: memory flat?")
+    ap.add_argument("--soak-prompts", nargs="+", choices=["same", "distinct"], default=["same"],
+                    help="soak with every request asking the same question (its prompt is cached in the row it "
+                         "gets: a one-position prefill) or each its own (only the system prompt is reused)")
     ap.add_argument("--admit-wait-ms", type=float, nargs="+", default=[ADMIT_WAIT * 1000],
                     help="the engine's admit_wait: the first for every run, the others again at 32 clients (and soaked)")
     ap.add_argument("--sync-clients", type=int, nargs="*", default=[32],
@@ -165,7 +178,7 @@ def main() -> None:
     engine, server, url = start_server(loaded, max(args.clients), args.new)
     engine.admit_wait = args.admit_wait_ms[0] / 1000
     rows, soaked = [], []
-    clients_process = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    clients_process = ProcessPoolExecutor(CLIENT_PROCESSES, mp_context=multiprocessing.get_context("spawn"))
     try:
         # warm-up: the first graphs, and the kernels of admissions of up to max(clients) rows (on
         # 2026-12-02 the first run with several rows paid ~1 s of first uses in its TTFTs)
@@ -192,8 +205,10 @@ def main() -> None:
                 rows.append({**run_clients(clients_process, url, 32, args.per_client, question, engine),
                              "feed_ahead": True, "admit_wait_ms": wait})
                 print(json.dumps(rows[-1]), flush=True)
-            if args.soak:
-                soaked.append({**soak(clients_process, url, 32, args.soak, question, engine), "admit_wait_ms": wait})
+            for prompts in args.soak_prompts if args.soak else []:
+                asked = question if prompts == "same" else "Question {n}: " + question
+                soaked.append({**soak(clients_process, url, 32, args.soak, asked, engine), "admit_wait_ms": wait,
+                               "prompts": prompts})
                 print("soak:", json.dumps(soaked[-1]), flush=True)
     finally:
         clients_process.shutdown()
@@ -202,11 +217,11 @@ def main() -> None:
     peer = batch_decode_peer(loaded, 32, question, args.new)
     print(f"evaluate.py's path, one static batch of 32: {peer:.1f} tok/s", flush=True)
     print(f"\n{'run':>6} {'clients':>7} {'ahead':>5} {'wait':>6} {'tok/s':>9} {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}"
-          f"   per token (engine): {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}  admissions  per  prefill share")
+          f" {'prompts':>8}   per token (engine): {'ttft p50':>9} {'ttft p99':>9} {'itl p50':>8}  admissions  per  prefill share")
     for name, r in [("burst", r) for r in rows] + [("soak", r) for r in soaked]:
         print(f"{name:>6} {r['clients']:>7} {r.get('feed_ahead', True)!s:>5} {r['admit_wait_ms']:>4.0f}ms"
               f" {r['tok_s']:>9.1f} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.1f}ms"
-              f"                       {r.get('token_ttft_p50_ms', float('nan')):>7.1f}ms "
+              f" {r.get('prompts', 'same'):>8}                       {r.get('token_ttft_p50_ms', float('nan')):>7.1f}ms "
               f"{r.get('token_ttft_p99_ms', float('nan')):>7.1f}ms {r.get('token_itl_p50_ms', float('nan')):>6.1f}ms"
               f"  {r.get('admissions', 0):>10} {r.get('per_admission', 0):>4.1f} {r.get('admit_share', 0):>13.2f}")
     if os.environ.get("OUT"):

@@ -38,6 +38,8 @@ pick tests && step 330 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k
 named tests_fast && step 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ -k "not 7b_paths"
 # the engine's and the static decoder's GPU tests only (row-bounded steps: a graph per rows and length)
 named engine_tests && step 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_static_decode.py
+# the gate of the engine's rows on the 7B shape alone (admissions' fused prefill, row steps): ~1 min
+named engine_gate && step 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_gate.py -k engine_rows
 # the gate on the 7B shape (every path but max-autotune, batch 1, 8, 32) and the speed of ours,
 # ours compiled and transformers' static cache at batch 1 and 32
 # (~360 s, 357 s on 2026-12-02 before the engine rows gate was added: run it in a call of its own)
