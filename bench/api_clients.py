@@ -32,26 +32,31 @@ async def _one(client: httpx.AsyncClient, url: str, question: str) -> dict:
 _numbers = itertools.count(1)
 
 
-async def _clients(url: str, clients: int, per_client: int, question: str, seconds: float | None) -> tuple[list, float]:
-    stop = time.perf_counter() + seconds if seconds else None
+async def _clients(url: str, clients: int, per_client: int, question: str, seconds: float | None,
+                   start_at: float | None) -> tuple[list, float, float]:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(limits=limits, timeout=600) as client:
+        if start_at is not None:  # the other processes' clients start at the same moment
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+        started = time.time()
+        stop = started + seconds if seconds else None
+
         async def one_client() -> list[dict]:
             done = []
-            while (stop is None and len(done) < per_client) or (stop is not None and time.perf_counter() < stop):
+            while (stop is None and len(done) < per_client) or (stop is not None and time.time() < stop):
                 done.append(await _one(client, url, question))
             return done
 
-        start = time.perf_counter()
         batches = await asyncio.gather(*(one_client() for _ in range(clients)))
-        return [r for batch in batches for r in batch], time.perf_counter() - start
+        return [r for batch in batches for r in batch], started, time.time()
 
 
 def load(url: str, clients: int, per_client: int, question: str, seconds: float | None = None,
-         first_number: int = 1) -> tuple[list, float]:
-    """`clients` concurrent clients, each sending `per_client` requests in turn (or for `seconds`)
-    -> (one result per request, wall seconds). "{n}" in the question: a number of its own per
-    request, counted from first_number."""
+         first_number: int = 1, start_at: float | None = None) -> tuple[list, float, float]:
+    """`clients` concurrent clients, each sending `per_client` requests in turn (or for `seconds`),
+    starting at time.time() == start_at (several processes together) -> (one result per request,
+    when they started, when the last ended: time.time(), comparable across processes). "{n}" in
+    the question: a number of its own per request, counted from first_number."""
     global _numbers
     _numbers = itertools.count(first_number)
-    return asyncio.run(_clients(url, clients, per_client, question, seconds))
+    return asyncio.run(_clients(url, clients, per_client, question, seconds, start_at))

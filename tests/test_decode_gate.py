@@ -44,12 +44,13 @@ def test_every_cpu_path_passes_the_gate():
 
 
 def test_the_serving_engines_rows_pass_the_gate():
-    """Requests prefilled together into rows out of order, each decoding at its own length, and a
-    second turn onto a cached row: each request's answer logits are its own eager forward's."""
+    """Requests prefilled together into rows out of order, each decoding at its own length, and
+    two second turns prefilled together onto their cached rows (different prefixes): each
+    request's answer logits are its own eager forward's."""
     llm = small_llm()
     result = run_rows_gate(llm, "engine rows", lambda b, n: StaticDecoder(llm, b, n), new_tokens=8)
     print(table([result]))
-    assert result.positions == 5 * 8 and result.agreement == 1.0 and result.max_logit_diff < 1e-3, table([result])
+    assert result.positions == 6 * 8 and result.agreement == 1.0 and result.max_logit_diff < 1e-3, table([result])
 
 
 class _ShiftedPositions(DynamicDecoder):

@@ -256,7 +256,7 @@ def test_an_llm_the_fused_step_cannot_run_is_served_one_request_at_a_time(caplog
 def test_arrivals_are_admitted_together_images_and_prompts_batched():
     """Requests waiting when rows free up are admitted in one round: their pixels through the image
     side in one forward, their prompts in one right-padded prefill; each answer is still the one it
-    gets alone. A prompt sharing a cached prefix prefills only the rest (a group of its own)."""
+    gets alone. A prompt sharing a cached prefix prefills only the rest."""
     torch.set_num_threads(1)
     loaded = build_tiny(["checkpoint=demo"])
     jobs = jobs_for(loaded)
@@ -264,7 +264,7 @@ def test_arrivals_are_admitted_together_images_and_prompts_batched():
     engine = Engine(loaded, slots=8, max_context=2000)
     prefills, encodes = [], []
     prefill_rows, encode = engine.decoder.prefill_rows, loaded.model.encode_images
-    engine.decoder.prefill_rows = lambda rows, *a, **k: prefills.append((list(rows), k.get("start", 0))) or prefill_rows(rows, *a, **k)
+    engine.decoder.prefill_rows = lambda rows, *a, **k: prefills.append((list(rows), k["start"])) or prefill_rows(rows, *a, **k)
     loaded.model.encode_images = lambda pixels: encodes.append(len(pixels)) or encode(pixels)
     try:
         with engine.wake:  # hold the engine thread: everything below waits in the queue together
@@ -273,10 +273,39 @@ def test_arrivals_are_admitted_together_images_and_prompts_batched():
             assert r.done.wait(120)
         assert [clean_answer(r.text, loaded.template) for r in requests] == expected
         assert encodes == [5]  # the 5 pictures of 4 requests in one forward
-        assert sorted(len(rows) for rows, _ in prefills) == [5] and prefills[0][1] == 0
+        assert sorted(len(rows) for rows, _ in prefills) == [5] and prefills[0][1] == [0] * 5
         again = engine.submit(requests[0].ids, None, GREEDY, pixels=loaded.pixels(jobs[0][0]))
         assert again.done.wait(120) and clean_answer(again.text, loaded.template) == expected[0]
-        assert prefills[-1][1] > 0 and again.prefilled < len(again.ids)  # its prefix came from the cache
+        assert prefills[-1][1][0] > 0 and again.prefilled < len(again.ids)  # its prefix came from the cache
+    finally:
+        engine.close()
+
+
+def test_requests_with_different_cached_prefixes_are_prefilled_in_one_forward():
+    """An admission prefills every request after what its row holds already, in one forward:
+    a repeated prompt (all but its last position cached), a question sharing only the system
+    prompt, and a fresh row, together; each answer is the one it gets alone."""
+    torch.set_num_threads(1)
+    loaded = build_tiny(["checkpoint=demo"])
+    jobs = jobs_for(loaded)
+    expected = [alone(loaded, *job) for job in jobs]
+    engine = Engine(loaded, slots=4, max_context=2000)
+    prefills = []
+    prefill_rows = engine.decoder.prefill_rows
+    engine.decoder.prefill_rows = lambda rows, *a, **k: prefills.append(k["start"]) or prefill_rows(rows, *a, **k)
+    try:
+        with engine.wake:  # admitted together (into rows 0 and 1)
+            first = submit_jobs(engine, loaded, jobs[:2])
+        for r in first:
+            assert r.done.wait(120)
+        with engine.wake:  # admitted together: job 0 must not take job 1's row for their common first token
+            requests = submit_jobs(engine, loaded, [jobs[0], jobs[1], jobs[3]])
+        for r in requests:
+            assert r.done.wait(120)
+        assert [clean_answer(r.text, loaded.template) for r in requests] == [expected[0], expected[1], expected[3]]
+        starts = prefills[-1]
+        assert len(starts) == 3 and len(set(starts)) > 1  # one forward, different cached prefixes
+        assert [r.prefilled for r in requests[:2]] == [1, 1]  # the repeated prompts: their last position only
     finally:
         engine.close()
 
@@ -289,3 +318,35 @@ def test_admission_chunks_keep_each_prefill_within_its_position_budget():
     assert [n for run in runs for n in run] == sizes  # order kept, nothing lost
     assert all(len(run) * max(run) <= 600 or len(run) == 1 for run in runs)
     assert runs == [[100, 30], [300, 50], [5000], [10]]
+
+
+def test_rows_are_assigned_longest_cached_prefix_first():
+    from minigpt4.serving.prefix import assign_rows
+
+    rows, freed = [None, None, None, object()], [0, 0, 0, 0]
+    held = [[1, 2, 3, 4, 5], [1, 9, 9, 9], [], [1, 2]]
+    wanted = [[1, 7, 7], [1, 9, 9, 9, 8], [1, 2, 3, 4, 5, 6]]  # request 0 shares one token with rows 0 and 1
+    assert assign_rows(rows, held, freed, wanted) == [(2, 0), (1, 4), (0, 5)]
+    # nothing cached: the lowest free rows, in order
+    assert assign_rows([None] * 4, [[]] * 4, freed, [[5, 6], [7, 8]]) == [(0, 0), (1, 0)]
+
+
+def test_a_request_whose_images_do_not_fill_its_slots_fails_alone():
+    torch.set_num_threads(1)
+    loaded = build_tiny(["checkpoint=demo"])
+    jobs = jobs_for(loaded)
+    expected = alone(loaded, *jobs[0])
+    engine = Engine(loaded, slots=4, max_context=2000)
+    try:
+        conv = loaded.conversation()
+        conv.add_image(0)
+        conv.ask("What colour are the shapes?")
+        two_images = loaded.encode_images([jobs[0][0][0], jobs[2][0][0]])  # for a prompt with one image
+        with engine.wake:  # admitted together
+            bad = engine.submit(engine.prompt_ids(conv), two_images, GREEDY)
+            good = submit_jobs(engine, loaded, jobs[:1])[0]
+        assert bad.done.wait(120) and good.done.wait(120)
+        assert bad.finish_reason == "error" and "image slots" in bad.error
+        assert clean_answer(good.text, loaded.template) == expected
+    finally:
+        engine.close()

@@ -248,3 +248,25 @@ def test_fused_row_prefill_equals_transformers_prefill():
         torch.testing.assert_close(k_f, k, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(v_f, v, rtol=1e-4, atol=1e-5)
     assert torch.equal(valid_f, valid) and valid[1, :15].all() and not valid[1, 15:].any()
+
+
+def test_fused_row_prefill_takes_each_rows_own_cached_prefix():
+    """An admission whose requests reuse different cached prefixes (start per row) is one forward
+    that gives what transformers gives for each request prefilled alone after its own prefix."""
+    loaded = build_tiny(["checkpoint=demo"])
+    llm, hidden = loaded.model.llm, loaded.model.llm.config.hidden_size
+    torch.manual_seed(9)
+    prefix, new = torch.randn(4, 10, hidden) * 0.02, torch.randn(2, 9, hidden) * 0.02
+    ref, fused = StaticDecoder(llm, 4, 64, use_fused=False), StaticDecoder(llm, 4, 64, use_fused=True)
+    for dec in (ref, fused):
+        dec.prefill_rows([0, 1, 2, 3], prefix, [10, 10, 10, 10])
+    expected = torch.cat([ref.prefill_rows([3], new[:1], [9], start=10), ref.prefill_rows([1], new[1:, :5], [5], start=4)])
+    got = fused.prefill_rows([3, 1], new, [9, 5], start=[10, 4])  # row 1: 4 cached, 5 new, padded to 9
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for a, b in zip(ref.cache.layers, fused.cache.layers):
+        for row, n in ((3, 19), (1, 9)):
+            torch.testing.assert_close(b.keys[row, :, :n], a.keys[row, :, :n], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(b.values[row, :, :n], a.values[row, :, :n], rtol=1e-4, atol=1e-5)
+    assert torch.equal(fused.valid, ref.valid) and fused.valid[1, :9].all() and not fused.valid[1, 9:].any()
+    with pytest.raises(ValueError, match="different cached prefixes"):
+        ref.prefill_rows([3, 1], new, [9, 5], start=[10, 4])

@@ -89,11 +89,15 @@ def cache_keys(ids: list[int], image_keys: list[Hashable], num_image_tokens: int
 def reusable_prefix(cached: list[Any], keys: list[Any]) -> int:
     """How many leading positions of `keys` a cache holding `cached` can keep: their common
     prefix, leaving at least one position to compute and never ending inside an image."""
-    n = 0
-    for a, b in zip(cached, keys[:-1]):
-        if a != b:
-            break
-        n += 1
+    limit = max(0, min(len(cached), len(keys) - 1))
+    if cached[:limit] == keys[:limit]:  # all of it (one comparison in C: a serving engine asks for every free row)
+        n = limit
+    else:
+        n = 0
+        for a, b in zip(cached, keys[:limit]):
+            if a != b:
+                break
+            n += 1
     while n and isinstance(keys[n - 1], tuple) and isinstance(keys[n], tuple) and keys[n][1] > 0:
         n -= 1  # back to the start of an image that is only partly cached
     return n

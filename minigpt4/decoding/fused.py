@@ -156,33 +156,40 @@ class FusedLlama:
         return F.linear(norm(x, self.final_norm, self.eps), self.lm_head)[:, : self.vocab]  # [B,V]
 
     def prefill(self, keys: list[torch.Tensor], values: list[torch.Tensor], rows: torch.Tensor, x: torch.Tensor,
-                start: int, last: torch.Tensor) -> torch.Tensor:
-        """Feed x [R,T,H] (input embeddings, right-padded) at positions start..start+T-1 into the
-        cache rows `rows` ([R] long) of every layer's keys/values [B,nkv,L,hd], after the R rows'
-        first `start` slots (taken as valid) -> the logits of each row's position last[r] [R,V].
-        Query t sees the slots up to start+t: a real position never sees the padding after it.
+                starts: torch.Tensor, lengths: torch.Tensor, span: int) -> torch.Tensor:
+        """Feed x [R,T,H] (input embeddings, right-padded: row r's first lengths[r] are real) into
+        the cache rows `rows` ([R] long) of every layer's keys/values [B,nkv,L,hd], row r after its
+        own first starts[r] slots (taken as valid), at positions starts[r].. -> the logits of each
+        row's last real position [R,V]. span = max(starts + lengths), what any query sees. Query t
+        of row r sees the slots up to starts[r] + t; a padding position writes the row's last
+        slot, which no request reaches (as idle rows' steps do).
         A serving engine's admissions: a handful of large products a layer, and the keys and
-        values written straight into the rows (no cache of transformers' to copy from). Few
-        operations a layer: an admission of a short new part is bound by their launches (~27 ms
-        for a 7B on the H200, 2026-12-02), not by the GPU."""
+        values written straight into the rows (no cache of transformers' to copy from); rows
+        with different cached prefixes go in one forward. Few operations a layer: an admission of
+        a short new part is bound by their launches (~27 ms for a 7B on the H200, 2026-12-02),
+        not by the GPU."""
         r, t, h = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         norm = kernels.rms_norm if self.use_triton else rms_norm
-        cos, sin = self.cos[start : start + t, None], self.sin[start : start + t, None]  # [T,1,hd]
-        sees = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)  # [T,start+T]
+        steps = torch.arange(t, device=x.device)
+        positions = starts[:, None] + steps  # [R,T]
+        real = steps < lengths[:, None]  # [R,T]
+        slots = torch.where(real, positions, keys[0].shape[2] - 1)  # [R,T]
+        rotary = torch.where(real, positions, 0)  # (a padding position's rotation does not matter; the last slot may lie past the table)
+        cos, sin = self.cos[rotary][:, :, None], self.sin[rotary][:, :, None]  # [R,T,1,hd]
+        sees = (torch.arange(span, device=x.device) <= positions[:, :, None])[:, None]  # [R,1,T,S]
         x = x.reshape(r * t, h)
         for i, w in enumerate(self.layers):
             qkv = _linear(norm(x, w.attn_norm, self.eps), w.qkv).view(r, t, nh + 2 * nkv, hd)
             qk = _rotate(qkv[:, :, : nh + nkv], cos, sin)  # [R,T,nh+nkv,hd]: q and k heads in one go
-            q, k, v = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv :].transpose(1, 2)
-            keys[i][rows, :, start : start + t] = k  # [R,n,T,hd]
-            values[i][rows, :, start : start + t] = v
-            if start:  # the rows' cached prefixes and the new positions, read back at once
-                k, v = keys[i][rows, :, : start + t], values[i][rows, :, : start + t]
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=sees, enable_gqa=nkv != nh)  # [R,nh,T,hd]
+            keys[i][rows[:, None], :, slots] = qk[:, :, nh:]  # [R,T,nkv,hd] into each row's slots
+            values[i][rows[:, None], :, slots] = qkv[:, :, nh + nkv :]
+            k, v = keys[i][rows, :, :span], values[i][rows, :, :span]  # [R,nkv,S,hd]: cached prefix and new
+            attn = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), k, v, attn_mask=sees,
+                                                  enable_gqa=nkv != nh)  # [R,nh,T,hd]
             x = _linear(attn.transpose(1, 2).reshape(r * t, nh * hd), w.o, residual=x)
             x = self._mlp(x, w, norm, self.use_triton)
-        x = x.view(r, t, h)[torch.arange(r, device=x.device), last]  # [R,H]
+        x = x.view(r, t, h)[torch.arange(r, device=x.device), lengths - 1]  # [R,H]
         return F.linear(norm(x, self.final_norm, self.eps), self.lm_head)[:, : self.vocab]  # [R,V]
 
     def _mlp(self, x: torch.Tensor, w: LayerWeights, norm: Callable, triton: bool) -> torch.Tensor:

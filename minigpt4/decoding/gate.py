@@ -189,8 +189,8 @@ def run_rows_gate(llm: LlamaForCausalLM, path: str, make: MakeDecoder, new_token
     """The serving engine's shapes on one static decoder with the fused step (`make`): four
     requests of different lengths prefilled together, right-padded, into rows out of order
     (prefill_rows), answered by steps in which each row is at its own length (step_rows; idle
-    rows write their last slot, as the engine's do), then a second turn of one of them
-    prefilled onto its cached row and answered while the others idle. Each request is
+    rows write their last slot, as the engine's do), then second turns of two of them prefilled
+    together onto their cached rows (different prefixes) and answered while the others idle. Each request is
     compared with its own eager forward."""
     gen = torch.Generator().manual_seed(seed)
     seqs = []
@@ -199,8 +199,9 @@ def run_rows_gate(llm: LlamaForCausalLM, path: str, make: MakeDecoder, new_token
         seq.prompt(n_text, image=k != 3, first=True)
         seq.answer(new_tokens)
         seqs.append(seq)
-    seqs[0].prompt(20)
-    seqs[0].answer(new_tokens)
+    for k, n_text in ((0, 20), (2, 9)):  # second turns, prefilled together after different cached prefixes
+        seqs[k].prompt(n_text)
+        seqs[k].answer(new_tokens)
     total = max(seq.tensors()[0].shape[1] for seq in seqs)
     decoder = make(len(seqs), total + 1)  # + the idle rows' slot
     row_of = [2, 0, 3, 1]  # request k decodes in row row_of[k]
@@ -222,10 +223,11 @@ def _rows_teacher_forced(seqs: list[_Sequence], decoder, row_of: list[int]) -> l
     for s in range(max(len(seq.segments) for seq in seqs)):
         todo = [k for k, seq in enumerate(seqs) if s < len(seq.segments)]
         kind = seqs[todo[0]].segments[s][0]
-        if kind == "prompt":  # the turn's requests start at the same position
+        if kind == "prompt":  # each after what its row holds
             parts = [seqs[k].segments[s][1][0] for k in todo]
             padded = torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)
-            first = decoder.prefill_rows([row_of[k] for k in todo], padded, [len(p) for p in parts], start=at[todo[0]])
+            first = decoder.prefill_rows([row_of[k] for k in todo], padded, [len(p) for p in parts],
+                                         start=[at[k] for k in todo])
             for k, part, row_logits in zip(todo, parts, first.float()):
                 logits[k], at[k] = row_logits[None], at[k] + len(part)
             continue

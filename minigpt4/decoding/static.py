@@ -173,26 +173,35 @@ class StaticDecoder:
         return self.prefill_rows([row], embeds, [embeds.shape[1]], start)
 
     @torch.inference_mode()
-    def prefill_rows(self, rows: list[int], embeds: torch.Tensor, lengths: list[int], start: int = 0) -> torch.Tensor:
-        """Cache R new prompts at once, each after the first `start` slots of its own row (the
-        rest of each row is dropped; other rows stay as they are): embeds [R,T,H] right-padded,
-        row r's first lengths[r] positions real, at positions start.. -> each row's last logits [R,V].
-        One eager forward through the fused weights, which writes the keys and values straight
-        into the rows' slots (a padding position's too: it is never marked valid, and the row's
-        next decode step overwrites it). Without the fused step: transformers' forward through a
-        DynamicCache holding the rows' common-length prefixes, whose keys and values are copied."""
+    def prefill_rows(self, rows: list[int], embeds: torch.Tensor, lengths: list[int],
+                     start: int | list[int] = 0) -> torch.Tensor:
+        """Cache R new prompts at once, each after the first start[r] slots of its own row (one
+        start for all, or one per row; the rest of each row is dropped; other rows stay as they
+        are): embeds [R,T,H] right-padded, row r's first lengths[r] positions real, at positions
+        start[r].. -> each row's last logits [R,V]. One eager forward through the fused weights,
+        which writes the keys and values straight into the rows' slots. Without the fused step
+        (one start for all): transformers' forward through a DynamicCache holding the rows'
+        common-length prefixes, whose keys and values are copied."""
         r, t = embeds.shape[:2]
+        starts = [start] * r if isinstance(start, int) else list(start)
+        if max(s + n for s, n in zip(starts, lengths)) > self.max_len:
+            raise ValueError(f"{max(s + n for s, n in zip(starts, lengths))} positions do not fit the static cache of {self.max_len}")
+        device = embeds.device
+        index, starts_t, lengths_t = torch.tensor([rows, starts, lengths], device=device)  # [R] each, one copy
+        self.valid[index] = torch.arange(self.max_len, device=device) < (starts_t + lengths_t)[:, None]
+        span = max(s + n for s, n in zip(starts, lengths))
+        if self.use_fused:
+            if span >= self.max_len and min(lengths) < t:
+                raise ValueError(f"{span} positions and padding do not fit the static cache of {self.max_len} "
+                                 "(padding writes the last slot)")
+            return self._model.prefill([layer.keys for layer in self.cache.layers],
+                                       [layer.values for layer in self.cache.layers], index, embeds, starts_t,
+                                       lengths_t, span)
+        if len(set(starts)) > 1:
+            raise ValueError("rows with different cached prefixes need the fused prefill")
+        start = starts[0]
         if start + t > self.max_len:
             raise ValueError(f"{start + t} positions do not fit the static cache of {self.max_len}")
-        device = embeds.device
-        index = torch.tensor(rows, device=device)
-        lengths_t = torch.tensor(lengths, device=device)  # [R]
-        real = torch.arange(t, device=device)[None] < lengths_t[:, None]  # [R,T]
-        self.valid[index] = False
-        self.valid[index, : start + t] = torch.cat([real.new_ones(r, start), real], dim=1)
-        if self.use_fused:
-            return self._model.prefill([layer.keys for layer in self.cache.layers],
-                                       [layer.values for layer in self.cache.layers], index, embeds, start, lengths_t - 1)
         prefix = DynamicCache()
         if start:
             for i, layer in enumerate(self.cache.layers):
