@@ -178,6 +178,10 @@ class FusedLlama:
         rotary = torch.where(real, positions, 0)  # (a padding position's rotation does not matter; the last slot may lie past the table)
         cos, sin = self.cos[rotary][:, :, None], self.sin[rotary][:, :, None]  # [R,T,1,hd]
         sees = (torch.arange(span, device=x.device) <= positions[:, :, None])[:, None]  # [R,1,T,S]
+        # an additive mask made once (attention turned a boolean one into this in every layer), its
+        # rows 8-aligned in memory (else the memory-efficient kernel copies it into such rows each layer)
+        aligned = torch.zeros(r, 1, t, -(-span // 8) * 8, dtype=x.dtype, device=x.device)
+        bias = aligned[..., :span].masked_fill_(~sees, float("-inf"))  # [R,1,T,S]
         x = x.reshape(r * t, h)
         for i, w in enumerate(self.layers):
             qkv = _linear(norm(x, w.attn_norm, self.eps), w.qkv).view(r, t, nh + 2 * nkv, hd)
@@ -185,7 +189,7 @@ class FusedLlama:
             keys[i][rows[:, None], :, slots] = qk[:, :, nh:]  # [R,T,nkv,hd] into each row's slots
             values[i][rows[:, None], :, slots] = qkv[:, :, nh + nkv :]
             k, v = keys[i][rows, :, :span], values[i][rows, :, :span]  # [R,nkv,S,hd]: cached prefix and new
-            attn = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), k, v, attn_mask=sees,
+            attn = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), k, v, attn_mask=bias,
                                                   enable_gqa=nkv != nh)  # [R,nh,T,hd]
             x = _linear(attn.transpose(1, 2).reshape(r * t, nh * hd), w.o, residual=x)
             x = self._mlp(x, w, norm, self.use_triton)
