@@ -48,8 +48,9 @@ from minigpt4.generation import GenerationSettings  # noqa: E402
 from minigpt4.serving.engine import ADMIT_WAIT, CAPTURED_POSITIONS, Engine  # noqa: E402
 
 
-def start_server(loaded, slots: int, new: int):
-    engine = Engine(loaded, slots=slots, max_context=2000, max_queue=1024, capture_positions=CAPTURED_POSITIONS)  # as chat.py's
+def start_server(loaded, slots: int, new: int, graph_admissions: bool = False):
+    engine = Engine(loaded, slots=slots, max_context=2000, max_queue=1024, capture_positions=CAPTURED_POSITIONS,
+                    graph_admissions=graph_admissions)  # as chat.py's
     engine.seen = []  # every request, for the engine-side token timings
     submit = engine.submit
     engine.submit = lambda *a, **k: engine.seen.append(submit(*a, **k)) or engine.seen[-1]
@@ -164,6 +165,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--soak", type=float, default=0,
                     help="then 32 clients back to back for this many seconds, once per --admit-wait-ms: memory flat?")
+    ap.add_argument("--graph-admissions", action="store_true",
+                    help="short admissions replay CUDA graphs (Engine(graph_admissions=True), decoding/row_prefill.py)")
     ap.add_argument("--soak-prompts", nargs="+", choices=["same", "distinct"], default=["same"],
                     help="soak with every request asking the same question (its prompt is cached in the row it "
                          "gets: a one-position prefill) or each its own (only the system prompt is reused)")
@@ -178,7 +181,7 @@ def main() -> None:
     loaded.template = loaded.template.with_overrides(stop=())
     visible_answers_only(loaded)
     question = " ".join(["how many red circles are there in the picture"] * 11) + "?"
-    engine, server, url = start_server(loaded, max(args.clients), args.new)
+    engine, server, url = start_server(loaded, max(args.clients), args.new, args.graph_admissions)
     engine.admit_wait = args.admit_wait_ms[0] / 1000
     rows, soaked = [], []
     clients_process = ProcessPoolExecutor(CLIENT_PROCESSES, mp_context=multiprocessing.get_context("spawn"))

@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt4.decoding import DynamicDecoder, StaticDecoder, make_decoder  # noqa: E402
-from minigpt4.decoding.gate import run_gate, run_rows_gate, table  # noqa: E402
+from minigpt4.decoding.gate import run_gate, run_rows_gate, table, with_row_prefill_graphs  # noqa: E402
 
 SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32001, max_position_embeddings=2048, rms_norm_eps=1e-6)
@@ -205,6 +205,8 @@ def main():
         results = run_gate(llm, paths, batches=tuple(args.gate_batches or args.batches))
         if "static" in paths:  # the serving engine's rows (web page, API): prefilled together, each at its own length
             results.append(run_rows_gate(llm, "engine rows", lambda b, n: StaticDecoder(llm, b, n)))
+            results.append(run_rows_gate(llm, "engine rows, graphed admissions",
+                                         with_row_prefill_graphs(lambda b, n: StaticDecoder(llm, b, n))))
         for mode, qllm in quantized.items():  # teacher-forced against the fp16 model's eager forward
             results += run_gate(qllm, quant_gate_paths(qllm, mode), batches=tuple(args.gate_batches or args.batches),
                                 reference_llm=llm)

@@ -49,7 +49,7 @@ pick chat && step 120 python3 bench/bench_chat.py --repeats 3 --turns 6
 pick profile && step 90 python3 bench/profile_step.py
 named profile32 && step 60 python3 bench/profile_step.py --batches 32
 # where a serving engine's admission goes (host against GPU time, kernels; issue 16): ~1 min
-named profile_admission && step 120 python3 bench/profile_admission.py
+named profile_admission && step 150 python3 bench/profile_admission.py --graph-admissions
 pick profile_unfused && step 90 python3 bench/profile_step.py --unfused --batches 1
 pick evaluate && step 240 python3 bench/bench_evaluate.py --batches 1 32
 # evaluate.py's rows through the serving engine beside its static batches (issue 16, item 4)

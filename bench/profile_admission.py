@@ -9,7 +9,8 @@ whole prompt cached (one new position each) still cost ~27-30 ms: launches, not 
 Two cases, each for k = 1, 4, 11 and 32 requests:
 - "same": each request's row holds its whole prompt (one position to compute a request);
 - "distinct": each request its own question (only the system prompt is reused, ~110 new positions).
-Reported per case: the host's time for Engine._admit (the median of a few, the GPU idle
+--graph-admissions: each case also with short admissions replayed as CUDA graphs (captured at
+the start, as a server would). Reported per case: the host's time for Engine._admit (the median of a few, the GPU idle
 beforehand), the GPU's busy time (kernels' total, one profiled admission), the kernels launched
 and the aten calls made. Host time well above GPU time means the admission is bound by launches:
 a CUDA graph (or a compiled prefill) would take most of it away.
@@ -70,6 +71,7 @@ def measure(engine: Engine, prompts_for: Callable[[int], list[list[int]]], repea
     ms, kernels, aten calls (of the last repeat, profiled)."""
     device = engine.loaded.device
     settings = GenerationSettings(do_sample=False, max_new_tokens=8)
+    finish(engine, admit(engine, prompts_for(-1), settings))  # warm-up (a graph's capture, first uses)
     hosts = []
     for repeat in range(repeats):
         sync(device)
@@ -98,6 +100,8 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 4, 11, 32])
     ap.add_argument("--decoding", type=int, default=32, help="rows decoding meanwhile (their caches are attended by nothing)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--graph-admissions", action="store_true",
+                    help="each case also with short admissions replayed as CUDA graphs (decoding/row_prefill.py)")
     args = ap.parse_args()
     overrides = ["model=tiny", "checkpoint=random", "gpu=cpu"] if args.tiny else ["model=7b", "checkpoint=random", "gpu=0"]
     torch.manual_seed(0)
@@ -106,6 +110,9 @@ def main() -> None:
     engine = Engine(loaded, slots=slots, max_context=2000, start=False, capture_positions=CAPTURED_POSITIONS)
     long = GenerationSettings(do_sample=False, max_new_tokens=1500, min_new_tokens=1500)
     with torch.inference_mode():
+        graphed = engine.decoder.use_row_prefill_graphs(CAPTURED_POSITIONS) if args.graph_admissions else 0
+        graphs, engine.decoder.row_prefill_graphs = engine.decoder.row_prefill_graphs, None
+        print(f"captured {graphed} admission graphs", flush=True)
         admit(engine, [prompt(engine, f"Busy {n}: " + QUESTION) for n in range(args.decoding)], long)
         for _ in range(3):
             engine._step()
@@ -115,14 +122,18 @@ def main() -> None:
         same = [prompt(engine, QUESTION)] * k
         with torch.inference_mode():  # the free rows then hold the whole prompt
             finish(engine, admit(engine, same, GenerationSettings(do_sample=False, max_new_tokens=1)))
-        rows.append({"case": "same", **measure(engine, lambda repeat, same=same: same, args.repeats)})
-        rows.append({"case": "distinct", **measure(engine, lambda repeat, k=k: [
-            prompt(engine, f"Question {(k * 100 + repeat) * 100 + n}: " + QUESTION) for n in range(k)], args.repeats)})
-        print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
-    print(f"\n{'case':>9} {'requests':>8} {'new positions':>13} {'host ms':>8} {'GPU busy ms':>11} {'kernels':>8} {'aten calls':>10}")
+        for graphed in [False, True] if graphs is not None else [False]:
+            engine.decoder.row_prefill_graphs = graphs if graphed else None
+            rows.append({"case": "same", "graphed": graphed,
+                         **measure(engine, lambda repeat, same=same: same, args.repeats)})
+            rows.append({"case": "distinct", "graphed": graphed, **measure(engine, lambda repeat, k=k, g=graphed: [
+                prompt(engine, f"Question {((k * 2 + g) * 100 + repeat + 1) * 100 + n}: " + QUESTION) for n in range(k)],
+                args.repeats)})
+            print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
+    print(f"\n{'case':>9} {'graphed':>7} {'requests':>8} {'new positions':>13} {'host ms':>8} {'GPU busy ms':>11} {'kernels':>8} {'aten calls':>10}")
     for r in rows:
         gpu = f"{r['gpu_busy_ms']:.1f}" if r["gpu_busy_ms"] is not None else "-"
-        print(f"{r['case']:>9} {r['requests']:>8} {r['new_positions']:>13} {r['host_ms']:>8.1f} {gpu:>11} "
+        print(f"{r['case']:>9} {r['graphed']!s:>7} {r['requests']:>8} {r['new_positions']:>13} {r['host_ms']:>8.1f} {gpu:>11} "
               f"{r['kernels']:>8} {r['aten_calls']:>10}")
     engine.close()
     if os.environ.get("OUT"):

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from minigpt4.decoding import DynamicDecoder, StaticDecoder, make_decoder
-from minigpt4.decoding.gate import run_gate, run_rows_gate, table
+from minigpt4.decoding.gate import run_gate, run_rows_gate, table, with_row_prefill_graphs
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=512, max_position_embeddings=512,
@@ -43,12 +43,14 @@ def test_every_cpu_path_passes_the_gate():
     assert all(r.agreement == 1.0 and r.max_logit_diff < 1e-3 for r in results), table(results)
 
 
-def test_the_serving_engines_rows_pass_the_gate():
+@pytest.mark.parametrize("graphed", [False, True])
+def test_the_serving_engines_rows_pass_the_gate(graphed):
     """Requests prefilled together into rows out of order, each decoding at its own length, and
     two second turns prefilled together onto their cached rows (different prefixes): each
     request's answer logits are its own eager forward's."""
     llm = small_llm()
-    result = run_rows_gate(llm, "engine rows", lambda b, n: StaticDecoder(llm, b, n), new_tokens=8)
+    make = lambda b, n: StaticDecoder(llm, b, n)  # noqa: E731
+    result = run_rows_gate(llm, "engine rows", with_row_prefill_graphs(make) if graphed else make, new_tokens=8)
     print(table([result]))
     assert result.positions == 6 * 8 and result.agreement == 1.0 and result.max_logit_diff < 1e-3, table([result])
 
@@ -87,8 +89,10 @@ def test_7b_paths_pass_the_gate(llm_7b, path):
 
 
 @pytest.mark.gpu
-def test_7b_engine_rows_pass_the_gate(llm_7b):
-    result = run_rows_gate(llm_7b, "engine rows", lambda b, n: StaticDecoder(llm_7b, b, n))
+@pytest.mark.parametrize("graphed", [False, True])
+def test_7b_engine_rows_pass_the_gate(llm_7b, graphed):
+    make = lambda b, n: StaticDecoder(llm_7b, b, n)  # noqa: E731
+    result = run_rows_gate(llm_7b, "engine rows", with_row_prefill_graphs(make) if graphed else make)
     print(table([result]))
     assert result.ok(), table([result])
 

@@ -41,8 +41,8 @@ def submit_jobs(engine, loaded, jobs, as_pixels: bool = False, settings=GREEDY, 
     return requests
 
 
-def engine_answers(loaded, jobs, slots):
-    engine = Engine(loaded, slots=slots, max_context=2000)
+def engine_answers(loaded, jobs, slots, **options):
+    engine = Engine(loaded, slots=slots, max_context=2000, **options)
     try:
         requests = submit_jobs(engine, loaded, jobs)
         for r in requests:
@@ -128,14 +128,27 @@ def test_steps_fed_ahead_end_each_request_where_it_ends_alone():
 
 
 @pytest.mark.gpu
-def test_engine_on_the_gpu_answers_as_sessions_do():
-    """CUDA graphs per attention bucket, rows at different lengths, the Triton per-row cache writes."""
+@pytest.mark.parametrize("graph_admissions", [False, True])
+def test_engine_on_the_gpu_answers_as_sessions_do(graph_admissions):
+    """CUDA graphs per attention bucket, rows at different lengths, the Triton per-row cache
+    writes; and admissions replayed as graphs (captured at start up to 256 positions, later on
+    first use)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     loaded = build_tiny(["checkpoint=demo", "gpu=0"])
     jobs = jobs_for(loaded)
     expected = [alone(loaded, *job) for job in jobs]
-    got, _ = engine_answers(loaded, jobs, slots=3)
+    got, _ = engine_answers(loaded, jobs, slots=3, graph_admissions=graph_admissions, capture_positions=256)
+    assert got == expected
+
+
+def test_admissions_padded_to_graph_buckets_answer_as_sessions_do():
+    """graph_admissions on the CPU: the same bucketed forward a GPU replays, run eagerly."""
+    torch.set_num_threads(1)
+    loaded = build_tiny(["checkpoint=demo"])
+    jobs = jobs_for(loaded)
+    expected = [alone(loaded, *job) for job in jobs]
+    got, _ = engine_answers(loaded, jobs, slots=3, graph_admissions=True)
     assert got == expected
 
 

@@ -270,3 +270,33 @@ def test_fused_row_prefill_takes_each_rows_own_cached_prefix():
     assert torch.equal(fused.valid, ref.valid) and fused.valid[1, :9].all() and not fused.valid[1, 9:].any()
     with pytest.raises(ValueError, match="different cached prefixes"):
         ref.prefill_rows([3, 1], new, [9, 5], start=[10, 4])
+
+
+def test_admissions_padded_to_graph_buckets_equal_the_exact_prefill():
+    """use_row_prefill_graphs (row_prefill.py): three requests padded to four rows and 16 new
+    positions (on the CPU eagerly, the same forward a CUDA graph replays) give the exact-shape
+    prefill's logits, keys, values and valid slots; rows not admitted are left alone."""
+    loaded = build_tiny(["checkpoint=demo"])
+    llm, hidden = loaded.model.llm, loaded.model.llm.config.hidden_size
+    torch.manual_seed(10)
+    prefix, new = torch.randn(6, 12, hidden) * 0.02, torch.randn(3, 9, hidden) * 0.02
+    exact, padded = StaticDecoder(llm, 6, 64, use_fused=True), StaticDecoder(llm, 6, 64, use_fused=True)
+    padded.use_row_prefill_graphs()
+    for dec in (exact, padded):
+        dec.prefill_rows(list(range(6)), prefix, [12] * 6)
+        with torch.inference_mode():  # (a padding row's zero keys written there would show)
+            for layer in dec.cache.layers:
+                layer.keys[:, :, -1], layer.values[:, :, -1] = 1.0, 1.0
+    untouched = [(layer.keys[[0, 2, 4]].clone(), layer.values[[0, 2, 4]].clone()) for layer in padded.cache.layers]
+    args = ([5, 1, 3], new, [9, 4, 7])
+    expected = exact.prefill_rows(*args, start=[12, 3, 0]).clone()
+    got = padded.prefill_rows(*args, start=[12, 3, 0]).clone()
+    assert set(padded.row_prefill_graphs.inputs) == {(8, 16), (4, 16)}  # the buckets the two went through
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for a, b in zip(exact.cache.layers, padded.cache.layers):
+        for row, n in ((5, 21), (1, 7), (3, 7)):
+            torch.testing.assert_close(b.keys[row, :, :n], a.keys[row, :, :n], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(b.values[row, :, :n], a.values[row, :, :n], rtol=1e-4, atol=1e-5)
+    for layer, (k, v) in zip(padded.cache.layers, untouched):
+        assert torch.equal(layer.keys[[0, 2, 4]], k) and torch.equal(layer.values[[0, 2, 4]], v)
+    assert torch.equal(padded.valid, exact.valid)

@@ -184,6 +184,16 @@ def run_gate(llm: LlamaForCausalLM, paths: dict[str, MakeDecoder], batches: tupl
     return results
 
 
+def with_row_prefill_graphs(make: MakeDecoder) -> MakeDecoder:
+    """`make`'s decoders with short admissions padded to buckets and, on CUDA, graphed (row_prefill.py)."""
+    def make_graphed(batch: int, max_len: int):
+        decoder = make(batch, max_len)
+        decoder.use_row_prefill_graphs()
+        return decoder
+
+    return make_graphed
+
+
 def run_rows_gate(llm: LlamaForCausalLM, path: str, make: MakeDecoder, new_tokens: int = 32,
                   seed: int = 0) -> GateResult:
     """The serving engine's shapes on one static decoder with the fused step (`make`): four

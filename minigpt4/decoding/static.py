@@ -25,6 +25,7 @@ from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from minigpt4.decoding import fused
 from minigpt4.decoding.quant import quantized_mode
+from minigpt4.decoding.row_prefill import RowPrefillGraphs
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class StaticDecoder:
         self.pad_prefill = self.cuda
         self.prefill_inputs: dict[int, dict] = {}  # bucket -> fixed input buffers
         self.prefill_graphs: dict[int, tuple] = {}  # bucket -> (graph, its logits)
+        self.row_prefill_graphs: RowPrefillGraphs | None = None  # a serving engine's admissions, graphed (use_row_prefill_graphs)
 
     @torch.inference_mode()
     def crop(self, n: int) -> None:
@@ -194,6 +196,8 @@ class StaticDecoder:
             if span >= self.max_len and min(lengths) < t:
                 raise ValueError(f"{span} positions and padding do not fit the static cache of {self.max_len} "
                                  "(padding writes the last slot)")
+            if self.row_prefill_graphs is not None and self.row_prefill_graphs.fits(r, t) and span < self.max_len:
+                return self.row_prefill_graphs(rows, embeds, starts, lengths, span)
             return self._model.prefill([layer.keys for layer in self.cache.layers],
                                        [layer.values for layer in self.cache.layers], index, embeds, starts_t,
                                        lengths_t, span)
@@ -215,6 +219,19 @@ class StaticDecoder:
             layer.values[index, :, start : start + t] = prefix.layers[i].values[:, :, start : start + t]
         last = hidden[torch.arange(r, device=device), lengths_t - 1]  # [R,H]
         return self.llm.get_output_embeddings()(last)
+
+    @torch.inference_mode()
+    def use_row_prefill_graphs(self, capture_span: int = 0) -> int:
+        """From now on prefill_rows pads short admissions to buckets and, on CUDA, replays a
+        graph per bucket (row_prefill.py); with capture_span, capture now those for spans up to
+        it (before any row holds a prompt) -> graphs captured. The fused step only."""
+        if not self.use_fused:
+            return 0
+        keys, values = [layer.keys for layer in self.cache.layers], [layer.values for layer in self.cache.layers]
+        self.row_prefill_graphs = RowPrefillGraphs(self._model, keys, values, self.max_len, _capture_graph)
+        if not capture_span:
+            return 0
+        return self.row_prefill_graphs.capture_all(capture_span, self.llm.config.hidden_size, self.llm.dtype)
 
     @torch.inference_mode()
     def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, longest: int) -> torch.Tensor:
@@ -322,10 +339,13 @@ def _compiled(forward: Callable, mode: bool | str) -> Callable:
     return _COMPILED[key]
 
 
-def _capture_graph(run: Callable[[], torch.Tensor], rewind: Callable[[], None]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def _capture_graph(run: Callable[[], torch.Tensor], rewind: Callable[[], None],
+                   pool: tuple | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Capture run() (which writes the cache) as a CUDA graph -> (graph, its output tensor).
     Warm-up runs (allocator, cuBLAS handles, compilation) go on a side stream first; rewind()
-    undoes each run's cache writes. Replay with rewind() first, as run() itself was called."""
+    undoes each run's cache writes. Replay with rewind() first, as run() itself was called.
+    pool: memory shared with other graphs (torch.cuda.graph_pool_handle()); then read each
+    replay's output before replaying another of them."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -336,7 +356,7 @@ def _capture_graph(run: Callable[[], torch.Tensor], rewind: Callable[[], None]) 
     rewind()
     graph = torch.cuda.CUDAGraph()
     # thread_local: other threads (a server's handlers encoding images) may use the GPU meanwhile
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = run()
     rewind()
     return graph, out

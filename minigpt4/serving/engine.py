@@ -72,15 +72,17 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, slots: int | None = None, max_context: int = MAX_CONTEXT, max_queue: int = 64,
                  capture_positions: int = 0, feed_ahead: bool = True, admit_wait: float = ADMIT_WAIT,
-                 start: bool = True):
+                 graph_admissions: bool = False, start: bool = True):
         """admit_wait: while rows decode, a waiting request is admitted once it has waited this many
         seconds or enough others wait to fill the free rows: every admission pauses every row's
         decoding for a prefill, and 32 clients that arrive one by one would pause it 32 times.
         capture_positions: on a GPU, capture the decode graphs of every step size for lengths up
         to this many positions now (a server: ~50 ms a graph for a 7B, which no request should wait
         for), not on first use. feed_ahead=False takes each step's tokens before the next step is
-        queued (slower: for comparison). start=False runs no engine thread (the caller calls _admit
-        and _step)."""
+        queued (slower: for comparison). graph_admissions: short admissions padded to buckets and,
+        on a GPU, replayed as CUDA graphs (decoding/row_prefill.py; captured now up to
+        capture_positions; not yet measured, so off). start=False runs no engine thread (the
+        caller calls _admit and _step)."""
         self.loaded = loaded
         self.max_len = -(-(max_context + 1) // 64) * 64
         self.max_context = max_context
@@ -99,6 +101,8 @@ class Engine:
         started = time.perf_counter()
         if captured := self.decoder.capture_steps(row_counts, min(capture_positions, self.max_len)):
             log.info("captured %d decode graphs in %.1f s", captured, time.perf_counter() - started)
+        if graph_admissions and (captured := self.decoder.use_row_prefill_graphs(capture_positions)):
+            log.info("captured %d admission graphs in %.1f s", captured, time.perf_counter() - started)
         self.rows: list[ActiveRequest | None] = [None] * self.slots
         self.row_keys: list[list] = [[] for _ in range(self.slots)]  # what each row's cache holds
         self.row_freed = [0] * self.slots  # when each row was last freed (least recently used goes first)
