@@ -5,7 +5,7 @@
 
 Every admission pauses every decoding row, so its cost decides how close 32 clients come to a
 static batch of 32 (issue 16). On the H200 (2026-12-02) an admission whose requests had their
-whole prompt cached (one new position each) still cost ~27-30 ms: launches, not arithmetic.
+whole prompt cached (one new position each) still cost ~30 ms, where the arithmetic takes ~1.
 Two cases, each for k = 1, 4, 11 and 32 requests:
 - "same": each request's row holds its whole prompt (one position to compute a request);
 - "distinct": each request its own question (only the system prompt is reused, ~110 new positions).

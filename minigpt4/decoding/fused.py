@@ -166,8 +166,8 @@ class FusedLlama:
         A serving engine's admissions: a handful of large products a layer, and the keys and
         values written straight into the rows (no cache of transformers' to copy from); rows
         with different cached prefixes go in one forward. Few operations a layer: an admission of
-        a short new part is bound by their launches (~27 ms for a 7B on the H200, 2026-12-02),
-        not by the GPU."""
+        one new position a request cost ~30 ms for a 7B on the H200 (2026-12-02), far above
+        its arithmetic (row_prefill.py graphs it)."""
         r, t, h = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         norm = kernels.rms_norm if self.use_triton else rms_norm

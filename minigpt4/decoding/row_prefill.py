@@ -1,9 +1,10 @@
 """A serving engine's admissions as replayed CUDA graphs.
 
 An admission prefills a few prompts into their cache rows while every other row waits. When the
-new parts are short (a returning conversation, a prompt mostly cached), the forward is bound by
-launching its ~1,100 operations from Python, not by the GPU: ~27 ms for a 7B on the H200
-(2026-12-02), where the arithmetic takes a few. Padded to buckets (rows and new positions to
+new parts are short (a returning conversation, a prompt mostly cached), the forward should be
+bound by launching its ~1,100 operations from Python, not by the GPU: on the H200 (2026-12-02)
+an admission of one new position a request cost ~30 ms, where the arithmetic takes about one
+(bench/profile_admission.py splits host and GPU time). Padded to buckets (rows and new positions to
 powers of two, the attended span to a power of two of at least 256 slots), each bucket's
 forward through the fused weights (FusedLlama.prefill) is captured once and replayed. Padding
 rows repeat the first row with no real position: they only write that row's last slot, which
