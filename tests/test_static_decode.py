@@ -300,3 +300,31 @@ def test_admissions_padded_to_graph_buckets_equal_the_exact_prefill():
     for layer, (k, v) in zip(padded.cache.layers, untouched):
         assert torch.equal(layer.keys[[0, 2, 4]], k) and torch.equal(layer.values[[0, 2, 4]], v)
     assert torch.equal(padded.valid, exact.valid)
+
+
+def test_admission_graphs_captured_at_start_cover_every_bucket_and_write_only_row_0s_last_slot():
+    """RowPrefillGraphs.capture_all with the capture faked (each bucket's forward run once,
+    eagerly): a graph per (rows, new positions, span) bucket within GRAPH_POSITIONS and the
+    slots, and the captures touch nothing but row 0's last slot."""
+    from minigpt4.decoding.row_prefill import GRAPH_POSITIONS, RowPrefillGraphs
+
+    class Replayed:  # stands in for a CUDA graph: replaying returns what capturing computed
+        def replay(self):
+            pass
+
+    loaded = build_tiny(["checkpoint=demo"])
+    llm = loaded.model.llm
+    dec = StaticDecoder(llm, 6, 64, use_fused=True)
+    keys, values = [layer.keys for layer in dec.cache.layers], [layer.values for layer in dec.cache.layers]
+    with torch.inference_mode():
+        for layer in dec.cache.layers:
+            layer.keys.fill_(1.0)
+            layer.values.fill_(1.0)
+        graphs = RowPrefillGraphs(dec._model, keys, values, dec.max_len, lambda run, rewind, pool: (Replayed(), run()))
+        graphs.cuda = True  # capture as a GPU would, through the fake
+        captured = graphs.capture_all(512, llm.config.hidden_size, llm.dtype)
+    expected = {(rb, tb, 64) for rb in (1, 2, 4) for tb in (16, 32, 64, 128, 256, 512) if rb * tb <= GRAPH_POSITIONS}
+    assert captured == len(expected) == 15 and set(graphs.graphs) == expected
+    for layer in dec.cache.layers:
+        changed = (layer.keys != 1.0).any(dim=(1, 3)) | (layer.values != 1.0).any(dim=(1, 3))  # [rows, slots]
+        assert changed[0, -1] and changed.sum() == 1
