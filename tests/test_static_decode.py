@@ -323,8 +323,8 @@ def test_admission_graphs_captured_at_start_cover_every_bucket_and_write_only_ro
         graphs = RowPrefillGraphs(dec._model, keys, values, dec.max_len, lambda run, rewind, pool: (Replayed(), run()))
         graphs.cuda = True  # capture as a GPU would, through the fake
         captured = graphs.capture_all(512, llm.config.hidden_size, llm.dtype)
-    expected = {(rb, tb, 64) for rb in (1, 2, 4) for tb in (16, 32, 64, 128, 256, 512) if rb * tb <= GRAPH_POSITIONS}
-    assert captured == len(expected) == 15 and set(graphs.graphs) == expected
+    expected = {(rb, tb, 64) for rb in (1, 2, 4) for tb in (4, 8, 16, 32, 64, 128, 256, 512) if rb * tb <= GRAPH_POSITIONS}
+    assert captured == len(expected) == 21 and set(graphs.graphs) == expected
     for layer in dec.cache.layers:
         changed = (layer.keys != 1.0).any(dim=(1, 3)) | (layer.values != 1.0).any(dim=(1, 3))  # [rows, slots]
         assert changed[0, -1] and changed.sum() == 1

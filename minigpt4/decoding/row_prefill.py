@@ -5,7 +5,7 @@ new parts are short (a returning conversation, a prompt mostly cached), the forw
 bound by launching its ~1,100 operations from Python, not by the GPU: on the H200 (2026-12-02)
 an admission of one new position a request cost ~30 ms, where the arithmetic takes about one
 (bench/profile_admission.py splits host and GPU time). Padded to buckets (rows and new positions to
-powers of two, the attended span to a power of two of at least 256 slots), each bucket's
+powers of two, at least 4 new, the attended span to a power of two of at least 256 slots), each bucket's
 forward through the fused weights (FusedLlama.prefill) is captured once and replayed. Padding
 rows repeat the first row with no real position: they only write that row's last slot, which
 no request reaches. Larger admissions are compute-bound and stay eager.
@@ -20,7 +20,7 @@ import torch
 from minigpt4.decoding.fused import FusedLlama
 
 GRAPH_POSITIONS = 512  # rows x new positions (bucketed) up to this are graphed
-LEAST_NEW = 16  # new positions are padded to a power of two at least this
+LEAST_NEW = 4  # new positions are padded to a power of two at least this (32 rows x 16 would be ~10 ms of arithmetic for 32 real positions)
 LEAST_SPAN = 256  # attended slots likewise
 
 
