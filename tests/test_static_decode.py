@@ -322,7 +322,7 @@ def test_admission_graphs_captured_at_start_cover_every_bucket_and_write_only_ro
             layer.values.fill_(1.0)
         graphs = RowPrefillGraphs(dec._model, keys, values, dec.max_len, lambda run, rewind, pool: (Replayed(), run()))
         graphs.cuda = True  # capture as a GPU would, through the fake
-        captured = graphs.capture_all(512, llm.config.hidden_size, llm.dtype)
+        captured = graphs.capture_all(512)
     expected = {(rb, tb, 64) for rb in (1, 2, 4) for tb in (4, 8, 16, 32, 64, 128, 256, 512) if rb * tb <= GRAPH_POSITIONS}
     assert captured == len(expected) == 21 and set(graphs.graphs) == expected
     for layer in dec.cache.layers:

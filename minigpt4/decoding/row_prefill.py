@@ -49,15 +49,15 @@ class RowPrefillGraphs:
         """As FusedLlama.prefill (embeds [R,T,H] right-padded, each row after its own start;
         span = max(starts + lengths) < max_len) -> logits [R,V] (a view into the graphs' shared
         memory: copy it before the next call)."""
-        r, t, h = embeds.shape
+        r, t, _ = embeds.shape
         rb, tb, sb = bucket(r, 1), bucket(t, LEAST_NEW), min(bucket(span, LEAST_SPAN), self.max_len)
-        x, meta = self._buffers(rb, tb, h, embeds.dtype)
+        x, meta = self._buffers(rb, tb)
         x[:r, :t] = embeds  # the rest holds finite stale inputs: padding positions, never valid
         pad = rb - r
         meta.copy_(torch.tensor([rows + rows[:1] * pad, starts + [0] * pad, lengths + [0] * pad]))
         return self._run(rb, tb, sb)[:r]
 
-    def capture_all(self, longest_span: int, hidden: int, dtype: torch.dtype) -> int:
+    def capture_all(self, longest_span: int) -> int:
         """Capture now every bucket's graph for spans up to longest_span (before any row holds a
         prompt: the captures write row 0's last slot only) -> graphs captured."""
         if not self.cuda:
@@ -68,16 +68,16 @@ class RowPrefillGraphs:
             for tb in (1 << k for k in range(LEAST_NEW.bit_length() - 1, GRAPH_POSITIONS.bit_length())):
                 if rb * tb > GRAPH_POSITIONS or rb > self.keys[0].shape[0]:
                     continue
-                _, meta = self._buffers(rb, tb, hidden, dtype)
+                _, meta = self._buffers(rb, tb)
                 meta.zero_()  # row 0, no real position
                 for sb in spans:
                     self._run(rb, tb, sb)
         return len(self.graphs) - before
 
-    def _buffers(self, rb: int, tb: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _buffers(self, rb: int, tb: int) -> tuple[torch.Tensor, torch.Tensor]:
         if (rb, tb) not in self.inputs:
-            device = self.keys[0].device
-            self.inputs[rb, tb] = (torch.zeros(rb, tb, hidden, dtype=dtype, device=device),
+            embed, device = self.model.embed, self.keys[0].device  # [V,H]: the inputs' width and dtype
+            self.inputs[rb, tb] = (torch.zeros(rb, tb, embed.shape[1], dtype=embed.dtype, device=device),
                                    torch.zeros(3, rb, dtype=torch.long, device=device))  # rows, starts, lengths
         return self.inputs[rb, tb]
 

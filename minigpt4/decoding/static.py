@@ -186,21 +186,20 @@ class StaticDecoder:
         common-length prefixes, whose keys and values are copied."""
         r, t = embeds.shape[:2]
         starts = [start] * r if isinstance(start, int) else list(start)
-        if max(s + n for s, n in zip(starts, lengths)) > self.max_len:
-            raise ValueError(f"{max(s + n for s, n in zip(starts, lengths))} positions do not fit the static cache of {self.max_len}")
+        span = max(s + n for s, n in zip(starts, lengths))  # slots any row holds afterwards
+        if span > self.max_len:
+            raise ValueError(f"{span} positions do not fit the static cache of {self.max_len}")
         device = embeds.device
         index, starts_t, lengths_t = torch.tensor([rows, starts, lengths], device=device)  # [R] each, one copy
         self.valid[index] = torch.arange(self.max_len, device=device) < (starts_t + lengths_t)[:, None]
-        span = max(s + n for s, n in zip(starts, lengths))
-        if self.use_fused:
-            if span >= self.max_len and min(lengths) < t:
+        if self.use_fused:  # a padding position writes its row's last slot, which must then be free
+            if span == self.max_len and min(lengths) < t:
                 raise ValueError(f"{span} positions and padding do not fit the static cache of {self.max_len} "
                                  "(padding writes the last slot)")
-            if self.row_prefill_graphs is not None and self.row_prefill_graphs.fits(r, t) and span < self.max_len:
-                return self.row_prefill_graphs(rows, embeds, starts, lengths, span)
-            return self._model.prefill([layer.keys for layer in self.cache.layers],
-                                       [layer.values for layer in self.cache.layers], index, embeds, starts_t,
-                                       lengths_t, span)
+            graphs = self.row_prefill_graphs  # (they pad every admission)
+            if graphs is not None and graphs.fits(r, t) and span < self.max_len:
+                return graphs(rows, embeds, starts, lengths, span)
+            return self._model.prefill(*self._keys_values(), index, embeds, starts_t, lengths_t, span)
         if len(set(starts)) > 1:
             raise ValueError("rows with different cached prefixes need the fused prefill")
         start = starts[0]
@@ -227,11 +226,12 @@ class StaticDecoder:
         it (before any row holds a prompt) -> graphs captured. The fused step only."""
         if not self.use_fused:
             return 0
-        keys, values = [layer.keys for layer in self.cache.layers], [layer.values for layer in self.cache.layers]
-        self.row_prefill_graphs = RowPrefillGraphs(self._model, keys, values, self.max_len, _capture_graph)
-        if not capture_span:
-            return 0
-        return self.row_prefill_graphs.capture_all(capture_span, self.llm.config.hidden_size, self.llm.dtype)
+        self.row_prefill_graphs = RowPrefillGraphs(self._model, *self._keys_values(), self.max_len, _capture_graph)
+        return self.row_prefill_graphs.capture_all(capture_span) if capture_span else 0
+
+    def _keys_values(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's keys and values [B,nkv,L,hd], as the fused forwards take them."""
+        return [layer.keys for layer in self.cache.layers], [layer.values for layer in self.cache.layers]
 
     @torch.inference_mode()
     def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, longest: int) -> torch.Tensor:

@@ -53,6 +53,9 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
 
 def check_bind(settings: ApiSettings) -> ApiSettings:
     """Binding beyond this machine needs an API key (ui.api_key or MINIGPT4_API_KEY)."""
@@ -174,22 +177,25 @@ class _Guard:
     streams it took half the server's CPU from the engine (2026-12-02, a fake engine stepping
     every 6.5 ms: 2,910 -> 4,270 tokens/s without it)."""
 
-    def __init__(self, app, settings: ApiSettings, error):
-        self.app, self.settings, self.error = app, settings, error
+    def __init__(self, app, settings: ApiSettings):
+        self.app, self.settings = app, settings
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])  # lower-case byte names
-            settings = self.settings
-            if settings.api_key and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {settings.api_key}":
-                err = ApiError(401, "missing or wrong API key: send Authorization: Bearer <ui.api_key>",
-                               kind="authentication_error")
-                return await self.error(err)(scope, receive, send)
-            length = headers.get(b"content-length", b"").decode("latin-1")
-            if length.isdigit() and int(length) > settings.max_body_mb * 2**20:
-                return await self.error(ApiError(413, f"request body over ui.max_body_mb={settings.max_body_mb:g} MB"))(
-                    scope, receive, send)
+        refused = self.refusal(dict(scope["headers"])) if scope["type"] == "http" else None
+        if refused is not None:
+            return await refused.response()(scope, receive, send)
         await self.app(scope, receive, send)
+
+    def refusal(self, headers: dict[bytes, bytes]) -> ApiError | None:
+        """headers: lower-case byte names -> the error to answer with, if any."""
+        key, limit = self.settings.api_key, self.settings.max_body_mb
+        if key and headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {key}":
+            return ApiError(401, "missing or wrong API key: send Authorization: Bearer <ui.api_key>",
+                            kind="authentication_error")
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > limit * 2**20:
+            return ApiError(413, f"request body over ui.max_body_mb={limit:g} MB")
+        return None
 
 
 # ---- the app ------------------------------------------------------------------------------------
@@ -199,10 +205,7 @@ def create_app(engine: Engine | None, loaded: LoadedModel | None, defaults: Gene
     app = FastAPI(title="minigpt4", docs_url=None, redoc_url=None)
     app.state.engine, app.state.loaded = engine, loaded
 
-    def error(err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
-
-    app.add_middleware(_Guard, settings=settings, error=error)
+    app.add_middleware(_Guard, settings=settings)
 
     @app.get("/health")
     async def health():
@@ -217,24 +220,24 @@ def create_app(engine: Engine | None, loaded: LoadedModel | None, defaults: Gene
     async def completions(http: HttpRequest):
         engine, loaded = app.state.engine, app.state.loaded
         if engine is None:
-            return error(ApiError(503, "the model is still loading: try again shortly", kind="server_error"))
+            return ApiError(503, "the model is still loading: try again shortly", kind="server_error").response()
         try:
             body = json.loads(await http.body())
             if not isinstance(body, dict):
                 raise ValueError
         except ValueError:
-            return error(ApiError(400, "the body is not a JSON object"))
+            return ApiError(400, "the body is not a JSON object").response()
         try:
             ready = asyncio.Event()  # set from the engine thread whenever the request has an event
             loop = asyncio.get_running_loop()
             request = await asyncio.to_thread(_submit, engine, loaded, body, defaults, settings,
                                               lambda: loop.call_soon_threadsafe(ready.set))
         except ApiError as err:
-            return error(err)
+            return err.response()
         except QueueFull as err:
-            return error(ApiError(429, f"server busy: {err}; retry later", kind="rate_limit_error"))
+            return ApiError(429, f"server busy: {err}; retry later", kind="rate_limit_error").response()
         except UserError as err:
-            return error(ApiError(400, str(err)))
+            return ApiError(400, str(err)).response()
         answer_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.get("stream"):
             return StreamingResponse(_stream(http, request, ready, answer_id, created, model_name),
@@ -242,9 +245,9 @@ def create_app(engine: Engine | None, loaded: LoadedModel | None, defaults: Gene
         try:
             await _wait(http, request, ready)
         except UserError as err:
-            return error(ApiError(500, str(err), kind="server_error"))
+            return ApiError(500, str(err), kind="server_error").response()
         if request.finish_reason == "cancelled":
-            return error(ApiError(499, "cancelled"))
+            return ApiError(499, "cancelled").response()
         return {
             "id": answer_id, "object": "chat.completion", "created": created, "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": clean_answer(request.text, loaded.template)},

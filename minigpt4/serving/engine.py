@@ -79,10 +79,9 @@ class Engine:
         capture_positions: on a GPU, capture the decode graphs of every step size for lengths up
         to this many positions now (a server: ~50 ms a graph for a 7B, which no request should wait
         for), not on first use. feed_ahead=False takes each step's tokens before the next step is
-        queued (slower: for comparison). graph_admissions: short admissions padded to buckets and,
-        on a GPU, replayed as CUDA graphs (decoding/row_prefill.py; captured now up to
-        capture_positions; not yet measured, so off). start=False runs no engine thread (the
-        caller calls _admit and _step)."""
+        queued (slower: for comparison). graph_admissions: short admissions replayed as CUDA
+        graphs (decoding/row_prefill.py; unmeasured, so off). start=False runs no engine thread
+        (the caller calls _admit and _step)."""
         self.loaded = loaded
         self.max_len = -(-(max_context + 1) // 64) * 64
         self.max_context = max_context
@@ -101,6 +100,7 @@ class Engine:
         started = time.perf_counter()
         if captured := self.decoder.capture_steps(row_counts, min(capture_positions, self.max_len)):
             log.info("captured %d decode graphs in %.1f s", captured, time.perf_counter() - started)
+        started = time.perf_counter()
         if graph_admissions and (captured := self.decoder.use_row_prefill_graphs(capture_positions)):
             log.info("captured %d admission graphs in %.1f s", captured, time.perf_counter() - started)
         self.rows: list[ActiveRequest | None] = [None] * self.slots
@@ -253,12 +253,10 @@ class Engine:
         ready, images = [], []
         for request, row, start in chunk:
             request.prefilled = len(request.ids) - start
-            part = request.image_embeds  # the images inside the reused prefix are in the cache already
-            if part is not None:
-                part = part[sum(isinstance(k, tuple) and k[1] == 0 for k in request.keys[:start]):]
-            given = 0 if part is None else part.shape[0] * part.shape[1]
-            if request.ids[start:].count(IMAGE_TOKEN) != given:
-                self._fail(request, f"{request.ids[start:].count(IMAGE_TOKEN)} image slots but {given} image tokens given")
+            part = request.images_after(start)
+            given, slots = 0 if part is None else part.shape[0] * part.shape[1], request.ids[start:].count(IMAGE_TOKEN)
+            if slots != given:
+                self._fail(request, f"{slots} image slots but {given} image tokens given")
                 self._free(row)
                 continue
             ready.append((request, row, start))

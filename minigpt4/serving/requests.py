@@ -56,6 +56,12 @@ class Request:
     def prompt_tokens(self) -> int:
         return len(self.ids)
 
+    def images_after(self, start: int) -> torch.Tensor | None:
+        """The soft tokens [N,Q,H] of the images in ids[start:] (a row's cache holds those before)."""
+        if self.image_embeds is None:
+            return None
+        return self.image_embeds[sum(isinstance(k, tuple) and k[1] == 0 for k in self.keys[:start]):]
+
     def cancel(self) -> None:
         self.cancelled.set()
 
