@@ -110,9 +110,11 @@ def main() -> None:
     engine = Engine(loaded, slots=slots, max_context=2000, start=False, capture_positions=CAPTURED_POSITIONS)
     long = GenerationSettings(do_sample=False, max_new_tokens=1500, min_new_tokens=1500)
     with torch.inference_mode():
+        started = time.perf_counter()
         graphed = engine.decoder.use_row_prefill_graphs(CAPTURED_POSITIONS) if args.graph_admissions else 0
+        sync(loaded.device)
         graphs, engine.decoder.row_prefill_graphs = engine.decoder.row_prefill_graphs, None
-        print(f"captured {graphed} admission graphs", flush=True)
+        print(f"captured {graphed} admission graphs in {time.perf_counter() - started:.1f} s", flush=True)
         admit(engine, [prompt(engine, f"Busy {n}: " + QUESTION) for n in range(args.decoding)], long)
         for _ in range(3):
             engine._step()

@@ -146,6 +146,7 @@ class ServeOptions:
     slots: int | None
     max_queue: int
     admit_wait_ms: float
+    graph_admissions: bool = True
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,14 @@ decoded together get the answers each gets alone (CPU here; CUDA graphs with -m 
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from tiny_models import build_tiny
 
 from minigpt4.chat import ChatSession
+from minigpt4.config import chat_settings, compose
 from minigpt4.conversation import clean_answer
 from minigpt4.data.synthetic import make_picture, sample_specs
 from minigpt4.generation import GenerationSettings
@@ -150,6 +153,24 @@ def test_admissions_padded_to_graph_buckets_answer_as_sessions_do():
     expected = [alone(loaded, *job) for job in jobs]
     got, _ = engine_answers(loaded, jobs, slots=3, graph_admissions=True)
     assert got == expected
+
+
+def test_chat_graphs_admissions_on_a_gpu_only_and_as_told():
+    """serve.graph_admissions (default true) reaches the engine on a GPU; on the CPU the padded
+    buckets would only add arithmetic, so chat.py's engine prefills there exactly."""
+    loaded = build_tiny(["checkpoint=demo"])
+    made = []
+
+    class Recorded(Engine):
+        def __init__(self, loaded, **options):
+            made.append(options["graph_admissions"])
+
+    for override, device, expected in (([], "cpu", False), ([], "cuda", True),
+                                       (["serve.graph_admissions=false"], "cuda", False)):
+        settings = chat_settings(compose("chat", ["model=tiny", "checkpoint=demo", *override]))
+        on = types.SimpleNamespace(device=torch.device(device))
+        Recorded.for_chat(on if device == "cuda" else loaded, settings)
+        assert made.pop() is expected, (override, device)
 
 
 @pytest.mark.gpu
