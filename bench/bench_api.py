@@ -165,8 +165,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--soak", type=float, default=0,
                     help="then 32 clients back to back for this many seconds, once per --admit-wait-ms: memory flat?")
-    ap.add_argument("--graph-admissions", action="store_true",
-                    help="short admissions replay CUDA graphs (Engine(graph_admissions=True), decoding/row_prefill.py)")
+    ap.add_argument("--graph-admissions", action=argparse.BooleanOptionalAction, default=None,
+                    help="short admissions replay CUDA graphs (decoding/row_prefill.py); default: as chat.py's "
+                         "serve.graph_admissions=true, on a GPU only")
     ap.add_argument("--soak-prompts", nargs="+", choices=["same", "distinct"], default=["same"],
                     help="soak with every request asking the same question (its prompt is cached in the row it "
                          "gets: a one-position prefill) or each its own (only the system prompt is reused)")
@@ -181,7 +182,8 @@ def main() -> None:
     loaded.template = loaded.template.with_overrides(stop=())
     visible_answers_only(loaded)
     question = " ".join(["how many red circles are there in the picture"] * 11) + "?"
-    engine, server, url = start_server(loaded, max(args.clients), args.new, args.graph_admissions)
+    graphed = loaded.device.type == "cuda" if args.graph_admissions is None else args.graph_admissions
+    engine, server, url = start_server(loaded, max(args.clients), args.new, graphed)
     engine.admit_wait = args.admit_wait_ms[0] / 1000
     rows, soaked = [], []
     clients_process = ProcessPoolExecutor(CLIENT_PROCESSES, mp_context=multiprocessing.get_context("spawn"))
@@ -232,7 +234,7 @@ def main() -> None:
               f"  {r.get('admissions', 0):>10} {r.get('per_admission', 0):>4.1f} {r.get('admit_share', 0):>13.2f}")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_api.json").write_text(json.dumps(
-            {"rows": rows, "sequential": sequential, "args": vars(args), "batch32_peer_tok_s": peer,
+            {"rows": rows, "sequential": sequential, "args": vars(args), "graph_admissions": graphed, "batch32_peer_tok_s": peer,
              "soak": soaked,
              "device": torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu"}, indent=2))
 
