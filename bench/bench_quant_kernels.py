@@ -7,7 +7,12 @@ replaces quant.py's kernel. Each of the 32 layers has its own weights (q/k/v and
 as the fused step has them), so every product reads its weight from memory, not from the L2 cache; the 128
 products are one CUDA graph, so Python's launches are not timed.
 
-    python bench/bench_quant_kernels.py          # H200: ~1 min (autotuning each kernel first)
+    python bench/bench_quant_kernels.py            # H200: ~1 min (autotuning each kernel first)
+    python bench/bench_quant_kernels.py --decode   # then batch-1 decoding of the 7B with each kernel
+
+--decode: bench_decode.py's batch-1 measurement (132-position prompt, 128 new tokens) of fp16 ours
+and of int8/int4 with quant.py's kernels, then with the candidates put in their place, each
+teacher-forced against the int model's own eager forward (bench_decode's "int8 static vs int8").
 
 Prints and writes $OUT/bench_quant_kernels.json: per kernel the step's products in ms, the
 weights' bytes over that time, and the largest difference from the torch reference (dequantize,
@@ -16,6 +21,7 @@ then multiply) on the first layer's shapes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -112,6 +118,9 @@ def launch(kind: str, lin: quant.QuantLinear | torch.Tensor, x: torch.Tensor, ou
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--decode", action="store_true", help="then decode the 7B at batch 1 with each kernel")
+    args = ap.parse_args()
     if triton is None or not torch.cuda.is_available():
         sys.exit("bench_quant_kernels.py needs a CUDA GPU and Triton (the kernels it times run nowhere else)")
     out_dir = Path(os.environ.get("OUT", "outputs"))
@@ -155,8 +164,41 @@ def main() -> None:
         results[kind] = {"ms": ms, "gb": nbytes / 1e9, "tb_s": nbytes / ms / 1e9, "max_abs_error": error}
         print(f"{kind:16s} {ms:7.3f} ms  {nbytes / 1e9:6.2f} GB  {nbytes / ms / 1e9:5.2f} TB/s  "
               f"max |error| {error:.4f}", flush=True)
+    del weights, fp16
     results["device"] = torch.cuda.get_device_name()
+    if args.decode:
+        results["decode"] = decode_with_each_kernel()
     (out_dir / "bench_quant_kernels.json").write_text(json.dumps(results, indent=1))
+
+
+def decode_with_each_kernel() -> dict:
+    """Batch-1 tokens/s of fp16 ours and int8/int4 with quant.py's kernels, then the candidates."""
+    from bench import bench_decode as bench
+    from minigpt4.decoding.gate import run_gate, table
+
+    llm = bench.build_llm(tiny=False)
+    quantized = {mode: bench.quantized_copy(llm, mode) for mode in ("int8", "int4")}
+    embeds = torch.randn(1, 132, llm.config.hidden_size, device="cuda", dtype=llm.dtype) * 0.02
+    mask = torch.ones(1, 132, dtype=torch.long, device="cuda")
+    speed = {}
+
+    def measure(name, model):
+        decode = bench.speed_paths(model, 1, 132, 128)["static"]  # one decoder, kept across repeats
+        seconds, _ = bench.timed(lambda: decode(embeds, mask), llm.device)
+        speed[name] = 128 / seconds
+        print(f"decode, batch 1: {name:20s} {speed[name]:7.1f} tok/s", flush=True)
+
+    measure("fp16", llm)
+    gates = []
+    for kernels in ("convert", "fast"):
+        if kernels == "fast":
+            quant._int8_gemv_tuned, quant._int4_gemv_tuned = _int8_gemv_fast_tuned, _int4_gemv_fast_tuned
+        for mode, qllm in quantized.items():
+            measure(f"{mode} ({kernels})", qllm)
+            static = {f"{mode} ({kernels}) static vs eager": bench.quant_gate_paths(qllm, mode)[f"{mode} static"]}
+            gates += run_gate(qllm, static, batches=(1,))
+    print(table(gates), flush=True)
+    return {"tok_s": speed, "gate": [g.row() for g in gates]}
 
 
 if __name__ == "__main__":
