@@ -89,14 +89,10 @@ if triton is not None:
             out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
         tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
 
-    _gemv_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": bk}, num_warps=warps, num_stages=3)
-                     for n in (4, 8, 16, 32) for bk in (256, 512, 1024) for warps in (4, 8)]
-    _int8_gemv_fast_tuned = triton.autotune(configs=_gemv_configs, key=["N", "K"],
+    # tuned over the same configs as quant.py's kernels
+    _int8_gemv_fast_tuned = quant._autotune(configs=quant._gemv_configs, key=["N", "K"],
                                             prune_configs_by={"early_config_prune": quant._fits_k})(_int8_gemv_fast)
-    _int4_gemv_fast_tuned = triton.autotune(configs=[triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
-                                                     for n in (4, 8, 16, 32, 64) for warps in (2, 4, 8)
-                                                     for stages in (2, 4)],
-                                            key=["N", "K", "GROUP"])(_int4_gemv_fast)
+    _int4_gemv_fast_tuned = quant._autotune(configs=quant._int4_gemv_configs, key=["N", "K", "GROUP"])(_int4_gemv_fast)
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}  # (N, K)
 LAYERS = 32

@@ -293,7 +293,7 @@ if triton is not None:
                      for n in (4, 8, 16, 32) for bk in (256, 512, 1024) for warps in (4, 8)]
     _int8_gemv_tuned = _autotune(configs=_gemv_configs, key=["N", "K"],
                                  prune_configs_by={"early_config_prune": _fits_k})(_int8_gemv)
-    _int4_gemv_tuned = _autotune(configs=[triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
-                                          for n in (4, 8, 16, 32, 64) for warps in (2, 4, 8) for stages in (2, 4)],
-                                 key=["N", "K", "GROUP"])(_int4_gemv)
+    _int4_gemv_configs = [triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
+                          for n in (4, 8, 16, 32, 64) for warps in (2, 4, 8) for stages in (2, 4)]
+    _int4_gemv_tuned = _autotune(configs=_int4_gemv_configs, key=["N", "K", "GROUP"])(_int4_gemv)
     _int4_tuned = _autotune(configs=_configs((None,)), key=["N", "K", "BLOCK_M", "GROUP"])(_int4_kernel)

@@ -8,11 +8,9 @@ rows up to the highest in use (rounded up to a power of two), and requests take 
 rows, so one conversation on a 64-row engine decodes at batch-1 speed. A request that finishes
 frees its row at once; a new one joins between two steps. Each request keeps its own sampling
 settings, token budget, stop strings and random generator, so a greedy answer equals the same
-request decoded alone. Front-ends (the API; the terminal and web page later) submit requests
-and read their events.
-
-Prefix reuse (serving/prefix.py): a free row keeps the keys and values of its last request, and
-a new request goes to the free row that holds the longest prefix of it.
+request decoded alone. The API and the web page submit requests and read their events.
+Prefix reuse (serving/prefix.py): a free row keeps its last request's keys and values, and a
+new request goes to the free row that holds the longest prefix of it.
 """
 
 from __future__ import annotations
@@ -82,9 +80,8 @@ class Engine:
         to this many positions now (a server: ~50 ms a graph for a 7B, which no request should wait
         for), not on first use. feed_ahead=False takes each step's tokens before the next step is
         queued (slower: for comparison). graph_admissions: short admissions replayed as CUDA
-        graphs (decoding/row_prefill.py; chat.py's serve.graph_admissions turns it on on a GPU:
-        on the H200 an admission of 32 cached prompts took 26 ms against 37). start=False runs no engine thread
-        (the caller calls _admit and _step)."""
+        graphs (decoding/row_prefill.py; serve.graph_admissions). start=False runs no engine
+        thread (the caller calls _admit and _step)."""
         self.loaded = loaded
         self.max_len = -(-(max_context + 1) // 64) * 64
         self.max_context = max_context
@@ -248,10 +245,9 @@ class Engine:
             request.image_embeds, request.pixels = part, None
 
     def _prefill(self, chunk: list[tuple[Request, int, int]]) -> None:
-        """Prefill requests into their rows, each after the `start` positions its row holds
-        already, in one forward (one per start cost ~30 ms each for a 7B, however short), and
-        take their first tokens. Ids go to the device in one copy and are embedded in one call; a
-        request whose images do not fill its slots fails alone."""
+        """Prefill requests into their rows, each after the `start` positions its row holds, in
+        one forward (ids in one copy, one embed call), and take their first tokens; a request
+        whose images do not fill its slots fails alone."""
         model, device = self.loaded.model, self.loaded.device
         ready, images = [], []
         for request, row, start in chunk:
