@@ -2,6 +2,7 @@
 
     python bench/profile_step.py              # 7B shape, random fp16, batch 1 and 32, GPU 0
     python bench/profile_step.py --compile    # the same step through torch.compile (batch 1 only)
+    python bench/profile_step.py --quant int8 # the same step on weight-only int8 (or int4) weights
     python bench/profile_step.py --tiny       # CPU smoke test of the script
 
 A step of a 7B at batch 1 must read every weight once (13.5 GB in fp16), so its floor is
@@ -48,7 +49,7 @@ def profile_step(llm, batch: int, prompt: int, compile: bool, device: torch.devi
     dec.tokens.copy_(tokens)
     dec.positions.copy_(pos)
     dec.slot.fill_(start)
-    forward = lambda: dec._run_step(dec.max_len)  # noqa: E731
+    forward = lambda: dec._run_step(dec.max_len, batch)  # noqa: E731
     for _ in range(3):  # warm-up (and compilation)
         forward()
         dec._rewind(start)
@@ -79,7 +80,8 @@ def profile_step(llm, batch: int, prompt: int, compile: bool, device: torch.devi
             graph.replay()
         torch.cuda.synchronize()
         replay = (time.perf_counter() - t0) / n * 1e3
-        weight_bytes = sum(p.numel() * p.element_size() for p in llm.parameters()) - llm.get_input_embeddings().weight.nbytes
+        weight_bytes = (sum(t.numel() * t.element_size() for t in [*llm.parameters(), *llm.buffers()])  # int weights are buffers
+                        - llm.get_input_embeddings().weight.nbytes)
         result.update(graph_replay_ms=round(replay, 3), idle_in_graph_ms=round(replay - result["kernel_total_ms"], 3),
                       weight_gb=round(weight_bytes / 1e9, 2),
                       matmul_tb_s=round(weight_bytes / (by_kind["matmul"] / 1e3) / 1e12, 2) if by_kind["matmul"] else None,
@@ -97,15 +99,20 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=132)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--unfused", action="store_true", help="transformers' forward as the step (the old path)")
+    ap.add_argument("--quant", choices=("int8", "int4"), help="weight-only int8/int4 weights (quant.py's kernels)")
     args = ap.parse_args()
     llm = build_llm(args.tiny)
+    if args.quant:
+        from minigpt4.decoding.quant import quantize_llm
+
+        llm = quantize_llm(llm, args.quant)
     device = llm.device
     results = []
     for batch in args.batches or ([1] if args.compile else [1, 32]):
         results.append(profile_step(llm, batch, args.prompt, args.compile, device, fused=not args.unfused))
         print(json.dumps(results[-1], indent=1), flush=True)
     if os.environ.get("OUT"):
-        name = f"profile_step{'_compile' if args.compile else ''}{'_unfused' if args.unfused else ''}.json"
+        name = f"profile_step{'_compile' if args.compile else ''}{'_unfused' if args.unfused else ''}{'_' + args.quant if args.quant else ''}.json"
         Path(os.environ["OUT"], name).write_text(json.dumps(results, indent=2))
 
 

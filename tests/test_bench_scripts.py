@@ -43,3 +43,17 @@ def test_profile_admission_measures_cached_and_fresh_prompts(monkeypatch):
     assert same["requests"] == distinct["requests"] == 2
     assert same["new_positions"] == 2 and distinct["new_positions"] > 100
     assert same["host_ms"] > 0 and distinct["aten_calls"] > 0
+
+
+def test_profile_step_runs_the_step_as_decoding_runs_it():
+    """bench/profile_step.py on the tiny model, fp16-style and on int8 weights: the step it
+    profiles is the decoder's own (it broke once when the step gained its rows argument)."""
+    from bench.bench_decode import build_llm
+    from bench.profile_step import profile_step
+    from minigpt4.decoding.quant import quantize_llm
+
+    torch.set_num_threads(1)
+    llm = build_llm(tiny=True)
+    for model in (llm, quantize_llm(llm, "int8")):
+        result = profile_step(model, 2, 8, compile=False, device=torch.device("cpu"))
+        assert result["batch"] == 2 and result["fused"] and result["kernel_total_ms"] == 0  # no CUDA kernels on the CPU
