@@ -1,23 +1,23 @@
-"""An experiment for issue 13 (int8/int4 at batch 1 are 1.18x/0.89x fp16, goals 1.6x/2.5x): the
-matrix products of one batch-1 decode step of the 7B, alone: fp16 cuBLAS against our int8 and
-int4 matrix-vector kernels (minigpt4/decoding/quant.py, which convert each weight with an
-integer-to-float instruction) and against candidates defined here (`fast`: the float 2^23
-trick, and int4's scale and low applied per group after the products; `wide`: int4 `fast` over
-several groups a step). A candidate that wins
-replaces quant.py's kernel. Each of the 32 layers has its own weights (q/k/v and gate/up fused,
-as the fused step has them), so every product reads its weight from memory, not from the L2 cache; the 128
-products are one CUDA graph, so Python's launches are not timed.
+"""An experiment for issue 13 (weight-only int8/int4 at batch 1, goals 1.6x/2.5x fp16): the matrix
+products of one batch-1 decode step of the 7B, alone: fp16 cuBLAS against quant.py's int8 and
+int4 matrix-vector kernels and a candidate defined here (`int4 words`: the int4 bytes read as
+int32 words, each nibble masked straight into a float, no per-byte unpacking). A candidate that
+wins replaces quant.py's kernel (quant.py's int8/int4 kernels won here on 2026-12-02 against
+the integer-to-float conversions and one group a step; docs/BENCHMARKS.md has the figures). Each
+of the 32 layers has its own weights (q/k/v and gate/up fused, as the fused step has them), so
+every product reads its weight from memory, not from the L2 cache; the 128 products are one CUDA
+graph, so Python's launches are not timed; each shape's 32 products are timed alone too.
 
     python bench/bench_quant_kernels.py            # H200: ~1 min (autotuning each kernel first)
     python bench/bench_quant_kernels.py --decode   # then batch-1 decoding of the 7B with each kernel
 
 --decode: bench_decode.py's batch-1 measurement (132-position prompt, 128 new tokens) of fp16 ours
-and of int8/int4 with quant.py's kernels, then with the candidates put in their place, each
+and of int8/int4 with quant.py's kernels and with the candidate in quant.py's place, each
 teacher-forced against the int model's own eager forward (bench_decode's "int8 static vs int8").
 
 Prints and writes $OUT/bench_quant_kernels.json: per kernel the step's products in ms, the
-weights' bytes over that time, and the largest difference from the torch reference (dequantize,
-then multiply) on the first layer's shapes.
+weights' bytes over that time, the largest difference from the torch reference (dequantize,
+then multiply) on the first layer's shapes, and the tuned configs.
 """
 
 from __future__ import annotations
@@ -37,113 +37,88 @@ from minigpt4.decoding.kernels import triton  # noqa: E402
 if triton is not None:
     import triton.language as tl
 
-    # The matrix-vector kernels below turn int8/int4 into fp32 without a conversion instruction:
-    # Hopper converts an integer to a float at 1/8 of its FMA rate, which may be what caps quant.py's
-    # kernels at ~2.2 TB/s. An integer v in [0, 255] put into the low bits of the float 2^23 (bits
-    # 0x4B000000) reads as 2^23 + v exactly; one subtraction leaves v. Integer ops run at half the
-    # FMA rate, floats at the full rate.
-    MAGIC = tl.constexpr(0x4B000000)  # the float 2^23 = 8388608.0
+    MAGIC = quant.MAGIC
 
     @triton.jit
-    def _int8_gemv_fast(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, N, K,
-                        HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """As _int8_gemv: q + 128 (in [0, 255]) becomes the float 2^23 + q + 128, less 2^23 + 128."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        keep_n = rn < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None], other=0)
-            f = (w.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0
-            x = tl.load(x_ptr + k0 + rk).to(tl.float32)
-            acc += f * x[None, :]
-        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        if HAS_RES:
-            out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
+    def _x_quarters(x_ptr, start, keep_g, GROUPS: tl.constexpr, WORDS: tl.constexpr):
+        """x[start[g] + 4 i + b] for b = 0..3 -> four [GROUPS, WORDS] fp32 tiles (one contiguous load, split in registers)."""
+        x = tl.load(x_ptr + start[:, None] + tl.arange(0, 4 * WORDS)[None, :], mask=keep_g[:, None], other=0.0)
+        x = tl.reshape(x.to(tl.float32), (GROUPS, WORDS, 2, 2))
+        even, odd = tl.split(x)  # [GROUPS, WORDS, 2]: b = 0/2 and b = 1/3
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3
 
     @triton.jit
-    def _int4_gemv_fast(x_ptr, q_ptr, s_ptr, l_ptr, r_ptr, o_ptr, N, K,
-                        GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr):
-        """As _int4_gemv, with the scale and low applied per group after the products:
-        sum_k (q s + l) x = s sum_k q x + l sum_k x."""
+    def _nibbles_dot(words, high, x, J: tl.constexpr):
+        """sum over the tile of nibble J of each word (q in [0, 15]) times x: the nibble is masked
+        into the float 2^23 where it lies (q 2^(4J)), and x is scaled by 2^(-4J) (exact)."""
+        if J < 5:
+            f = ((words & (15 << (4 * J))) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+            return f * (x * (1.0 / (1 << (4 * J))))
+        else:
+            f = ((high & (15 << (4 * J - 12))) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+            return f * (x * (1.0 / (1 << (4 * J - 12))))
+
+    @triton.jit
+    def _int4_gemv_words(x_ptr, w_ptr, s_ptr, l_ptr, r_ptr, o_ptr, N, K,
+                         GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        """As quant._int4_gemv, reading the bytes as int32 words [N, K/8]: one AND-OR puts a nibble
+        into a float (no shift, no per-byte unpacking). Nibble j of word i of a group holds
+        k = (j % 2) GROUP/2 + 4 i + j // 2 (byte 4i + j//2, low or high nibble)."""
         HALF: tl.constexpr = GROUP // 2
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rh = tl.arange(0, HALF)
-        keep_n = rn < N
-        groups = K // GROUP
-        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        low_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for g in range(groups):
-            byte = tl.load(q_ptr + rn[:, None] * (K // 2) + (g * HALF + rh)[None, :], mask=keep_n[:, None], other=0)
-            byte = byte.to(tl.int32)
-            q_lo = ((byte & 15) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
-            q_hi = ((byte >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
-            x_lo = tl.load(x_ptr + g * GROUP + rh).to(tl.float32)
-            x_hi = tl.load(x_ptr + g * GROUP + HALF + rh).to(tl.float32)
-            scale = tl.load(s_ptr + rn * groups + g, mask=keep_n, other=0.0).to(tl.float32)
-            low = tl.load(l_ptr + rn * groups + g, mask=keep_n, other=0.0).to(tl.float32)
-            acc += (q_lo * x_lo[None, :] + q_hi * x_hi[None, :]) * scale[:, None]
-            low_acc += low * tl.sum(x_lo + x_hi, axis=0)
-        out = tl.sum(acc, axis=1) + low_acc
-        if HAS_RES:
-            out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
-
-    @triton.jit
-    def _int4_gemv_wide(x_ptr, q_ptr, s_ptr, l_ptr, r_ptr, o_ptr, N, K,
-                        GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-        """As _int4_gemv_fast, GROUPS groups a step (a [BLOCK_N, GROUPS, GROUP/2] tile of bytes):
-        one group a step reads only BLOCK_N x 64 bytes between waits, too few to keep the memory busy."""
-        HALF: tl.constexpr = GROUP // 2
+        WORDS: tl.constexpr = GROUP // 8
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rg = tl.arange(0, GROUPS)
-        rh = tl.arange(0, HALF)
+        rw = tl.arange(0, WORDS)
         keep_n = rn < N
         groups = K // GROUP
-        acc = tl.zeros((BLOCK_N, GROUPS, HALF), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
         low_acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
         for g0 in range(0, groups, GROUPS):
-            g = g0 + rg  # [GROUPS]
+            g = g0 + rg
             keep_g = g < groups
-            byte = tl.load(q_ptr + rn[:, None, None] * (K // 2) + (g * HALF)[None, :, None] + rh[None, None, :],
-                           mask=keep_n[:, None, None] & keep_g[None, :, None], other=0).to(tl.int32)
-            q_lo = ((byte & 15) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
-            q_hi = ((byte >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
-            x_lo = tl.load(x_ptr + (g * GROUP)[:, None] + rh[None, :], mask=keep_g[:, None], other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + (g * GROUP + HALF)[:, None] + rh[None, :], mask=keep_g[:, None], other=0.0).to(tl.float32)
-            sg = rn[:, None] * groups + g[None, :]
-            keep_sg = keep_n[:, None] & keep_g[None, :]
-            scale = tl.load(s_ptr + sg, mask=keep_sg, other=0.0).to(tl.float32)  # [BLOCK_N, GROUPS]
-            low = tl.load(l_ptr + sg, mask=keep_sg, other=0.0).to(tl.float32)
-            acc += (q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :]) * scale[:, :, None]
-            low_acc += low * tl.sum(x_lo + x_hi, axis=1)[None, :]
+            words = tl.load(w_ptr + rn[:, None, None] * (K // 8) + (g * WORDS)[None, :, None] + rw[None, None, :],
+                            mask=keep_n[:, None, None] & keep_g[None, :, None], other=0)  # [BLOCK_N, GROUPS, WORDS]
+            high = words >> 12
+            a0, a1, a2, a3 = _x_quarters(x_ptr, g * GROUP, keep_g, GROUPS, WORDS)  # low nibbles' x
+            b0, b1, b2, b3 = _x_quarters(x_ptr, g * GROUP + HALF, keep_g, GROUPS, WORDS)  # high nibbles' x
+            part = _nibbles_dot(words, high, a0[None], 0) + _nibbles_dot(words, high, b0[None], 1)
+            part += _nibbles_dot(words, high, a1[None], 2) + _nibbles_dot(words, high, b1[None], 3)
+            part += _nibbles_dot(words, high, a2[None], 4) + _nibbles_dot(words, high, b2[None], 5)
+            part += _nibbles_dot(words, high, a3[None], 6) + _nibbles_dot(words, high, b3[None], 7)
+            at = rn[:, None] * groups + g[None, :]
+            keep = keep_n[:, None] & keep_g[None, :]
+            scale = tl.load(s_ptr + at, mask=keep, other=0.0).to(tl.float32)
+            low = tl.load(l_ptr + at, mask=keep, other=0.0).to(tl.float32)
+            acc += part * scale[:, :, None]
+            xsum = tl.sum(a0 + a1 + a2 + a3 + b0 + b1 + b2 + b3, axis=1)  # [GROUPS]
+            low_acc += low * xsum[None, :]
         out = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(low_acc, axis=1)
         if HAS_RES:
             out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
         tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
 
-    _int4_wide_configs = [triton.Config({"BLOCK_N": n, "GROUPS": groups}, num_warps=warps, num_stages=2)
-                          for n in (4, 8, 16, 32) for groups in (2, 4, 8) for warps in (2, 4, 8)]
-    _int4_gemv_wide_tuned = quant._autotune(configs=_int4_wide_configs, key=["N", "K", "GROUP"])(_int4_gemv_wide)
-
-    # tuned over the same configs as quant.py's kernels
-    _int8_gemv_fast_tuned = quant._autotune(configs=quant._gemv_configs, key=["N", "K"],
-                                            prune_configs_by={"early_config_prune": quant._fits_k})(_int8_gemv_fast)
-    _int4_gemv_fast_tuned = quant._autotune(configs=quant._int4_gemv_configs, key=["N", "K", "GROUP"])(_int4_gemv_fast)
+    _int4_gemv_words_tuned = quant._autotune(configs=quant._int4_gemv_configs, key=["N", "K", "GROUP"])(_int4_gemv_words)
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}  # (N, K)
 LAYERS = 32
 
 
-# the kernels timed: (kind, weights' mode, kernel); quant.py's first, then the candidates
-KERNELS = (("fp16 cuBLAS", None, None), ("int8 (convert)", "int8", "_int8_gemv_tuned"),
-           ("int8 fast", "int8", "_int8_gemv_fast_tuned"), ("int4 (convert)", "int4", "_int4_gemv_tuned"),
-           ("int4 fast", "int4", "_int4_gemv_fast_tuned"), ("int4 wide", "int4", "_int4_gemv_wide_tuned"))
+class _Words:
+    """Called as quant._int4_gemv_tuned is (kernel[grid](x, q, ...)), passing q's bytes as int32 words."""
+
+    def __getitem__(self, grid):
+        return lambda x, q, *args, **kwargs: _int4_gemv_words_tuned[grid](x, q.view(torch.int32), *args, **kwargs)
+
+
+# the kernels timed: (kind, weights' mode, kernel); quant.py's, then the candidates
+KERNELS = (("fp16 cuBLAS", None, None), ("int8", "int8", "_int8_gemv_tuned"), ("int4", "int4", "_int4_gemv_tuned"),
+           ("int4 words", "int4", "_Words"))
 
 
 def kernel_named(name: str):
-    return getattr(quant, name) if hasattr(quant, name) else globals()[name]
+    return _Words() if name == "_Words" else getattr(quant, name)
 
 
 def launch(kernel, lin: quant.QuantLinear | torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -215,7 +190,8 @@ def main() -> None:
             shape_bytes = sum(nbytes(layer[name]) for layer in layers)
             shapes[name] = {"ms": round(shape_ms, 4), "tb_s": round(shape_bytes / shape_ms / 1e9, 3)}
         results[kind] = {"ms": ms, "gb": total / 1e9, "tb_s": total / ms / 1e9, "max_abs_error": error, "shapes": shapes,
-                         "configs": [str(c) for c in getattr(kernel, "cache", {}).values()]}  # the tuned choice per shape
+                         "configs": [str(c) for c in getattr(_int4_gemv_words_tuned if isinstance(kernel, _Words) else kernel,
+                                                               "cache", {}).values()]}  # the tuned choice per shape
         print(f"{kind:16s} {ms:7.3f} ms  {total / 1e9:6.2f} GB  {total / ms / 1e9:5.2f} TB/s  max |error| {error:.4f}  "
               + "  ".join(f"{n} {v['ms']:.3f} ms {v['tb_s']:.2f} TB/s" for n, v in shapes.items()), flush=True)
     del weights, fp16
@@ -245,15 +221,13 @@ def decode_with_each_kernel() -> dict:
 
     measure("fp16", llm)
     gates = []
-    originals = {"int8": quant._int8_gemv_tuned, "int4": quant._int4_gemv_tuned}
+    original = quant._int4_gemv_tuned
     for kind, mode, kernel_name in KERNELS[1:]:
-        slot = "_int8_gemv_tuned" if mode == "int8" else "_int4_gemv_tuned"
-        setattr(quant, slot, originals[mode] if "convert" in kind else globals()[kernel_name])
+        quant._int4_gemv_tuned = kernel_named(kernel_name) if mode == "int4" else original
         measure(kind, quantized[mode])
-        if "convert" not in kind:
-            static = {f"{kind} static vs eager": bench.quant_gate_paths(quantized[mode], mode)[f"{mode} static"]}
-            gates += run_gate(quantized[mode], static, batches=(1,))
-        setattr(quant, slot, originals[mode])
+        static = {f"{kind} static vs eager": bench.quant_gate_paths(quantized[mode], mode)[f"{mode} static"]}
+        gates += run_gate(quantized[mode], static, batches=(1,))
+    quant._int4_gemv_tuned = original
     print(table(gates), flush=True)
     return {"tok_s": speed, "gate": [g.row() for g in gates]}
 

@@ -75,14 +75,15 @@ class QuantLinear(nn.Module):
         return cls(packed.reshape(n, k // 2).contiguous(), scale, low, 4, k)
 
     def dequantize(self) -> torch.Tensor:
-        """-> the fp weight [N,K] in self.dtype (what the kernels multiply by, tile by tile)."""
+        """-> the fp weight [N,K] in self.dtype (what the kernels multiply by, tile by tile). One
+        pass from the int weight to the fp one (computed in fp32, rounded once): a prefill of the
+        7B dequantizes every weight, and fp32 intermediates made that ~4x the bytes."""
         if self.bits == 8:
-            return (self.qweight.float() * self.scale.float()[:, None]).to(self.dtype)
+            return self.qweight * self.scale[:, None]
         n, groups = self.out_features, self.in_features // self.group
         packed = self.qweight.view(n, groups, self.group // 2)
-        q = torch.cat([packed & 15, packed >> 4], dim=-1).float()  # [N,G,group]
-        w = q * self.scale.float()[..., None] + self.low.float()[..., None]
-        return w.to(self.dtype).view(n, self.in_features)
+        q = torch.cat([packed & 15, packed >> 4], dim=-1)  # [N,G,group] uint8
+        return torch.addcmul(self.low[..., None], q, self.scale[..., None]).view(n, self.in_features)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] -> [..., N]; residual (same shape as the output) is added in fp32 when given."""
@@ -232,18 +233,32 @@ if triton is not None:
             acc += tl.dot(x_hi, w_hi)
         _store_tile(acc, r_ptr, o_ptr, rm, rn, keep_m, keep_n, N, HAS_RES)
 
+    # The matrix-vector kernels turn int8/int4 into fp32 without the integer-to-float instruction,
+    # which Hopper runs at 1/8 of its FMA rate (it held int8 to 2.4 TB/s, int4 to 1.0): an integer v
+    # in [0, 2^23) put into the low bits of the float 2^23 (bits 0x4B000000) reads as 2^23 + v
+    # exactly, and one float subtraction leaves v (H200, 2026-12-02: int8 2.66 TB/s, int4 1.24).
+    MAGIC = tl.constexpr(0x4B000000)
+
     @triton.jit
     def _int8_gemv(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, N, K,
-                   HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program n: out[n-block] = (q[n-block] @ x) * scale (+ residual), x one row [K]."""
+                   HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """Program n: out[n-block] = (q[n-block] @ x) * scale (+ residual), x one row [K]; q + 128
+        (in [0, 255]) becomes the float 2^23 + q + 128. A K that BLOCK_K does not divide (the
+        7B's down projection, 11,008) masks its last block."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         keep_n = rn < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None], other=0)
-            x = tl.load(x_ptr + k0 + rk).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
+            if EVEN_K:
+                w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None], other=0)
+                x = tl.load(x_ptr + k0 + rk).to(tl.float32)
+            else:
+                keep_k = k0 + rk < K
+                w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None] & keep_k[None, :], other=0)
+                x = tl.load(x_ptr + k0 + rk, mask=keep_k, other=0.0).to(tl.float32)
+            f = (w.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+            acc += f * x[None, :]
         out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
         if HAS_RES:
             out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
@@ -251,22 +266,34 @@ if triton is not None:
 
     @triton.jit
     def _int4_gemv(x_ptr, q_ptr, s_ptr, l_ptr, r_ptr, o_ptr, N, K,
-                   GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program n: out[n-block] = dequant(q[n-block]) @ x (+ residual), one group a step."""
+                   GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        """Program n: out[n-block] = dequant(q[n-block]) @ x (+ residual), GROUPS groups of K a step
+        (one group a step read too few bytes between waits: 0.95 TB/s). Scale and low are applied
+        per group after the products: sum_k (q s + l) x = s sum_k q x + l sum_k x."""
         HALF: tl.constexpr = GROUP // 2
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rg = tl.arange(0, GROUPS)
         rh = tl.arange(0, HALF)
         keep_n = rn < N
         groups = K // GROUP
-        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        for g in range(groups):
-            byte = tl.load(q_ptr + rn[:, None] * (K // 2) + (g * HALF + rh)[None, :], mask=keep_n[:, None], other=0)
-            scale = tl.load(s_ptr + rn * groups + g, mask=keep_n, other=0.0).to(tl.float32)[:, None]
-            low = tl.load(l_ptr + rn * groups + g, mask=keep_n, other=0.0).to(tl.float32)[:, None]
-            x_lo = tl.load(x_ptr + g * GROUP + rh).to(tl.float32)[None, :]
-            x_hi = tl.load(x_ptr + g * GROUP + HALF + rh).to(tl.float32)[None, :]
-            acc += ((byte & 15).to(tl.float32) * scale + low) * x_lo + ((byte >> 4).to(tl.float32) * scale + low) * x_hi
-        out = tl.sum(acc, axis=1)
+        acc = tl.zeros((BLOCK_N, GROUPS, HALF), dtype=tl.float32)
+        low_acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+        for g0 in range(0, groups, GROUPS):
+            g = g0 + rg  # [GROUPS]
+            keep_g = g < groups
+            byte = tl.load(q_ptr + rn[:, None, None] * (K // 2) + (g * HALF)[None, :, None] + rh[None, None, :],
+                           mask=keep_n[:, None, None] & keep_g[None, :, None], other=0).to(tl.int32)
+            q_lo = ((byte & 15) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # [BLOCK_N, GROUPS, HALF]
+            q_hi = ((byte >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+            x_lo = tl.load(x_ptr + (g * GROUP)[:, None] + rh[None, :], mask=keep_g[:, None], other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + (g * GROUP + HALF)[:, None] + rh[None, :], mask=keep_g[:, None], other=0.0).to(tl.float32)
+            at = rn[:, None] * groups + g[None, :]  # [BLOCK_N, GROUPS]
+            keep = keep_n[:, None] & keep_g[None, :]
+            scale = tl.load(s_ptr + at, mask=keep, other=0.0).to(tl.float32)
+            low = tl.load(l_ptr + at, mask=keep, other=0.0).to(tl.float32)
+            acc += (q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :]) * scale[:, :, None]
+            low_acc += low * tl.sum(x_lo + x_hi, axis=1)[None, :]
+        out = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(low_acc, axis=1)
         if HAS_RES:
             out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
         tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
@@ -289,11 +316,11 @@ if triton is not None:
 
     _int8_tuned = _autotune(configs=_configs((64, 128, 256)), key=["N", "K", "BLOCK_M"],
                             prune_configs_by={"early_config_prune": _fits_k})(_int8_kernel)
-    _gemv_configs = [triton.Config({"BLOCK_N": n, **({"BLOCK_K": bk} if bk else {})}, num_warps=warps, num_stages=3)
+    _gemv_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": bk}, num_warps=warps, num_stages=3)
                      for n in (4, 8, 16, 32) for bk in (256, 512, 1024) for warps in (4, 8)]
-    _int8_gemv_tuned = _autotune(configs=_gemv_configs, key=["N", "K"],
-                                 prune_configs_by={"early_config_prune": _fits_k})(_int8_gemv)
-    _int4_gemv_configs = [triton.Config({"BLOCK_N": n}, num_warps=warps, num_stages=stages)
-                          for n in (4, 8, 16, 32, 64) for warps in (2, 4, 8) for stages in (2, 4)]
+    _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    _int8_gemv_tuned = _autotune(configs=_gemv_configs, key=["N", "K"])(_even_k(_int8_gemv))
+    _int4_gemv_configs = [triton.Config({"BLOCK_N": n, "GROUPS": groups}, num_warps=warps, num_stages=2)
+                          for n in (4, 8, 16, 32) for groups in (2, 4, 8) for warps in (2, 4, 8)]
     _int4_gemv_tuned = _autotune(configs=_int4_gemv_configs, key=["N", "K", "GROUP"])(_int4_gemv)
     _int4_tuned = _autotune(configs=_configs((None,)), key=["N", "K", "BLOCK_M", "GROUP"])(_int4_kernel)
