@@ -165,10 +165,11 @@ def _kernel_matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | Non
         if w.bits == 8:
             _int8_gemv_tuned[grid](x, w.qweight, w.scale, res, out, w.out_features, k, HAS_RES=residual is not None)
         else:
-            _int4_gemv_tuned[grid](x, w.qweight, w.scale, w.low, res, out, w.out_features, k, GROUP=w.group,
+            _int4_gemv_tuned[grid](x, w.qweight.view(torch.int32), w.scale, w.low, res, out, w.out_features, k, GROUP=w.group,
                                    HAS_RES=residual is not None)
         return out
-    block_m = max(16, triton.next_power_of_2(m))  # tl.dot needs 16 rows at least
+    block_m = min(64, max(16, triton.next_power_of_2(m)))  # tl.dot needs 16 rows at least
+    grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
     if w.bits == 8:
         _int8_tuned[grid](x, w.qweight, w.scale, res, out, m, w.out_features, k,
                           HAS_RES=residual is not None, BLOCK_M=block_m)
@@ -193,9 +194,9 @@ if triton is not None:
     @triton.jit
     def _int8_kernel(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, M, N, K,
                      HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program n: out[:, n-block] = x @ (q[n-block] * scale).T (+ residual). K % BLOCK_K == 0."""
+        """Program (n, m): out[m-block, n-block] = x @ (q[n-block] * scale).T (+ residual). K % BLOCK_K == 0."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.arange(0, BLOCK_K)
         keep_n = rn < N
         keep_m = rm < M
@@ -211,11 +212,11 @@ if triton is not None:
     @triton.jit
     def _int4_kernel(x_ptr, q_ptr, s_ptr, l_ptr, r_ptr, o_ptr, M, N, K,
                      GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program n: out[:, n-block] = x @ dequant(q[n-block]).T (+ residual), one group of K a
-        step: its bytes' low nibbles are the group's first half, high nibbles its second."""
+        """Program (n, m): out[m-block, n-block] = x @ dequant(q[n-block]).T (+ residual), one group
+        of K a step: its bytes' low nibbles are the group's first half, high nibbles its second."""
         HALF: tl.constexpr = GROUP // 2
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rh = tl.arange(0, HALF)
         keep_n = rn < N
         keep_m = rm < M
@@ -265,34 +266,62 @@ if triton is not None:
         tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
 
     @triton.jit
-    def _int4_gemv(x_ptr, q_ptr, s_ptr, l_ptr, r_ptr, o_ptr, N, K,
-                   GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    def _x_quarters(x_ptr, start, keep_g, GROUPS: tl.constexpr, WORDS: tl.constexpr):
+        """x[start[g] + 4 i + b] for b = 0..3 -> four [GROUPS, WORDS] fp32 tiles (one contiguous load, split in registers)."""
+        x = tl.load(x_ptr + start[:, None] + tl.arange(0, 4 * WORDS)[None, :], mask=keep_g[:, None], other=0.0)
+        x = tl.reshape(x.to(tl.float32), (GROUPS, WORDS, 2, 2))
+        even, odd = tl.split(x)  # [GROUPS, WORDS, 2]: b = 0/2 and b = 1/3
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3
+
+    @triton.jit
+    def _nibbles_dot(words, high, x, J: tl.constexpr):
+        """sum over the tile of nibble J of each word (q in [0, 15]) times x: the nibble is masked
+        into the float 2^23 where it lies (q 2^(4J)), and x is scaled by 2^(-4J) (exact)."""
+        if J < 5:
+            f = ((words & (15 << (4 * J))) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+            return f * (x * (1.0 / (1 << (4 * J))))
+        else:
+            f = ((high & (15 << (4 * J - 12))) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+            return f * (x * (1.0 / (1 << (4 * J - 12))))
+
+    @triton.jit
+    def _int4_gemv(x_ptr, w_ptr, s_ptr, l_ptr, r_ptr, o_ptr, N, K,
+                         GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
         """Program n: out[n-block] = dequant(q[n-block]) @ x (+ residual), GROUPS groups of K a step
-        (one group a step read too few bytes between waits: 0.95 TB/s). Scale and low are applied
-        per group after the products: sum_k (q s + l) x = s sum_k q x + l sum_k x."""
+        (one group a step read too few bytes between waits). q's bytes come as int32 words
+        [N, K/8]: one AND-OR puts a nibble into a float, no per-byte unpacking. Nibble j of word i
+        of a group holds k = (j % 2) GROUP/2 + 4 i + j // 2 (byte 4i + j//2, low or high nibble).
+        Scale and low are applied per group after the products: sum_k (q s + l) x = s sum_k q x + l sum_k x."""
         HALF: tl.constexpr = GROUP // 2
+        WORDS: tl.constexpr = GROUP // 8
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rg = tl.arange(0, GROUPS)
-        rh = tl.arange(0, HALF)
+        rw = tl.arange(0, WORDS)
         keep_n = rn < N
         groups = K // GROUP
-        acc = tl.zeros((BLOCK_N, GROUPS, HALF), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
         low_acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
         for g0 in range(0, groups, GROUPS):
-            g = g0 + rg  # [GROUPS]
+            g = g0 + rg
             keep_g = g < groups
-            byte = tl.load(q_ptr + rn[:, None, None] * (K // 2) + (g * HALF)[None, :, None] + rh[None, None, :],
-                           mask=keep_n[:, None, None] & keep_g[None, :, None], other=0).to(tl.int32)
-            q_lo = ((byte & 15) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0  # [BLOCK_N, GROUPS, HALF]
-            q_hi = ((byte >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
-            x_lo = tl.load(x_ptr + (g * GROUP)[:, None] + rh[None, :], mask=keep_g[:, None], other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + (g * GROUP + HALF)[:, None] + rh[None, :], mask=keep_g[:, None], other=0.0).to(tl.float32)
-            at = rn[:, None] * groups + g[None, :]  # [BLOCK_N, GROUPS]
+            words = tl.load(w_ptr + rn[:, None, None] * (K // 8) + (g * WORDS)[None, :, None] + rw[None, None, :],
+                            mask=keep_n[:, None, None] & keep_g[None, :, None], other=0)  # [BLOCK_N, GROUPS, WORDS]
+            high = words >> 12
+            a0, a1, a2, a3 = _x_quarters(x_ptr, g * GROUP, keep_g, GROUPS, WORDS)  # low nibbles' x
+            b0, b1, b2, b3 = _x_quarters(x_ptr, g * GROUP + HALF, keep_g, GROUPS, WORDS)  # high nibbles' x
+            part = _nibbles_dot(words, high, a0[None], 0) + _nibbles_dot(words, high, b0[None], 1)
+            part += _nibbles_dot(words, high, a1[None], 2) + _nibbles_dot(words, high, b1[None], 3)
+            part += _nibbles_dot(words, high, a2[None], 4) + _nibbles_dot(words, high, b2[None], 5)
+            part += _nibbles_dot(words, high, a3[None], 6) + _nibbles_dot(words, high, b3[None], 7)
+            at = rn[:, None] * groups + g[None, :]
             keep = keep_n[:, None] & keep_g[None, :]
             scale = tl.load(s_ptr + at, mask=keep, other=0.0).to(tl.float32)
             low = tl.load(l_ptr + at, mask=keep, other=0.0).to(tl.float32)
-            acc += (q_lo * x_lo[None, :, :] + q_hi * x_hi[None, :, :]) * scale[:, :, None]
-            low_acc += low * tl.sum(x_lo + x_hi, axis=1)[None, :]
+            acc += part * scale[:, :, None]
+            xsum = tl.sum(a0 + a1 + a2 + a3 + b0 + b1 + b2 + b3, axis=1)  # [GROUPS]
+            low_acc += low * xsum[None, :]
         out = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(low_acc, axis=1)
         if HAS_RES:
             out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
