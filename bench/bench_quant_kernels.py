@@ -6,7 +6,7 @@ tokens/s at batch 1), measured on the 7B's shapes with random weights:
    has them, so every product reads its weight from memory, not from the L2 cache; each shape's
    32 products timed alone too): fp16 cuBLAS against quant.py's int8 and int4 kernels;
 2. the same products on a prefill's rows (--prefill-rows, default 192: a 132-position prompt
-   padded to its bucket): fp16 cuBLAS, quant.py's path (dequantize, then cuBLAS) and quant.py's
+   padded to its bucket): fp16 cuBLAS, quant.py's path (Triton dequantizes, cuBLAS multiplies) and quant.py's
    tensor-core kernels over blocks of 64 rows (which read the int weight once a block and
    never write an fp16 copy);
 3. --decode: batch-1 decoding (132-position prompt, 128 new tokens, bench_decode.py's
@@ -92,7 +92,7 @@ def time_products(label: str, product, layers: list[dict], xs: dict) -> dict:
     """Every layer's products through `product`, checked on layer 0 against the torch reference."""
     error = 0.0
     for name, lin in layers[0].items():  # autotunes outside the graph
-        w = lin if isinstance(lin, torch.Tensor) else lin.dequantize()
+        w = lin if isinstance(lin, torch.Tensor) else lin.dequantize_torch()
         error = max(error, (product(lin, xs[name]).float() - xs[name].float() @ w.float().T).abs().max().item())
     total = sum(nbytes(lin) for layer in layers for lin in layer.values())
     ms = graph_ms(lambda: [product(lin, xs[name]) for layer in layers for name, lin in layer.items()])

@@ -119,8 +119,11 @@ def test_triton_kernels_equal_the_torch_reference_on_7b_shapes(mode):
     torch.manual_seed(3)
     for n, k in ((4096, 11008), (100, 4096)):  # the down projection's K; a row count no block divides
         q = QuantLinear.quantize(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02, mode)
-        w = q.dequantize()
-        for m in (1, 5):  # the matrix-vector kernel, the tensor-core one
+        w = q.dequantize_torch()
+        assert torch.equal(q.dequantize(), w)  # the prefill's Triton dequantization, bit for bit
+        q16 = QuantLinear.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, mode)
+        assert torch.equal(q16.dequantize(), q16.dequantize_torch())  # bf16 too (round to nearest)
+        for m in (1, 5, 100):  # the matrix-vector kernel, the tensor-core one, a prefill (dequantize + cuBLAS)
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             res = torch.randn(m, n, device="cuda", dtype=torch.float16)
             expected = (x.float() @ w.float().T + res.float())

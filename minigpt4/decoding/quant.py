@@ -75,9 +75,16 @@ class QuantLinear(nn.Module):
         return cls(packed.reshape(n, k // 2).contiguous(), scale, low, 4, k)
 
     def dequantize(self) -> torch.Tensor:
-        """-> the fp weight [N,K] in self.dtype (what the kernels multiply by, tile by tile). One
-        pass from the int weight to the fp one (computed in fp32, rounded once): a prefill of the
-        7B dequantizes every weight, and fp32 intermediates made that ~4x the bytes."""
+        """-> the fp weight [N,K] in self.dtype (what the kernels multiply by, tile by tile), each
+        value computed in fp32 and rounded once. A prefill of more than 64 rows multiplies by it:
+        on CUDA a Triton kernel writes it in one pass (torch's mixed-dtype ops took 23 ms for the
+        7B's int8 weights on the H200, 2026-12-02; bandwidth allows ~5)."""
+        if self.qweight.is_cuda and triton is not None and not torch.compiler.is_compiling():
+            return _dequantize_kernel(self)
+        return self.dequantize_torch()
+
+    def dequantize_torch(self) -> torch.Tensor:
+        """dequantize() in torch operations: the reference (and the CPU's path)."""
         if self.bits == 8:
             return self.qweight * self.scale[:, None]
         n, groups = self.out_features, self.in_features // self.group
@@ -176,6 +183,18 @@ def _kernel_matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | Non
     else:
         _int4_tuned[grid](x, w.qweight, w.scale, w.low, res, out, m, w.out_features, k,
                           GROUP=w.group, HAS_RES=residual is not None, BLOCK_M=block_m)
+    return out
+
+
+def _dequantize_kernel(w: QuantLinear) -> torch.Tensor:
+    """w's fp weight [N,K] through the Triton kernels below (equal to dequantize_torch, bit for bit)."""
+    n, k = w.out_features, w.in_features
+    out = torch.empty(n, k, dtype=w.dtype, device=w.qweight.device)
+    if w.bits == 8:
+        _dequantize_int8[(n, triton.cdiv(k, 1024))](w.qweight, w.scale, out, k, BLOCK=1024)
+    else:
+        groups = k // w.group
+        _dequantize_int4[(n, triton.cdiv(groups, 16))](w.qweight, w.scale, w.low, out, k, GROUP=w.group, GROUPS=16)
     return out
 
 
@@ -326,6 +345,33 @@ if triton is not None:
         if HAS_RES:
             out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
         tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
+
+    @triton.jit
+    def _dequantize_int8(q_ptr, s_ptr, o_ptr, K, BLOCK: tl.constexpr):
+        """Program (n, block): out[n, block] = q[n, block] * scale[n]."""
+        n = tl.program_id(0).to(tl.int64)
+        rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        keep = rk < K
+        q = tl.load(q_ptr + n * K + rk, mask=keep, other=0)
+        scale = tl.load(s_ptr + n).to(tl.float32)
+        tl.store(o_ptr + n * K + rk, (q.to(tl.float32) * scale).to(o_ptr.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _dequantize_int4(q_ptr, s_ptr, l_ptr, o_ptr, K, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+        """Program (n, block): GROUPS groups of row n: out = q * scale + low, the low nibbles the
+        first half of each group, the high nibbles its second."""
+        HALF: tl.constexpr = GROUP // 2
+        n = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
+        rh = tl.arange(0, HALF)
+        groups = K // GROUP
+        keep_g = g < groups
+        byte = tl.load(q_ptr + n * (K // 2) + (g * HALF)[:, None] + rh[None, :], mask=keep_g[:, None], other=0)
+        scale = tl.load(s_ptr + n * groups + g, mask=keep_g, other=0.0).to(tl.float32)[:, None]
+        low = tl.load(l_ptr + n * groups + g, mask=keep_g, other=0.0).to(tl.float32)[:, None]
+        out = o_ptr + n * K + (g * GROUP)[:, None] + rh[None, :]  # [GROUPS, HALF]
+        tl.store(out, ((byte & 15).to(tl.float32) * scale + low).to(o_ptr.dtype.element_ty), mask=keep_g[:, None])
+        tl.store(out + HALF, ((byte >> 4).to(tl.float32) * scale + low).to(o_ptr.dtype.element_ty), mask=keep_g[:, None])
 
     def _configs(block_ks: tuple[int, ...]) -> list:
         return [triton.Config({"BLOCK_N": n, **({"BLOCK_K": bk} if bk else {})}, num_warps=warps, num_stages=stages)
