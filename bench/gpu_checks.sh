@@ -69,9 +69,10 @@ named quant_speed && step 110 python3 bench/bench_decode.py --no-gate --batches 
 # 267 with the Triton kernels on 2026-12-02, and compile is now off on int weights)
 # our weight-only int8/int4: kernels against the torch reference, then the gate against fp16 (and
 # int4 with groups of 32, an experiment) and the speed beside fp16 ours and transformers' static
-# the step's matrix products alone: fp16 cuBLAS, our int8/int4 kernels (both conversions): ~1 min
-(named quant || named quant_kernels) && step 150 python3 bench/bench_quant_kernels.py
-(named quant || named quant_tests) && step 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quant.py
+# the step's matrix products alone (fp16 cuBLAS, our int8/int4 kernels), a prefill's products, and
+# batch-1 decoding of fp16/int8/int4 with each prefill timed alone: ~3.5 min on a fresh machine
+(named quant || named quant_kernels) && step 240 python3 bench/bench_quant_kernels.py --decode
+(named quant || named quant_tests) && step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quant.py
 named quant && step 330 python3 bench/bench_decode.py --batches 1 32 --gate-batches 1 8 32 --gate-paths static --quant int8 int4 int4-g32 --paths static "hf static"
 # peak memory of the whole 7B model (random weights) loaded and answering as chat does
 (named memory || named memory_int8) && step 90 python3 bench/bench_decode.py --memory int8

@@ -4,7 +4,8 @@ A batch-1 decode step reads every weight once, so its time is the weights' bytes
 memory bandwidth: int8 weights read half of fp16's bytes, int4 a quarter. The products stay in
 fp16: each weight tile is dequantized in registers inside the matrix kernel (Triton, below), so
 the full fp16 weight never exists in memory. Prefill-sized products (more than 64 rows) are
-compute-bound: there the weight is dequantized to fp16 and cuBLAS multiplies it.
+compute-bound: there the weight is dequantized to fp16 (one Triton pass on CUDA, a layer's
+weight at a time) and cuBLAS multiplies it.
 
 Formats (per output row n, so fusing q/k/v or gate/up is concatenating rows):
   int8: q [N,K] int8, w = q * scale[n]            (symmetric, scale = absmax / 127)
@@ -167,8 +168,8 @@ def _kernel_matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | Non
     x = x.contiguous()
     out = torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
     res = out if residual is None else residual.contiguous()
-    grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]),)  # noqa: E731
     if m == 1:  # one row (chat's decode step): a matrix-vector product, no tensor cores
+        grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]),)  # noqa: E731
         if w.bits == 8:
             _int8_gemv_tuned[grid](x, w.qweight, w.scale, res, out, w.out_features, k, HAS_RES=residual is not None)
         else:
@@ -254,9 +255,10 @@ if triton is not None:
         _store_tile(acc, r_ptr, o_ptr, rm, rn, keep_m, keep_n, N, HAS_RES)
 
     # The matrix-vector kernels turn int8/int4 into fp32 without the integer-to-float instruction,
-    # which Hopper runs at 1/8 of its FMA rate (it held int8 to 2.4 TB/s, int4 to 1.0): an integer v
-    # in [0, 2^23) put into the low bits of the float 2^23 (bits 0x4B000000) reads as 2^23 + v
-    # exactly, and one float subtraction leaves v (H200, 2026-12-02: int8 2.66 TB/s, int4 1.24).
+    # which Hopper runs at 1/8 of its FMA rate: an integer v in [0, 2^23) put into the low bits of
+    # the float 2^23 (bits 0x4B000000) reads as 2^23 + v exactly, and one float subtraction leaves
+    # v. The 7B's batch-1 products on the H200 (2026-12-02): int8 2.36 -> 3.07 TB/s, int4 0.95 ->
+    # 1.34 (with several groups a step and the words below; bench/bench_quant_kernels.py).
     MAGIC = tl.constexpr(0x4B000000)
 
     @triton.jit
