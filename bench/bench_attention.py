@@ -28,7 +28,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -36,10 +35,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minigpt4.decoding.kernels import triton
+from bench.bench_quant_kernels import graph_ms, kernel_bench_start  # noqa: E402
+from minigpt4.decoding.kernels import triton  # noqa: E402
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 32, 32, 32, 128  # the 7B
 SMS = 132  # H200; decode_attention asks the device when it has one
+
+
+@functools.cache
+def _sm_count() -> int:
+    """The device's SMs, asked once (split_plan runs at every launch)."""
+    return torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else SMS
 
 
 def split_plan(programs: int, attend: int, block_s: int, splits: int | None = None) -> tuple[int, int]:
@@ -47,8 +53,7 @@ def split_plan(programs: int, attend: int, block_s: int, splits: int | None = No
     chunks of whole BLOCK_S blocks. By default enough splits for ~4 programs an SM (batch 1:
     a program per one or two blocks; batch 32 has 1024 (row, head) pairs already: one split)."""
     blocks = -(-attend // block_s)
-    sms = torch.cuda.get_device_properties().multi_processor_count if torch.cuda.is_available() else SMS
-    want = max(1, min(splits or -(-4 * sms // programs), blocks))
+    want = max(1, min(splits or -(-4 * _sm_count() // programs), blocks))
     chunk_blocks = -(-blocks // want)
     return -(-blocks // chunk_blocks), chunk_blocks * block_s
 
@@ -158,23 +163,6 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
                                           attn_mask=mask, enable_gqa=nkv != nh)
 
 
-def graph_ms(fn, repeats: int = 20) -> float:
-    """The time of one replay of fn() captured as a CUDA graph (3 replays first)."""
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def measure(batch: int, attend: int, sweep: list[int], block_s: int) -> dict | None:
     """One (batch, attend): SDPA and the kernel over 32 layers' caches, or None if they don't fit."""
     length = attend + 64  # a static cache is longer than what a step attends to
@@ -229,11 +217,7 @@ def main() -> None:
                     help="split counts to time besides split_plan's (capped at the blocks of a row)")
     ap.add_argument("--block-s", type=int, default=64, help="slots a loop step of the kernel reads")
     args = ap.parse_args()
-    if triton is None or not torch.cuda.is_available():
-        sys.exit("bench_attention.py needs a CUDA GPU and Triton (the kernels it times run nowhere else)")
-    out_dir = Path(os.environ.get("OUT", "outputs"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    out_dir = kernel_bench_start("bench_attention.py")
     print(f"{LAYERS} layers' decode attention, {HEADS} heads, {KV_HEADS} kv heads, head_dim {HEAD_DIM}, fp16; "
           "* = split_plan's choice, xN = SDPA's time / the kernel's", flush=True)
     results = {"device": torch.cuda.get_device_name(), "layers": LAYERS, "block_s": args.block_s, "runs": []}

@@ -4,9 +4,9 @@ tokens/s at batch 1), measured on the 7B's shapes with random weights:
 1. a batch-1 step's 128 matrix products alone (one CUDA graph, so Python's launches are not
    timed; each of the 32 layers has its own weights, q/k/v and gate/up fused as the fused step
    has them, so every product reads its weight from memory, not from the L2 cache; each shape's
-   32 products timed alone too): fp16 cuBLAS against quant.py's int8 and int4 kernels;
+   32 products timed alone too): fp16 cuBLAS against our int8 and int4 kernels (quant_kernels.py);
 2. the same products on a prefill's rows (--prefill-rows, default 192: a 132-position prompt
-   padded to its bucket): fp16 cuBLAS, quant.py's path (Triton dequantizes, cuBLAS multiplies) and quant.py's
+   padded to its bucket): fp16 cuBLAS, QuantLinear's path (Triton dequantizes, cuBLAS multiplies) and our
    tensor-core kernels over blocks of 64 rows (which read the int weight once a block and
    never write an fp16 copy);
 3. --decode: batch-1 decoding (132-position prompt, 128 new tokens, bench_decode.py's
@@ -35,34 +35,33 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minigpt4.decoding import quant  # noqa: E402
+from minigpt4.decoding import quant, quant_kernels  # noqa: E402
 from minigpt4.decoding.kernels import triton  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}  # (N, K)
 LAYERS = 32
 
 
-def gemv(lin: quant.QuantLinear | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x [1,K] @ W.T: cuBLAS for an fp16 weight, quant.py's matrix-vector kernel for an int one."""
-    return x @ lin.T if isinstance(lin, torch.Tensor) else quant._kernel_matmul(x, lin, None)
-
-
-def tiled(lin: quant.QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """x [M,K] @ dequant(W).T through quant.py's tensor-core kernel, blocks of 64 rows (any M)."""
-    m, k = x.shape
-    out = torch.empty(m, lin.out_features, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(lin.out_features, meta["BLOCK_N"]), triton.cdiv(m, 64))  # noqa: E731
-    if lin.bits == 8:
-        quant._int8_tuned[grid](x, lin.qweight, lin.scale, out, out, m, lin.out_features, k, HAS_RES=False, BLOCK_M=64)
-    else:
-        quant._int4_tuned[grid](x, lin.qweight, lin.scale, lin.low, out, out, m, lin.out_features, k,
-                                GROUP=lin.group, HAS_RES=False, BLOCK_M=64)
-    return out
+def kernel_product(lin: quant.QuantLinear | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [M,K] @ W.T: cuBLAS for an fp16 weight; for an int one our kernels (quant_kernels.matmul) whatever M
+    (one row: the matrix-vector kernel; more: the tensor-core kernel, blocks of 64 rows)."""
+    return x @ lin.T if isinstance(lin, torch.Tensor) else quant_kernels.matmul(x, lin, None)
 
 
 def dequantized(lin: quant.QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """quant.py's path for more than 64 rows: the fp16 weight, then cuBLAS."""
+    """QuantLinear's path for more than 64 rows: the fp16 weight, then cuBLAS."""
     return F.linear(x, lin.dequantize())
+
+
+def kernel_bench_start(script: str) -> Path:
+    """A kernel bench's start: exits with one line where there is no GPU or no Triton; seeds
+    torch -> the folder for its results ($OUT, else outputs/)."""
+    if triton is None or not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU and Triton (the kernels it times run nowhere else)")
+    out_dir = Path(os.environ.get("OUT", "outputs"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    return out_dir
 
 
 def graph_ms(fn, repeats: int = 20) -> float:
@@ -110,11 +109,7 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true", help="then decode the 7B at batch 1, fp16, int8 and int4")
     ap.add_argument("--prefill-rows", type=int, default=192, help="rows of the prefill-sized products (0: skip)")
     args = ap.parse_args()
-    if triton is None or not torch.cuda.is_available():
-        sys.exit("bench_quant_kernels.py needs a CUDA GPU and Triton (the kernels it times run nowhere else)")
-    out_dir = Path(os.environ.get("OUT", "outputs"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    out_dir = kernel_bench_start("bench_quant_kernels.py")
     dev = torch.device("cuda")
     weights = {"fp16": [{name: torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02 for name, (n, k) in SHAPES.items()}
                         for _ in range(LAYERS)]}
@@ -124,14 +119,14 @@ def main() -> None:
     xs = {name: torch.randn(1, k, device=dev, dtype=torch.float16) for name, (n, k) in SHAPES.items()}
     print("a batch-1 step's products", flush=True)
     for mode, layers in weights.items():
-        results["step"][mode] = time_products(mode, gemv, layers, xs)
+        results["step"][mode] = time_products(mode, kernel_product, layers, xs)
     if args.prefill_rows:
         rows = args.prefill_rows
         xs = {name: torch.randn(rows, k, device=dev, dtype=torch.float16) for name, (n, k) in SHAPES.items()}
         print(f"a prefill's products ({rows} rows)", flush=True)
-        results["prefill"]["fp16 cuBLAS"] = time_products("fp16 cuBLAS", gemv, weights["fp16"], xs)
+        results["prefill"]["fp16 cuBLAS"] = time_products("fp16 cuBLAS", kernel_product, weights["fp16"], xs)
         for mode in ("int8", "int4"):
-            for label, product in (("dequantize + cuBLAS", dequantized), ("tensor-core kernel", tiled)):
+            for label, product in (("dequantize + cuBLAS", dequantized), ("tensor-core kernel", kernel_product)):
                 results["prefill"][f"{mode} {label}"] = time_products(f"{mode} {label}", product, weights[mode], xs)
     del weights
     if args.decode:

@@ -2,9 +2,9 @@
 
 A batch-1 decode step reads every weight once, so its time is the weights' bytes over the
 memory bandwidth: int8 weights read half of fp16's bytes, int4 a quarter. The products stay in
-fp16: each weight tile is dequantized in registers inside the matrix kernel (Triton, below), so
-the full fp16 weight never exists in memory. Prefill-sized products (more than 64 rows) are
-compute-bound: there the weight is dequantized to fp16 (one Triton pass on CUDA, a layer's
+fp16: each weight tile is dequantized in registers inside the matrix kernel (Triton,
+quant_kernels.py), so the full fp16 weight never exists in memory. Prefill-sized products (more
+than 64 rows) are compute-bound: there the weight is dequantized to fp16 (one Triton pass on CUDA, a layer's
 weight at a time) and cuBLAS multiplies it.
 
 Formats (per output row n, so fusing q/k/v or gate/up is concatenating rows):
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigpt4.decoding import quant_kernels
 from minigpt4.decoding.kernels import triton
 
 MODES = ("int8", "int4")
@@ -81,7 +82,7 @@ class QuantLinear(nn.Module):
         on CUDA a Triton kernel writes it in one pass (torch's mixed-dtype ops took 23 ms for the
         7B's int8 weights on the H200, 2026-12-02; bandwidth allows ~5)."""
         if self.qweight.is_cuda and triton is not None and not torch.compiler.is_compiling():
-            return _dequantize_kernel(self)
+            return quant_kernels.dequantize(self)
         return self.dequantize_torch()
 
     def dequantize_torch(self) -> torch.Tensor:
@@ -98,7 +99,7 @@ class QuantLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         res = None if residual is None else residual.reshape(-1, self.out_features)
         if rows.is_cuda and triton is not None and rows.shape[0] <= KERNEL_MAX_ROWS and not torch.compiler.is_compiling():
-            out = _kernel_matmul(rows, self, res)
+            out = quant_kernels.matmul(rows, self, res)
         else:  # many rows (a prefill; the gate's eager reference), the CPU, and under torch.compile
             out = F.linear(rows, self.dequantize().to(rows.dtype))
             out = out if res is None else out + res
@@ -159,245 +160,3 @@ def quantize_llm(llm: nn.Module, mode: str, device: torch.device | str | None = 
 def quantized_mode(llm: nn.Module) -> str | None:
     """'int8' / 'int4' when quantize_llm ran on this LLM, else None."""
     return getattr(llm.config, "minigpt4_quantization", None)
-
-
-# ---- Triton kernels -------------------------------------------------------------------------------
-def _kernel_matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | None) -> torch.Tensor:
-    """x [M,K] (M <= 64) @ dequant(w).T (+ residual [M,N]) -> [M,N] in x's dtype."""
-    m, k = x.shape
-    x = x.contiguous()
-    out = torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
-    res = out if residual is None else residual.contiguous()
-    if m == 1:  # one row (chat's decode step): a matrix-vector product, no tensor cores
-        grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]),)  # noqa: E731
-        if w.bits == 8:
-            _int8_gemv_tuned[grid](x, w.qweight, w.scale, res, out, w.out_features, k, HAS_RES=residual is not None)
-        else:
-            _int4_gemv_tuned[grid](x, w.qweight.view(torch.int32), w.scale, w.low, res, out, w.out_features, k, GROUP=w.group,
-                                   HAS_RES=residual is not None)
-        return out
-    block_m = min(64, max(16, triton.next_power_of_2(m)))  # tl.dot needs 16 rows at least
-    grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
-    if w.bits == 8:
-        _int8_tuned[grid](x, w.qweight, w.scale, res, out, m, w.out_features, k,
-                          HAS_RES=residual is not None, BLOCK_M=block_m)
-    else:
-        _int4_tuned[grid](x, w.qweight, w.scale, w.low, res, out, m, w.out_features, k,
-                          GROUP=w.group, HAS_RES=residual is not None, BLOCK_M=block_m)
-    return out
-
-
-def _dequantize_kernel(w: QuantLinear) -> torch.Tensor:
-    """w's fp weight [N,K] through the Triton kernels below (equal to dequantize_torch, bit for bit)."""
-    n, k = w.out_features, w.in_features
-    out = torch.empty(n, k, dtype=w.dtype, device=w.qweight.device)
-    if w.bits == 8:
-        _dequantize_int8[(n, triton.cdiv(k, 1024))](w.qweight, w.scale, out, k, BLOCK=1024)
-    else:
-        groups = k // w.group
-        _dequantize_int4[(n, triton.cdiv(groups, 16))](w.qweight, w.scale, w.low, out, k, GROUP=w.group, GROUPS=16)
-    return out
-
-
-if triton is not None:
-    import triton.language as tl
-
-    @triton.jit
-    def _store_tile(acc, r_ptr, o_ptr, rm, rn, keep_m, keep_n, N, HAS_RES: tl.constexpr):
-        """out[rm, rn] = acc (+ residual[rm, rn]) in the output's dtype: the tensor-core kernels' end."""
-        out_offsets = rm[:, None] * N + rn[None, :]
-        keep = keep_m[:, None] & keep_n[None, :]
-        if HAS_RES:
-            acc += tl.load(r_ptr + out_offsets, mask=keep, other=0.0).to(tl.float32)
-        tl.store(o_ptr + out_offsets, acc.to(o_ptr.dtype.element_ty), mask=keep)
-
-    @triton.jit
-    def _int8_kernel(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, M, N, K,
-                     HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program (n, m): out[m-block, n-block] = x @ (q[n-block] * scale).T (+ residual). K % BLOCK_K == 0."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rk = tl.arange(0, BLOCK_K)
-        keep_n = rn < N
-        keep_m = rm < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            w = tl.load(q_ptr + rn[None, :] * K + (k0 + rk)[:, None], mask=keep_n[None, :], other=0)  # [BK,BN]
-            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=keep_m[:, None], other=0.0)  # [BM,BK]
-            acc += tl.dot(x, w.to(x.dtype))
-        scale = tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        acc = acc * scale[None, :]
-        _store_tile(acc, r_ptr, o_ptr, rm, rn, keep_m, keep_n, N, HAS_RES)
-
-    @triton.jit
-    def _int4_kernel(x_ptr, q_ptr, s_ptr, l_ptr, r_ptr, o_ptr, M, N, K,
-                     GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program (n, m): out[m-block, n-block] = x @ dequant(q[n-block]).T (+ residual), one group
-        of K a step: its bytes' low nibbles are the group's first half, high nibbles its second."""
-        HALF: tl.constexpr = GROUP // 2
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rh = tl.arange(0, HALF)
-        keep_n = rn < N
-        keep_m = rm < M
-        groups = K // GROUP
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for g in range(groups):
-            byte = tl.load(q_ptr + rn[None, :] * (K // 2) + (g * HALF + rh)[:, None], mask=keep_n[None, :], other=0)
-            scale = tl.load(s_ptr + rn * groups + g, mask=keep_n, other=0.0).to(tl.float32)[None, :]
-            low = tl.load(l_ptr + rn * groups + g, mask=keep_n, other=0.0).to(tl.float32)[None, :]
-            x_lo = tl.load(x_ptr + rm[:, None] * K + (g * GROUP + rh)[None, :], mask=keep_m[:, None], other=0.0)
-            x_hi = tl.load(x_ptr + rm[:, None] * K + (g * GROUP + HALF + rh)[None, :], mask=keep_m[:, None], other=0.0)
-            w_lo = ((byte & 15).to(tl.float32) * scale + low).to(x_lo.dtype)  # [HALF,BN]
-            w_hi = ((byte >> 4).to(tl.float32) * scale + low).to(x_lo.dtype)
-            acc += tl.dot(x_lo, w_lo)
-            acc += tl.dot(x_hi, w_hi)
-        _store_tile(acc, r_ptr, o_ptr, rm, rn, keep_m, keep_n, N, HAS_RES)
-
-    # The matrix-vector kernels turn int8/int4 into fp32 without the integer-to-float instruction,
-    # which Hopper runs at 1/8 of its FMA rate: an integer v in [0, 2^23) put into the low bits of
-    # the float 2^23 (bits 0x4B000000) reads as 2^23 + v exactly, and one float subtraction leaves
-    # v. The 7B's batch-1 products on the H200 (2026-12-02): int8 2.36 -> 3.07 TB/s, int4 0.95 ->
-    # 1.34 (with several groups a step and the words below; bench/bench_quant_kernels.py).
-    MAGIC = tl.constexpr(0x4B000000)
-
-    @triton.jit
-    def _int8_gemv(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, N, K,
-                   HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        """Program n: out[n-block] = (q[n-block] @ x) * scale (+ residual), x one row [K]; q + 128
-        (in [0, 255]) becomes the float 2^23 + q + 128. A K that BLOCK_K does not divide (the
-        7B's down projection, 11,008) masks its last block."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        keep_n = rn < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None], other=0)
-                x = tl.load(x_ptr + k0 + rk).to(tl.float32)
-            else:
-                keep_k = k0 + rk < K
-                w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None] & keep_k[None, :], other=0)
-                x = tl.load(x_ptr + k0 + rk, mask=keep_k, other=0.0).to(tl.float32)
-            f = (w.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
-            acc += f * x[None, :]
-        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        if HAS_RES:
-            out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
-
-    @triton.jit
-    def _x_quarters(x_ptr, start, keep_g, GROUPS: tl.constexpr, WORDS: tl.constexpr):
-        """x[start[g] + 4 i + b] for b = 0..3 -> four [GROUPS, WORDS] fp32 tiles (one contiguous load, split in registers)."""
-        x = tl.load(x_ptr + start[:, None] + tl.arange(0, 4 * WORDS)[None, :], mask=keep_g[:, None], other=0.0)
-        x = tl.reshape(x.to(tl.float32), (GROUPS, WORDS, 2, 2))
-        even, odd = tl.split(x)  # [GROUPS, WORDS, 2]: b = 0/2 and b = 1/3
-        x0, x2 = tl.split(even)
-        x1, x3 = tl.split(odd)
-        return x0, x1, x2, x3
-
-    @triton.jit
-    def _nibbles_dot(words, high, x, J: tl.constexpr):
-        """sum over the tile of nibble J of each word (q in [0, 15]) times x: the nibble is masked
-        into the float 2^23 where it lies (q 2^(4J)), and x is scaled by 2^(-4J) (exact)."""
-        if J < 5:
-            f = ((words & (15 << (4 * J))) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
-            return f * (x * (1.0 / (1 << (4 * J))))
-        else:
-            f = ((high & (15 << (4 * J - 12))) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
-            return f * (x * (1.0 / (1 << (4 * J - 12))))
-
-    @triton.jit
-    def _int4_gemv(x_ptr, w_ptr, s_ptr, l_ptr, r_ptr, o_ptr, N, K,
-                         GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-        """Program n: out[n-block] = dequant(q[n-block]) @ x (+ residual), GROUPS groups of K a step
-        (one group a step read too few bytes between waits). q's bytes come as int32 words
-        [N, K/8]: one AND-OR puts a nibble into a float, no per-byte unpacking. Nibble j of word i
-        of a group holds k = (j % 2) GROUP/2 + 4 i + j // 2 (byte 4i + j//2, low or high nibble).
-        Scale and low are applied per group after the products: sum_k (q s + l) x = s sum_k q x + l sum_k x."""
-        HALF: tl.constexpr = GROUP // 2
-        WORDS: tl.constexpr = GROUP // 8
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rg = tl.arange(0, GROUPS)
-        rw = tl.arange(0, WORDS)
-        keep_n = rn < N
-        groups = K // GROUP
-        acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
-        low_acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-        for g0 in range(0, groups, GROUPS):
-            g = g0 + rg
-            keep_g = g < groups
-            words = tl.load(w_ptr + rn[:, None, None] * (K // 8) + (g * WORDS)[None, :, None] + rw[None, None, :],
-                            mask=keep_n[:, None, None] & keep_g[None, :, None], other=0)  # [BLOCK_N, GROUPS, WORDS]
-            high = words >> 12
-            a0, a1, a2, a3 = _x_quarters(x_ptr, g * GROUP, keep_g, GROUPS, WORDS)  # low nibbles' x
-            b0, b1, b2, b3 = _x_quarters(x_ptr, g * GROUP + HALF, keep_g, GROUPS, WORDS)  # high nibbles' x
-            part = _nibbles_dot(words, high, a0[None], 0) + _nibbles_dot(words, high, b0[None], 1)
-            part += _nibbles_dot(words, high, a1[None], 2) + _nibbles_dot(words, high, b1[None], 3)
-            part += _nibbles_dot(words, high, a2[None], 4) + _nibbles_dot(words, high, b2[None], 5)
-            part += _nibbles_dot(words, high, a3[None], 6) + _nibbles_dot(words, high, b3[None], 7)
-            at = rn[:, None] * groups + g[None, :]
-            keep = keep_n[:, None] & keep_g[None, :]
-            scale = tl.load(s_ptr + at, mask=keep, other=0.0).to(tl.float32)
-            low = tl.load(l_ptr + at, mask=keep, other=0.0).to(tl.float32)
-            acc += part * scale[:, :, None]
-            xsum = tl.sum(a0 + a1 + a2 + a3 + b0 + b1 + b2 + b3, axis=1)  # [GROUPS]
-            low_acc += low * xsum[None, :]
-        out = tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(low_acc, axis=1)
-        if HAS_RES:
-            out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
-
-    @triton.jit
-    def _dequantize_int8(q_ptr, s_ptr, o_ptr, K, BLOCK: tl.constexpr):
-        """Program (n, block): out[n, block] = q[n, block] * scale[n]."""
-        n = tl.program_id(0).to(tl.int64)
-        rk = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        keep = rk < K
-        q = tl.load(q_ptr + n * K + rk, mask=keep, other=0)
-        scale = tl.load(s_ptr + n).to(tl.float32)
-        tl.store(o_ptr + n * K + rk, (q.to(tl.float32) * scale).to(o_ptr.dtype.element_ty), mask=keep)
-
-    @triton.jit
-    def _dequantize_int4(q_ptr, s_ptr, l_ptr, o_ptr, K, GROUP: tl.constexpr, GROUPS: tl.constexpr):
-        """Program (n, block): GROUPS groups of row n: out = q * scale + low, the low nibbles the
-        first half of each group, the high nibbles its second."""
-        HALF: tl.constexpr = GROUP // 2
-        n = tl.program_id(0).to(tl.int64)
-        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
-        rh = tl.arange(0, HALF)
-        groups = K // GROUP
-        keep_g = g < groups
-        byte = tl.load(q_ptr + n * (K // 2) + (g * HALF)[:, None] + rh[None, :], mask=keep_g[:, None], other=0)
-        scale = tl.load(s_ptr + n * groups + g, mask=keep_g, other=0.0).to(tl.float32)[:, None]
-        low = tl.load(l_ptr + n * groups + g, mask=keep_g, other=0.0).to(tl.float32)[:, None]
-        out = o_ptr + n * K + (g * GROUP)[:, None] + rh[None, :]  # [GROUPS, HALF]
-        tl.store(out, ((byte & 15).to(tl.float32) * scale + low).to(o_ptr.dtype.element_ty), mask=keep_g[:, None])
-        tl.store(out + HALF, ((byte >> 4).to(tl.float32) * scale + low).to(o_ptr.dtype.element_ty), mask=keep_g[:, None])
-
-    def _configs(block_ks: tuple[int, ...]) -> list:
-        return [triton.Config({"BLOCK_N": n, **({"BLOCK_K": bk} if bk else {})}, num_warps=warps, num_stages=stages)
-                for n, warps in ((16, 2), (32, 4), (64, 4), (128, 8)) for bk in block_ks for stages in (3, 5)]
-
-    def _fits_k(configs, named_args, **_):
-        return [c for c in configs if named_args["K"] % c.kwargs["BLOCK_K"] == 0] or [
-            triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
-
-    def _autotune(**kwargs):
-        """Tuned once per key on the machine, at the first step (the warm-up before graph capture);
-        the choices are kept on disk where this Triton can (cache_results)."""
-        try:
-            return triton.autotune(**kwargs, cache_results=True)
-        except TypeError:  # an older Triton
-            return triton.autotune(**kwargs)
-
-    _int8_tuned = _autotune(configs=_configs((64, 128, 256)), key=["N", "K", "BLOCK_M"],
-                            prune_configs_by={"early_config_prune": _fits_k})(_int8_kernel)
-    _gemv_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": bk}, num_warps=warps, num_stages=3)
-                     for n in (4, 8, 16, 32) for bk in (256, 512, 1024) for warps in (4, 8)]
-    _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-    _int8_gemv_tuned = _autotune(configs=_gemv_configs, key=["N", "K"])(_even_k(_int8_gemv))
-    _int4_gemv_configs = [triton.Config({"BLOCK_N": n, "GROUPS": groups}, num_warps=warps, num_stages=2)
-                          for n in (4, 8, 16, 32) for groups in (2, 4, 8) for warps in (2, 4, 8)]
-    _int4_gemv_tuned = _autotune(configs=_int4_gemv_configs, key=["N", "K", "GROUP"])(_int4_gemv)
-    _int4_tuned = _autotune(configs=_configs((None,)), key=["N", "K", "BLOCK_M", "GROUP"])(_int4_kernel)
