@@ -11,14 +11,12 @@ graph capture); bench/bench_quant_kernels.py times them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 
 from minigpt4.decoding.kernels import triton
 
-if TYPE_CHECKING:
-    from minigpt4.decoding.quant import QuantLinear
+QuantLinear = nn.Module  # quant.QuantLinear (which imports this module): its qweight, scale, low, bits, group
 
 
 def matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | None) -> torch.Tensor:
