@@ -27,7 +27,7 @@ from minigpt4.devices import resolve_precision
 from minigpt4.errors import UserError
 from minigpt4.extras import require
 from minigpt4.images import ImageSource, load_pixels
-from minigpt4.model import PARTS, MiniGPT4, MiniGPT4Config, apply_precision
+from minigpt4.model import IMAGE_SIDE, PARTS, MiniGPT4, MiniGPT4Config, apply_precision, cast_own_tensors, official_dtype
 from minigpt4.settings import LoadSpec
 from minigpt4.tokenizer import Tokenizer
 
@@ -137,7 +137,7 @@ def load_model(spec: LoadSpec, device: torch.device | None = None, dtype: torch.
         if ckpt.get(part):
             sources[part] = _read_part(part, ckpt, arch)
     loaded = _assign(model, sources, ckpt)
-    random_parts = _materialize(model, device, loaded, ckpt)
+    random_parts = _materialize(model, device, dtype, loaded, ckpt)
     if getattr(model.llm.config, "tie_word_embeddings", False):
         model.llm.tie_weights()  # assignment replaced the tied tensor objects
     model.set_trainable(sorted(set(PARTS) - model.frozen))  # re-apply to re-created parameters
@@ -334,9 +334,11 @@ def _arch_name(model: MiniGPT4) -> str:
     return f"{'LLaMA-2 variant' if model.qformer is None else 'Q-Former variant'}, LLM hidden size {h}"
 
 
-def _materialize(model: MiniGPT4, device: torch.device, loaded: set[str], ckpt: dict) -> list[str]:
+def _materialize(model: MiniGPT4, device: torch.device, dtype: torch.dtype, loaded: set[str], ckpt: dict) -> list[str]:
     """Randomly initialise what no file provided; return the names of those parts. Buffers that
-    are computed, not stored (rotary inv_freq), are recomputed without making a part 'random'."""
+    are computed, not stored (rotary inv_freq), are recomputed without making a part 'random'.
+    An image-side module goes to its official dtype as soon as it is drawn (apply_precision), so
+    a random ViT is never on the device whole in fp32."""
     random_parts = []
     persistent = set(model.state_dict())
     for name, module in model.named_modules():
@@ -356,6 +358,8 @@ def _materialize(model: MiniGPT4, device: torch.device, loaded: set[str], ckpt: 
         elif name.startswith("llm."):
             model.llm._init_weights(module)
         top = name.split(".")[0]
+        if top in IMAGE_SIDE:
+            cast_own_tensors(module, official_dtype(top, module, dtype))
         stored = any(f"{name}.{n}" in persistent for n in meta)
         if stored and top not in random_parts and not name.endswith("post_layernorm"):
             random_parts.append(top)

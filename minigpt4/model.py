@@ -222,16 +222,32 @@ def apply_precision(model: MiniGPT4, dtype: torch.dtype) -> MiniGPT4:
     """Official inference precision: LLM in `dtype`; ViT Linear/Conv weights in `dtype` with its
     LayerNorms and position/class embeddings in fp32; Q-Former, queries and projection in fp32.
     Half-precision parts then run under autocast on the GPU (see image_features). A quantised
-    LLM (bitsandbytes) is left as it was loaded."""
+    LLM (bitsandbytes) is left as it was loaded. Each tensor is cast on its own: the whole ViT in
+    fp32 on its way to fp16 (3.7 GiB for EVA ViT-g) was the peak of loading an int8 7B."""
     if not getattr(model.llm, "is_quantized", False):
         model.llm.to(dtype)
-    for part in (model.vision_model, model.qformer, model.llama_proj):
-        if part is not None:
-            part.float()
+    for part in IMAGE_SIDE:
+        module = getattr(model, part)
+        for child in module.modules() if module is not None else ():
+            cast_own_tensors(child, official_dtype(part, child, dtype))
     if model.query_tokens is not None:
         model.query_tokens.data = model.query_tokens.data.float()
-    if dtype != torch.float32:
-        for module in model.vision_model.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                module.to(dtype)
     return model
+
+
+IMAGE_SIDE = ("vision_model", "qformer", "llama_proj")
+
+
+def official_dtype(part: str, module: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the official code runs `module`'s own tensors in (part: one of IMAGE_SIDE)."""
+    return dtype if part == "vision_model" and isinstance(module, (nn.Linear, nn.Conv2d)) else torch.float32
+
+
+def cast_own_tensors(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast module's own floating parameters and buffers (not its children's) to dtype."""
+    for name, param in module.named_parameters(recurse=False):
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    for name, buffer in module.named_buffers(recurse=False):
+        if buffer.is_floating_point() and buffer.dtype != dtype:
+            module._buffers[name] = buffer.to(dtype)
