@@ -131,32 +131,6 @@ def test_triton_kernels_equal_the_torch_reference_on_7b_shapes(mode):
             torch.testing.assert_close(got, expected, rtol=1e-2, atol=2e-2, msg=f"{mode} {m}x{k} @ {n}x{k}")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_the_matrix_vector_kernel_takes_the_norm_and_silu_in_as_fused_py_computes_them(mode):
-    """A batch-1 step's int products with RMSNorm (q/k/v, gate/up) or silu(gate) * up (down)
-    done inside the kernel equal the product of fused.py's torch versions' output."""
-    from minigpt4.decoding import fused, kernels, quant_kernels
-
-    if not kernels.available():
-        pytest.skip("no Triton")
-    torch.manual_seed(4)
-    eps = 1e-6
-    for n, k in ((12288, 4096), (4096, 11008)):  # q/k/v; the down projection (K no block divides)
-        q = QuantLinear.quantize(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02, mode)
-        w = q.dequantize_torch().float()
-        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        norm_weight = (1 + 0.1 * torch.randn(k, device="cuda")).half()
-        expected = fused.rms_norm(x, norm_weight, eps).float() @ w.T
-        got = quant_kernels.gemv(x, q, norm_weight=norm_weight, eps=eps).float()
-        torch.testing.assert_close(got, expected, rtol=1e-2, atol=2e-2, msg=f"{mode} norm {n}x{k}")
-        gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.float16)
-        res = torch.randn(1, n, device="cuda", dtype=torch.float16)
-        expected = fused.silu_mul(gate_up).float() @ w.T + res.float()
-        got = quant_kernels.gemv(gate_up, q, residual=res, silu=True).float()
-        torch.testing.assert_close(got, expected, rtol=1e-2, atol=2e-2, msg=f"{mode} silu {n}x{k}")
-
-
 def test_an_llm_directory_is_quantized_on_its_way_to_the_device(tiny_loaded, tmp_path):
     """precision=int8 with checkpoint.llm=DIR: the LLM is read into CPU memory and each layer is
     quantized as it moves (here the device is the CPU too); the answers stay the fp32 model's."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from minigpt4.decoding import kernels, quant_kernels
+from minigpt4.decoding import kernels
 from minigpt4.decoding.quant import QuantLinear, concat
 
 Weight = torch.Tensor | QuantLinear  # [N,K] fp weight, or its int8/int4 form (quant.py)
@@ -143,7 +143,7 @@ class FusedLlama:
         mask = torch.zeros(valid.shape[0], 1, 1, attend, dtype=x.dtype, device=x.device)
         mask.masked_fill_(~valid[:, None, None, :attend], float("-inf"))  # [B,1,1,attend]
         for i, w in enumerate(self.layers):
-            qkv = self._normed_linear(x, w.attn_norm, w.qkv, norm, triton)  # [B,(nh+2nkv)hd]
+            qkv = _linear(norm(x, w.attn_norm, self.eps), w.qkv)  # [B,(nh+2nkv)hd]
             if triton:
                 q = kernels.rope_and_cache(qkv, self.cos, self.sin, positions, keys[i], values[i], slot, nh, nkv)
             else:
@@ -198,23 +198,8 @@ class FusedLlama:
 
     def _mlp(self, x: torch.Tensor, w: LayerWeights, norm: Callable, triton: bool) -> torch.Tensor:
         """x [N,H] -> x + down(silu(gate) * up) of the normed x [N,H] (the residual inside the product)."""
-        gate_up = self._normed_linear(x, w.mlp_norm, w.gate_up, norm, triton)  # [N,2I]
-        if triton and _one_row_of_int(gate_up, w.down):  # silu * up inside the product
-            return quant_kernels.gemv(gate_up, w.down, residual=x, silu=True)
+        gate_up = _linear(norm(x, w.mlp_norm, self.eps), w.gate_up)  # [N,2I]
         return _linear(kernels.silu_mul(gate_up) if triton else silu_mul(gate_up), w.down, residual=x)
-
-    def _normed_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, w: Weight, norm: Callable,
-                       triton: bool) -> torch.Tensor:
-        """x [N,H] -> RMSNorm(x) @ w.T; one row of int weights: the norm inside the product's kernel."""
-        if triton and _one_row_of_int(x, w):
-            return quant_kernels.gemv(x, w, norm_weight=norm_weight, eps=self.eps)
-        return _linear(norm(x, norm_weight, self.eps), w)
-
-
-def _one_row_of_int(x: torch.Tensor, w: Weight) -> bool:
-    """A batch-1 step's product on int8/int4 weights: the matrix-vector kernel that can take the
-    norm or silu * up before it in (a batch-1 int8 step: 2.77 -> see docs/BENCHMARKS.md)."""
-    return type(w) is QuantLinear and x.shape[0] == 1 and not torch.compiler.is_compiling()
 
 
 def _weight(linear: nn.Module) -> Weight:

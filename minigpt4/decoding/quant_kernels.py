@@ -28,7 +28,13 @@ def matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | None) -> to
     out = torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
     res = out if residual is None else residual.contiguous()
     if m == 1:  # one row (chat's decode step): a matrix-vector product, no tensor cores
-        return gemv(x, w, residual)
+        grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]),)  # noqa: E731
+        if w.bits == 8:
+            _int8_gemv_tuned[grid](x, w.qweight, w.scale, res, out, w.out_features, k, HAS_RES=residual is not None)
+        else:
+            _int4_gemv_tuned[grid](x, w.qweight.view(torch.int32), w.scale, w.low, res, out, w.out_features, k, GROUP=w.group,
+                                   HAS_RES=residual is not None)
+        return out
     block_m = min(64, max(16, triton.next_power_of_2(m)))  # tl.dot needs 16 rows at least
     grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
     if w.bits == 8:
@@ -37,29 +43,6 @@ def matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | None) -> to
     else:
         _int4_tuned[grid](x, w.qweight, w.scale, w.low, res, out, m, w.out_features, k,
                           GROUP=w.group, HAS_RES=residual is not None, BLOCK_M=block_m)
-    return out
-
-
-def gemv(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-         eps: float = 0.0, silu: bool = False) -> torch.Tensor:
-    """One row: x [1,K] @ dequant(w).T (+ residual [1,N]) -> [1,N], with the step's elementwise
-    kernel before the product done inside it: norm_weight -> the product of RMSNorm(x) (fused.rms_norm),
-    silu -> x is gate_up [1,2K] and the product is of silu(gate) * up (fused.silu_mul); rounded as
-    those round. Each program re-reads the row (from L2), which costs less than the separate
-    kernel's launch and round trip: a batch-1 step of a 7B has 96 fewer kernels."""
-    k = w.in_features
-    x = x.contiguous()
-    out = torch.empty(1, w.out_features, dtype=x.dtype, device=x.device)
-    res = out if residual is None else residual.contiguous()
-    pre = 1 if norm_weight is not None else 2 if silu else 0
-    nw = x if norm_weight is None else norm_weight
-    grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]),)  # noqa: E731
-    args = dict(HAS_RES=residual is not None, PRE=pre, K_POW2=triton.next_power_of_2(k))
-    if w.bits == 8:
-        _int8_gemv_tuned[grid](x, nw, w.qweight, w.scale, res, out, w.out_features, k, eps, **args)
-    else:
-        _int4_gemv_tuned[grid](x, nw, w.qweight.view(torch.int32), w.scale, w.low, res, out, w.out_features, k, eps,
-                               GROUP=w.group, **args)
     return out
 
 
@@ -138,61 +121,23 @@ if triton is not None:
     MAGIC = tl.constexpr(0x4B000000)
 
     @triton.jit
-    def _row(x_ptr, nw_ptr, k, keep, rstd, K, PRE: tl.constexpr, MASKED: tl.constexpr):
-        """Elements k of the row the product multiplies, in fp32: x as stored (PRE 0), RMSNorm(x)
-        given the row's rstd (1), or silu(gate) * up of x = gate_up [2K] (2); rounded to the model
-        dtype where fused.py's torch versions round. MASKED: keep says which k exist."""
-        if PRE == 2:
-            if MASKED:
-                g = tl.load(x_ptr + k, mask=keep, other=0.0)
-                u = tl.load(x_ptr + K + k, mask=keep, other=0.0)
-            else:
-                g = tl.load(x_ptr + k)
-                u = tl.load(x_ptr + K + k)
-            gf = g.to(tl.float32)
-            act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # F.silu rounds, then * up
-            return (act * u).to(tl.float32)
-        if MASKED:
-            x = tl.load(x_ptr + k, mask=keep, other=0.0)
-        else:
-            x = tl.load(x_ptr + k)
-        if PRE == 1:
-            h = (x.to(tl.float32) * rstd).to(x.dtype)  # as LlamaRMSNorm: back to the model dtype, then
-            if MASKED:
-                x = tl.load(nw_ptr + k, mask=keep, other=0.0) * h  # the weight
-            else:
-                x = tl.load(nw_ptr + k) * h
-        return x.to(tl.float32)
-
-    @triton.jit
-    def _row_rstd(x_ptr, K, eps, PRE: tl.constexpr, K_POW2: tl.constexpr):
-        """RMSNorm's 1 / sqrt(mean(x^2) + eps) of the row (PRE 1; else unused): the whole row in one load."""
-        if PRE == 1:
-            kk = tl.arange(0, K_POW2)
-            xs = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            return tl.rsqrt(tl.sum(xs * xs, axis=0) / K + eps)
-        else:
-            return 1.0
-
-    @triton.jit
-    def _int8_gemv(x_ptr, nw_ptr, q_ptr, s_ptr, r_ptr, o_ptr, N, K, eps,
-                   HAS_RES: tl.constexpr, PRE: tl.constexpr, K_POW2: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        """Program n: out[n-block] = (q[n-block] @ x) * scale (+ residual), x one row [K] (as
-        _row makes it from x_ptr); q + 128 (in [0, 255]) becomes the float 2^23 + q + 128. A K that
-        BLOCK_K does not divide (the 7B's down projection, 11,008) masks its last block."""
+    def _int8_gemv(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, N, K,
+                   HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """Program n: out[n-block] = (q[n-block] @ x) * scale (+ residual), x one row [K]; q + 128
+        (in [0, 255]) becomes the float 2^23 + q + 128. A K that BLOCK_K does not divide (the
+        7B's down projection, 11,008) masks its last block."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         keep_n = rn < N
-        rstd = _row_rstd(x_ptr, K, eps, PRE, K_POW2)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            keep_k = k0 + rk < K
             if EVEN_K:
                 w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None], other=0)
+                x = tl.load(x_ptr + k0 + rk).to(tl.float32)
             else:
+                keep_k = k0 + rk < K
                 w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None] & keep_k[None, :], other=0)
-            x = _row(x_ptr, nw_ptr, k0 + rk, keep_k, rstd, K, PRE, not EVEN_K)
+                x = tl.load(x_ptr + k0 + rk, mask=keep_k, other=0.0).to(tl.float32)
             f = (w.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
             acc += f * x[None, :]
         out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
@@ -201,12 +146,10 @@ if triton is not None:
         tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
 
     @triton.jit
-    def _x_quarters(x_ptr, nw_ptr, start, keep_g, rstd, K, PRE: tl.constexpr, GROUPS: tl.constexpr, WORDS: tl.constexpr):
-        """x[start[g] + 4 i + b] (as _row makes it) for b = 0..3 -> four [GROUPS, WORDS] fp32 tiles
-        (one contiguous load, split in registers)."""
-        k = start[:, None] + tl.arange(0, 4 * WORDS)[None, :]
-        x = _row(x_ptr, nw_ptr, k, keep_g[:, None], rstd, K, PRE, True)
-        x = tl.reshape(x, (GROUPS, WORDS, 2, 2))
+    def _x_quarters(x_ptr, start, keep_g, GROUPS: tl.constexpr, WORDS: tl.constexpr):
+        """x[start[g] + 4 i + b] for b = 0..3 -> four [GROUPS, WORDS] fp32 tiles (one contiguous load, split in registers)."""
+        x = tl.load(x_ptr + start[:, None] + tl.arange(0, 4 * WORDS)[None, :], mask=keep_g[:, None], other=0.0)
+        x = tl.reshape(x.to(tl.float32), (GROUPS, WORDS, 2, 2))
         even, odd = tl.split(x)  # [GROUPS, WORDS, 2]: b = 0/2 and b = 1/3
         x0, x2 = tl.split(even)
         x1, x3 = tl.split(odd)
@@ -224,9 +167,8 @@ if triton is not None:
             return f * (x * (1.0 / (1 << (4 * J - 12))))
 
     @triton.jit
-    def _int4_gemv(x_ptr, nw_ptr, w_ptr, s_ptr, l_ptr, r_ptr, o_ptr, N, K, eps,
-                   GROUP: tl.constexpr, HAS_RES: tl.constexpr, PRE: tl.constexpr, K_POW2: tl.constexpr,
-                   BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    def _int4_gemv(x_ptr, w_ptr, s_ptr, l_ptr, r_ptr, o_ptr, N, K,
+                         GROUP: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
         """Program n: out[n-block] = dequant(q[n-block]) @ x (+ residual), GROUPS groups of K a step
         (one group a step read too few bytes between waits). q's bytes come as int32 words
         [N, K/8]: one AND-OR puts a nibble into a float, no per-byte unpacking. Nibble j of word i
@@ -239,7 +181,6 @@ if triton is not None:
         rw = tl.arange(0, WORDS)
         keep_n = rn < N
         groups = K // GROUP
-        rstd = _row_rstd(x_ptr, K, eps, PRE, K_POW2)
         acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
         low_acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
         for g0 in range(0, groups, GROUPS):
@@ -248,8 +189,8 @@ if triton is not None:
             words = tl.load(w_ptr + rn[:, None, None] * (K // 8) + (g * WORDS)[None, :, None] + rw[None, None, :],
                             mask=keep_n[:, None, None] & keep_g[None, :, None], other=0)  # [BLOCK_N, GROUPS, WORDS]
             high = words >> 12
-            a0, a1, a2, a3 = _x_quarters(x_ptr, nw_ptr, g * GROUP, keep_g, rstd, K, PRE, GROUPS, WORDS)  # low nibbles' x
-            b0, b1, b2, b3 = _x_quarters(x_ptr, nw_ptr, g * GROUP + HALF, keep_g, rstd, K, PRE, GROUPS, WORDS)  # high
+            a0, a1, a2, a3 = _x_quarters(x_ptr, g * GROUP, keep_g, GROUPS, WORDS)  # low nibbles' x
+            b0, b1, b2, b3 = _x_quarters(x_ptr, g * GROUP + HALF, keep_g, GROUPS, WORDS)  # high nibbles' x
             part = _nibbles_dot(words, high, a0[None], 0) + _nibbles_dot(words, high, b0[None], 1)
             part += _nibbles_dot(words, high, a1[None], 2) + _nibbles_dot(words, high, b1[None], 3)
             part += _nibbles_dot(words, high, a2[None], 4) + _nibbles_dot(words, high, b2[None], 5)
@@ -314,8 +255,8 @@ if triton is not None:
     _gemv_configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": bk}, num_warps=warps, num_stages=3)
                      for n in (4, 8, 16, 32) for bk in (256, 512, 1024) for warps in (4, 8)]
     _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-    _int8_gemv_tuned = _autotune(configs=_gemv_configs, key=["N", "K", "PRE"])(_even_k(_int8_gemv))
+    _int8_gemv_tuned = _autotune(configs=_gemv_configs, key=["N", "K"])(_even_k(_int8_gemv))
     _int4_gemv_configs = [triton.Config({"BLOCK_N": n, "GROUPS": groups}, num_warps=warps, num_stages=2)
                           for n in (4, 8, 16, 32) for groups in (2, 4, 8) for warps in (2, 4, 8)]
-    _int4_gemv_tuned = _autotune(configs=_int4_gemv_configs, key=["N", "K", "GROUP", "PRE"])(_int4_gemv)
+    _int4_gemv_tuned = _autotune(configs=_int4_gemv_configs, key=["N", "K", "GROUP"])(_int4_gemv)
     _int4_tuned = _autotune(configs=_configs((None,)), key=["N", "K", "BLOCK_M", "GROUP"])(_int4_kernel)
