@@ -81,9 +81,10 @@ def quant_gate_paths(qllm, mode: str) -> dict:
 
 
 @torch.inference_mode()
-def memory_of_chat(precision: str, new: int) -> dict:
+def memory_of_chat(precision: str, new: int, context: int = 2000) -> dict:
     """Peak GPU memory of the whole 7B MiniGPT-4 (random weights, loaded as chat loads it) answering
-    one image + 100-token question with chat's 2,000-position cache, in this fresh process."""
+    one image + 100-token question with the cache chat makes for chat.max_context=`context`
+    (default 2,000), in this fresh process."""
     from minigpt4.build import load_model
     from minigpt4.config import compose, load_spec
 
@@ -92,9 +93,10 @@ def memory_of_chat(precision: str, new: int) -> dict:
     llm = lm.model.llm
     embeds = torch.randn(1, 132, llm.config.hidden_size, device="cuda", dtype=torch.float16) * 0.02
     mask = torch.ones(1, 132, dtype=torch.long, device="cuda")
-    decoder = make_decoder(llm, 1, 2000, static=True)
+    decoder = make_decoder(llm, 1, context + 1, static=True)  # as chat's _new_decoder
     t, _ = timed(lambda: ours(decoder, embeds, mask, new), torch.device("cuda"))
-    return {"precision": precision, "loaded_gib": loaded_gib, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    return {"precision": precision, "context": context, "cache_slots": decoder.max_len, "loaded_gib": loaded_gib,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "tok_s": new / t}
 
 
@@ -187,12 +189,14 @@ def main():
                     help="also gate and time our weight-only int8/int4 (paths 'int8', 'int4')")
     ap.add_argument("--memory", choices=["fp16", "int8", "int4"],
                     help="only: peak GPU memory of the whole 7B model loaded and answering as chat does")
+    ap.add_argument("--context", type=int, default=2000, help="with --memory: chat.max_context (the cache's size)")
     args = ap.parse_args()
     if args.memory:
-        result = memory_of_chat(args.memory, args.new)
+        result = memory_of_chat(args.memory, args.new, args.context)
         print(json.dumps(result))
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], f"memory_{args.memory}.json").write_text(json.dumps(result, indent=2))
+            name = f"memory_{args.memory}" + ("" if args.context == 2000 else f"_{args.context}")
+            Path(os.environ["OUT"], f"{name}.json").write_text(json.dumps(result, indent=2))
         return
     llm = build_llm(args.tiny)
     quantized = {mode: quantized_copy(llm, mode) for mode in args.quant}

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 from tiny_models import build_tiny
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from minigpt4.chat import ChatSession
 from minigpt4.conversation import encode_prompt
@@ -328,3 +329,25 @@ def test_admission_graphs_captured_at_start_cover_every_bucket_and_write_only_ro
     for layer in dec.cache.layers:
         changed = (layer.keys != 1.0).any(dim=(1, 3)) | (layer.values != 1.0).any(dim=(1, 3))  # [rows, slots]
         assert changed[0, -1] and changed.sum() == 1
+
+
+def test_the_padded_lm_head_is_the_model_s_own_weight_and_the_llm_still_trains():
+    """The fused weights (q/k/v, gate/up, the lm_head padded to 64 rows) are the model's own
+    weights, not copies, and a decoder made in inference mode leaves them usable by autograd
+    (finetuning the projection after chatting in the same process)."""
+    from minigpt4.decoding import fused
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=100)
+    llm = LlamaForCausalLM(cfg).requires_grad_(False)
+    x = torch.randn(1, 4, 64)
+    before = llm(inputs_embeds=x).logits
+    padded = fused._padded_lm_head(llm, pad=True)
+    assert padded.shape == (128, 64) and not padded[100:].any()
+    assert llm.lm_head.weight.untyped_storage().data_ptr() == padded.untyped_storage().data_ptr()
+    assert torch.equal(llm(inputs_embeds=x).logits, before)
+    StaticDecoder(llm, 1, 32)  # fuses q/k/v and gate/up in inference mode
+    x.requires_grad_(True)
+    llm(inputs_embeds=x).logits.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -63,14 +63,22 @@ def unsupported_reason(llm: LlamaForCausalLM) -> str | None:
     return None
 
 
-def _padded_rows(weight: torch.Tensor, multiple: int = 64) -> torch.Tensor:
-    """On CUDA, a copy of weight [V,H] with rows added up to a multiple of 64: Vicuna's 32,001
-    rows gave cuBLAS no aligned kernel at batch 32 (0.29 ms for the product; 262 MB more memory)."""
+def _padded_lm_head(llm: LlamaForCausalLM, pad: bool | None = None) -> torch.Tensor:
+    """On CUDA, the output embedding [V,H] with zero rows added up to a multiple of 64: Vicuna's
+    32,001 rows gave cuBLAS no aligned kernel at batch 32 (0.29 ms for the product). The model's
+    own weight becomes the first V rows (a view), so no second copy is kept (a copy was 263 MB).
+    pad: None = on CUDA only."""
+    head = llm.get_output_embeddings()
+    weight, multiple = head.weight, 64
     rows = weight.shape[0]
-    if not weight.is_cuda or rows % multiple == 0:
+    if not (weight.is_cuda if pad is None else pad) or rows % multiple == 0:
         return weight
     padded = weight.new_zeros(-(-rows // multiple) * multiple, weight.shape[1])
     padded[:rows] = weight
+    tied = llm.get_input_embeddings().weight is weight
+    head.weight = nn.Parameter(padded[:rows], requires_grad=False)
+    if tied:
+        llm.get_input_embeddings().weight = head.weight
     return padded
 
 
@@ -97,9 +105,9 @@ class FusedLlama:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.intermediate = cfg.intermediate_size
         self.eps = cfg.rms_norm_eps
-        self.embed = llm.get_input_embeddings().weight  # [V,H]
         self.vocab = llm.get_output_embeddings().weight.shape[0]
-        self.lm_head = _padded_rows(llm.get_output_embeddings().weight)  # [V',H], V' >= V
+        self.lm_head = _padded_lm_head(llm)  # [V',H], V' >= V
+        self.embed = llm.get_input_embeddings().weight  # [V,H]
         self.final_norm = llm.model.norm.weight
         self.layers = []
         for layer in llm.model.layers:
@@ -123,7 +131,8 @@ class FusedLlama:
         """The model's fused weights (fusing them the first time; kept on the model itself)."""
         fused = llm.__dict__.get("_minigpt4_fused")
         if fused is None:
-            fused = cls(llm)
+            with torch.inference_mode(False):  # the model's weights become views of these: keep them
+                fused = cls(llm)  # usable by autograd (a decoder is made in inference mode)
             llm.__dict__["_minigpt4_fused"] = fused
         return fused
 
