@@ -108,6 +108,38 @@ def test_precision_quantizes_the_demo_model(mode):
     assert result["accuracy"]["all"] >= (0.9 if mode == "int8" else 0.75), result
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_int_weights_agree_with_the_fp_demo_model_teacher_forced_on_its_answers(mode):
+    """The issue's "agreement with fp16 >= 0.9", on trained weights: the demo model's own greedy
+    answers to held-out pictures, teacher-forced through its int8/int4 copy, the argmax compared
+    at every answer position. (On the 7B's random weights no rounding keeps the argmax: their
+    logits are flat, and int8 agrees 0.6-0.75 there, int4 0.0; docs/BENCHMARKS.md.)"""
+    from tiny_models import build_tiny
+
+    from minigpt4.conversation import encode_prompt
+    from minigpt4.data.dialogues import heldout_dialogues, to_conversation
+    from minigpt4.data.synthetic import make_picture
+    from minigpt4.generation import generate
+    from minigpt4.training.heldout import GREEDY
+
+    fp, q = build_tiny(["checkpoint=demo"]), build_tiny([f"precision={mode}", "checkpoint=demo"])
+    dialogues = [d for kind in ("colour", "shape", "count") for d in heldout_dialogues(kind, 20, 1000)]
+    convs = [to_conversation(d, fp.template, [], upto=0) for d in dialogues]  # one picture, one question each
+    prompts = [encode_prompt(fp.tokenizer.encode, c.prompt(), fp.model.num_image_tokens) for c in convs]
+    same = total = 0
+    with torch.inference_mode():
+        embeds = fp.encode_images([make_picture(c.images[0]) for c in convs])  # [N,32,H]: the image side is not quantized
+        answers = generate(fp.model, fp.tokenizer, prompts, embeds, GREEDY, stops=fp.template.stop)
+        for prompt, answer, image in zip(prompts, answers, embeds):
+            ids = torch.tensor([prompt + answer.ids])
+            predicting = slice(len(prompt) - 1, ids.shape[1] - 1)  # the positions that predict the answer
+            want = fp.model(ids, image_embeds=image[None]).logits[0, predicting].argmax(-1)
+            got = q.model(ids, image_embeds=image[None]).logits[0, predicting].argmax(-1)
+            same += int((want == got).sum())
+            total += len(want)
+    assert total >= 100 and same / total >= 0.9, f"{mode}: {same}/{total} = {same / total:.3f}"
+
+
 # ---- GPU --------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["int8", "int4"])
