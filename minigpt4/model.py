@@ -245,7 +245,7 @@ def official_dtype(part: str, module: nn.Module, dtype: torch.dtype) -> torch.dt
 
 def cast_own_tensors(module: nn.Module, dtype: torch.dtype) -> None:
     """Cast module's own floating parameters and buffers (not its children's) to dtype."""
-    for name, param in module.named_parameters(recurse=False):
+    for param in module.parameters(recurse=False):
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
     for name, buffer in module.named_buffers(recurse=False):
