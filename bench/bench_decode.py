@@ -56,7 +56,9 @@ def gate_paths(llm) -> dict:
     """Our decode paths a user can select (generation.cache / generation.compile), as decoder
     factories for the gate: (batch, positions) -> an empty decoder."""
     paths = {"dynamic": lambda b, n: DynamicDecoder(llm, b),
-             "static": lambda b, n: make_decoder(llm, b, n, static=True)}
+             "static": lambda b, n: make_decoder(llm, b, n, static=True),
+             # chat's cache, which grows: here it must grow within each scenario, past its first prompt
+             "static growing": lambda b, n: StaticDecoder(llm, b, n, start_len=n - 16)}
     if llm.device.type == "cuda":
         paths["static compile"] = lambda b, n: make_decoder(llm, b, n, static=True, compile=True)
         paths["static max-autotune-no-cudagraphs"] = lambda b, n: make_decoder(
@@ -81,10 +83,11 @@ def quant_gate_paths(qllm, mode: str) -> dict:
 
 
 @torch.inference_mode()
-def memory_of_chat(precision: str, new: int, context: int = 2000) -> dict:
+def memory_of_chat(precision: str, new: int, context: int = 2000, grow: bool = True) -> dict:
     """Peak GPU memory of the whole 7B MiniGPT-4 (random weights, loaded as chat loads it) answering
     one image + 100-token question with the cache chat makes for chat.max_context=`context`
-    (default 2,000), in this fresh process."""
+    (default 2,000; it grows to that when a conversation needs it; grow=False: the whole cache
+    from the start, the peak of a conversation that reached the context), in this fresh process."""
     from minigpt4.build import load_model
     from minigpt4.config import compose, load_spec
 
@@ -93,9 +96,9 @@ def memory_of_chat(precision: str, new: int, context: int = 2000) -> dict:
     llm = lm.model.llm
     embeds = torch.randn(1, 132, llm.config.hidden_size, device="cuda", dtype=torch.float16) * 0.02
     mask = torch.ones(1, 132, dtype=torch.long, device="cuda")
-    decoder = make_decoder(llm, 1, context + 1, static=True)  # as chat's _new_decoder
+    decoder = make_decoder(llm, 1, context + 1, static=True, grow=grow)  # as chat's _new_decoder
     t, _ = timed(lambda: ours(decoder, embeds, mask, new), torch.device("cuda"))
-    return {"precision": precision, "context": context, "cache_slots": decoder.max_len, "loaded_gib": loaded_gib,
+    return {"precision": precision, "context": context, "grow": grow, "cache_slots": decoder.max_len, "loaded_gib": loaded_gib,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "tok_s": new / t}
 
@@ -190,12 +193,15 @@ def main():
     ap.add_argument("--memory", choices=["fp16", "int8", "int4"],
                     help="only: peak GPU memory of the whole 7B model loaded and answering as chat does")
     ap.add_argument("--context", type=int, default=2000, help="with --memory: chat.max_context (the cache's size)")
+    ap.add_argument("--full-cache", action="store_true",
+                    help="with --memory: the cache at its full size from the start (a conversation that reached the context)")
     args = ap.parse_args()
     if args.memory:
-        result = memory_of_chat(args.memory, args.new, args.context)
+        result = memory_of_chat(args.memory, args.new, args.context, grow=not args.full_cache)
         print(json.dumps(result))
         if os.environ.get("OUT"):
-            name = f"memory_{args.memory}" + ("" if args.context == 2000 else f"_{args.context}")
+            name = f"memory_{args.memory}" + ("" if args.context == 2000 else f"_{args.context}") + (
+                "_full" if args.full_cache else "")
             Path(os.environ["OUT"], f"{name}.json").write_text(json.dumps(result, indent=2))
         return
     llm = build_llm(args.tiny)

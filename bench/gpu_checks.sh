@@ -80,8 +80,9 @@ named quant && step 330 python3 bench/bench_decode.py --batches 1 32 --gate-batc
 (named memory || named memory_int8) && step 90 python3 bench/bench_decode.py --memory int8
 named memory && step 90 python3 bench/bench_decode.py --memory int4
 named memory && step 90 python3 bench/bench_decode.py --memory fp16
-# int4 with a smaller cache: chat.max_context=1000 (the 2,000-position cache is ~1 GiB of a 7B)
-named memory_context && step 90 python3 bench/bench_decode.py --memory int4 --context 1000
+# int8/int4 with chat's cache at its full 2,048 slots (a conversation that reached chat.max_context)
+named memory_full && step 90 python3 bench/bench_decode.py --memory int8 --full-cache
+named memory_full && step 90 python3 bench/bench_decode.py --memory int4 --full-cache
 # the gate on the 7B shape for the max-autotune path (compiles for minutes)
 named gate_autotune && step 420 python3 bench/bench_decode.py --gate-only --gate-paths "static max-autotune-no-cudagraphs"
 exit 0

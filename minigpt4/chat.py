@@ -294,7 +294,7 @@ class ChatSession:
         are kept for the next conversation). Each session owns its decoder: sessions of the web
         page must not share cache slots."""
         return make_decoder(self.loaded.model.llm, 1, self.max_context + 1, static=self.settings.use_static(self.loaded.device),
-                            compile=self.settings.compile_for(None), reuse=self._decoder)
+                            compile=self.settings.compile_for(None), reuse=self._decoder, grow=True)
 
     def _reusable(self, keys: list[Any]) -> int:
         """Crop the cache to the longest common prefix with `keys` (leaving >= 1 position to

@@ -27,6 +27,7 @@ def cpu_paths(llm):
         "static fused": lambda b, n: make_decoder(llm, b, n, static=True),
         "static transformers step": lambda b, n: StaticDecoder(llm, b, n, use_fused=False),
         "static, padded prefill": lambda b, n: _padded(StaticDecoder(llm, b, n)),
+        "static growing": lambda b, n: _padded(StaticDecoder(llm, b, n, start_len=n - 4)),  # chat's, during the steps
     }
 
 

@@ -132,6 +132,53 @@ def test_padded_prefill_equals_plain_prefill():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("padded,gpu", [(False, False), (True, False), pytest.param(True, True, marks=pytest.mark.gpu)])
+def test_a_growing_cache_decodes_as_one_allocated_whole(padded, gpu):
+    """A cache that starts small (chat's) grows when a prefill or a step needs more slots, keeping
+    what it held: logits, tokens and length equal those of a cache allocated whole (on the GPU:
+    its graphs, made for the old cache, captured again)."""
+    loaded = build_tiny(["checkpoint=demo"] + (["gpu=0"] if gpu else []))
+    llm, hidden = loaded.model.llm, loaded.model.llm.config.hidden_size
+    torch.manual_seed(3)
+    device = llm.device
+    first, second = (torch.randn(1, n, hidden, device=device, dtype=llm.dtype) * 0.02 for n in (37, 20))
+    ones = lambda e: torch.ones(1, e.shape[1], dtype=torch.long, device=device)  # noqa: E731
+    at = lambda *p: torch.tensor(p, device=device)  # noqa: E731
+    runs = []
+    for start_len in (None, 40, 100):
+        dec = StaticDecoder(llm, 1, 256, start_len=start_len)
+        dec.pad_prefill = padded
+        logits = [dec.prefill(first, torch.arange(37, device=device)[None], ones(first)).clone()]
+        sizes = [dec.max_len]
+        for i in range(6):  # past 40 slots: the step grows a cache of 40 (unpadded)
+            logits.append(dec.step(logits[-1].argmax(-1), at(37 + i)).clone())
+            sizes.append(dec.max_len)
+        positions = torch.arange(43, 63, device=device)[None]
+        logits.append(dec.prefill(second, positions, ones(second), start=43).clone())  # 100: grows when padded (128)
+        for i in range(3):
+            logits.append(dec.step(logits[-1].argmax(-1), at(63 + i)).clone())
+        runs.append((logits, dec.length, sizes))
+    whole, whole_len, _ = runs[0]
+    for grown, grown_len, sizes in runs[1:]:
+        assert whole_len == grown_len == 66
+        for a, b in zip(whole, grown):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert runs[1][2][0] == (256 if padded else 40)  # a padded prefill (64 slots) grows 40 at once
+    with pytest.raises(ValueError, match="do not fit the static cache of 256"):
+        StaticDecoder(llm, 1, 256, start_len=40).prefill(torch.zeros(1, 257, hidden, device=device, dtype=llm.dtype),
+                                                          torch.arange(257, device=device)[None], ones(torch.zeros(1, 257)))
+
+
+def test_chat_s_decoder_starts_small_and_is_reused_at_its_ceiling():
+    from minigpt4.decoding import GROWABLE_START, make_decoder
+
+    llm = build_tiny(["checkpoint=demo"]).model.llm
+    dec = make_decoder(llm, 1, 2001, static=True, grow=True)
+    assert (dec.max_len, dec.limit) == (GROWABLE_START, 2048)
+    assert make_decoder(llm, 1, 2001, static=True, grow=True, reuse=dec) is dec
+    assert make_decoder(llm, 1, 2001, static=True).max_len == 2048  # evaluation: the size it asked for
+
+
 @pytest.mark.gpu
 def test_failing_compile_falls_back_to_the_plain_graph(monkeypatch, caplog):
     import minigpt4.decoding.static as static

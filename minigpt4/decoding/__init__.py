@@ -2,9 +2,9 @@
 (static.py) running a fused Llama step (fused.py, kernels.py), and the correctness gate that
 holds every path to an eager reference (gate.py)."""
 
-from minigpt4.decoding.decoder import (CACHE_BUCKET, Decoder, DynamicDecoder, cache_keys, make_decoder,
-                                       reusable_prefix)
+from minigpt4.decoding.decoder import (CACHE_BUCKET, GROWABLE_START, Decoder, DynamicDecoder, cache_keys,
+                                       make_decoder, reusable_prefix)
 from minigpt4.decoding.static import StaticDecoder
 
-__all__ = ["CACHE_BUCKET", "Decoder", "DynamicDecoder", "StaticDecoder", "cache_keys", "make_decoder",
+__all__ = ["CACHE_BUCKET", "GROWABLE_START", "Decoder", "DynamicDecoder", "StaticDecoder", "cache_keys", "make_decoder",
            "reusable_prefix"]

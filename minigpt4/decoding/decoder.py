@@ -19,6 +19,9 @@ from minigpt4.decoding.static import StaticDecoder
 from minigpt4.model import IMAGE_TOKEN
 
 CACHE_BUCKET = 256  # static caches are sized in multiples of this, so that a decoder is reused
+# A growable cache's first size: an image, a question and an answer of up to the default 300 new
+# tokens fit (the 7B: 0.25 GiB, against 1 GiB for chat's 2,048 slots).
+GROWABLE_START = 512
 
 
 class Decoder(Protocol):
@@ -104,17 +107,19 @@ def reusable_prefix(cached: list[Any], keys: list[Any]) -> int:
 
 
 def make_decoder(llm: LlamaForCausalLM, batch_size: int, needed_len: int, static: bool,
-                 compile: bool | str = False, reuse: Decoder | None = None) -> Decoder:
+                 compile: bool | str = False, reuse: Decoder | None = None, grow: bool = False) -> Decoder:
     """A decoder for batch_size sequences of up to needed_len positions, empty. `reuse` (the
     caller's previous decoder) is returned, emptied, when it fits: a static decoder keeps its
     captured graphs, and since a step attends only to the slots in use, a larger cache than
-    needed costs memory but no time."""
+    needed costs memory but no time. grow: needed_len is a ceiling that most uses stay far
+    below (chat's max_context): a static cache starts at GROWABLE_START slots and grows to it
+    when a conversation needs more."""
     if not static:
         return DynamicDecoder(llm, batch_size)
     if (isinstance(reuse, StaticDecoder) and reuse.llm is llm and reuse.batch_size == batch_size
-            and reuse.max_len >= needed_len and reuse.requested_compile == compile):
+            and reuse.limit >= needed_len and reuse.requested_compile == compile):
         reuse.crop(0)
         return reuse
     max_len = -(-needed_len // CACHE_BUCKET) * CACHE_BUCKET
     max_len = min(max_len, max(needed_len, llm.config.max_position_embeddings))
-    return StaticDecoder(llm, batch_size, max_len, compile=compile)
+    return StaticDecoder(llm, batch_size, max_len, compile=compile, start_len=GROWABLE_START if grow else None)

@@ -43,7 +43,10 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def __init__(self, llm: LlamaForCausalLM, batch_size: int, max_len: int, compile: bool | str = False,
-                 use_fused: bool | None = None):
+                 use_fused: bool | None = None, start_len: int | None = None):
+        """max_len: the most positions a row may hold. start_len (< max_len): allocate only that
+        many slots and grow to max_len when prefill() or step() needs more (chat: a 7B's
+        2,048-slot cache is 1 GiB that short conversations never use)."""
         device = llm.get_input_embeddings().weight.device
         config = llm.config
         self.requested_compile = compile
@@ -54,11 +57,11 @@ class StaticDecoder:
             log.info("generation.compile is off for precision=%s: its Triton int kernels decode faster than "
                      "a compiled step", quantized_mode(llm))
             compile = False
-        self.llm, self.batch_size, self.max_len, self.compile = llm, batch_size, max_len, compile
-        self.cache = StaticCache(config=config, max_cache_len=max_len)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.cache.early_initialization(batch_size, config.num_key_value_heads, head_dim, llm.dtype, device)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B,L]
+        self.llm, self.batch_size, self.compile = llm, batch_size, compile
+        self.limit = max_len  # what the cache may grow to; max_len: the slots it has now
+        self.max_len = min(start_len or max_len, max_len)
+        self.cache = self._new_cache(self.max_len)
+        self.valid = torch.zeros(batch_size, self.max_len, dtype=torch.bool, device=device)  # [B,L]
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.slot = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B] the slot each row writes
@@ -84,6 +87,37 @@ class StaticDecoder:
         self.prefill_graphs: dict[int, tuple] = {}  # bucket -> (graph, its logits)
         self.row_prefill_graphs: RowPrefillGraphs | None = None  # a serving engine's admissions, graphed (use_row_prefill_graphs)
 
+    def _new_cache(self, length: int) -> StaticCache:
+        config = self.llm.config
+        cache = StaticCache(config=config, max_cache_len=length)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache.early_initialization(self.batch_size, config.num_key_value_heads, head_dim, self.llm.dtype,
+                                   self.llm.get_input_embeddings().weight.device)
+        return cache
+
+    def _make_room(self, needed: int) -> None:
+        """Grow the cache to self.limit (at once: one copy, one set of graphs to capture again)
+        when `needed` slots exceed what it has; more than the limit is the caller's error."""
+        if needed <= self.max_len:
+            return
+        if needed > self.limit:
+            raise ValueError(f"{needed} positions do not fit the static cache of {self.limit}")
+        # every graph and buffer made for the old cache points into it
+        self.step_graphs.clear()
+        self.prefill_graphs.clear()
+        self.prefill_inputs.clear()
+        self.row_prefill_graphs = None
+        old, old_len = self.cache, self.max_len
+        self.cache = self._new_cache(self.limit)
+        for new_layer, old_layer in zip(self.cache.layers, old.layers):
+            new_layer.keys[:, :, :old_len] = old_layer.keys
+            new_layer.values[:, :, :old_len] = old_layer.values
+            old_layer.keys = old_layer.values = None  # freed layer by layer: the old cache is never there whole beside the new
+        valid = torch.zeros(self.batch_size, self.limit, dtype=torch.bool, device=self.valid.device)
+        valid[:, :old_len] = self.valid
+        self.valid, self.max_len = valid, self.limit
+        self._rewind(self.length)
+
     @torch.inference_mode()
     def crop(self, n: int) -> None:
         """Keep the first n cached positions."""
@@ -101,12 +135,12 @@ class StaticDecoder:
         """Write embeds [B,T,H] (positions [B,T], pad_mask [B,T] 1 = real) into slots
         start..start+T-1; slots from `start` on are discarded. -> last logits [B,V]."""
         b, t, _ = embeds.shape
-        if start + t > self.max_len:
-            raise ValueError(f"{start + t} positions do not fit the static cache of {self.max_len}")
+        bucket = -(-t // PREFILL_BUCKET) * PREFILL_BUCKET
+        padded = self.pad_prefill and b == 1 and bucket <= MAX_PADDED_PREFILL and start + bucket <= self.limit
+        self._make_room(start + (bucket if padded else t))
         self.crop(start)
         self.valid[:, start : start + t] = pad_mask.bool()
-        bucket = -(-t // PREFILL_BUCKET) * PREFILL_BUCKET
-        if self.pad_prefill and b == 1 and bucket <= MAX_PADDED_PREFILL and start + bucket <= self.max_len:
+        if padded:
             logits = self._prefill_padded(embeds, positions, start, t, bucket)
         else:
             logits = _hf_prefill(self.llm, self.cache, torch.tensor([t - 1], device=embeds.device),
@@ -157,8 +191,9 @@ class StaticDecoder:
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (tokens [B], positions [B]) -> logits [B,V] (a view: copy to keep)."""
-        if self.length >= self.max_len:
-            raise ValueError(f"the static cache of {self.max_len} positions is full")
+        if self.length >= self.limit:
+            raise ValueError(f"the static cache of {self.limit} positions is full")
+        self._make_room(self.length + 1)
         self.valid[:, self.length] = True
         self.tokens.copy_(tokens.view(-1))
         self.positions.copy_(positions.view(-1))
