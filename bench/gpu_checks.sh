@@ -83,6 +83,8 @@ named memory && step 90 python3 bench/bench_decode.py --memory fp16
 # int8/int4 with chat's cache at its full 2,048 slots (a conversation that reached chat.max_context)
 named memory_full && step 90 python3 bench/bench_decode.py --memory int8 --full-cache
 named memory_full && step 90 python3 bench/bench_decode.py --memory int4 --full-cache
+# int4 with chat.max_context=1000, its cache full (1,024 slots)
+named memory_context && step 90 python3 bench/bench_decode.py --memory int4 --context 1000 --full-cache
 # the gate on the 7B shape for the max-autotune path (compiles for minutes)
 named gate_autotune && step 420 python3 bench/bench_decode.py --gate-only --gate-paths "static max-autotune-no-cudagraphs"
 exit 0
