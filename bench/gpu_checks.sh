@@ -63,7 +63,7 @@ pick chat_compile && step 180 python3 bench/bench_chat.py --compile
 # (pip download as the device README says)
 # (API_ARGS: more options, e.g. "--admit-wait-ms 20 0 50" soaks each)
 named api && step "${API_LIMIT:-420}" python3 bench/bench_api.py --soak "${SOAK:-300}" ${API_ARGS:-}
-# decode attention alone: SDPA as the fused step calls it against a split-K Triton kernel (issue 13; not yet run): ~1 min
+# decode attention alone: SDPA as the fused step calls it against a split-K Triton kernel (issue 13): ~1 min
 named attention && step 150 python3 bench/bench_attention.py
 # only the speed of int8/int4 at batch 1 beside fp16 ours and transformers' static (no gate)
 named quant_speed && step 110 python3 bench/bench_decode.py --no-gate --batches 1 --quant int8 int4 --paths static "hf static"

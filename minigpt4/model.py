@@ -28,6 +28,7 @@ from transformers import (
 # Placeholder id for one soft image token inside a token-id tensor; never a real vocabulary id.
 IMAGE_TOKEN = -200
 PARTS = ("vision_model", "qformer", "query_tokens", "llama_proj", "llm")
+IMAGE_SIDE = ("vision_model", "qformer", "llama_proj")  # the modules apply_precision keeps at official dtypes
 
 
 @dataclass
@@ -234,8 +235,6 @@ def apply_precision(model: MiniGPT4, dtype: torch.dtype) -> MiniGPT4:
         model.query_tokens.data = model.query_tokens.data.float()
     return model
 
-
-IMAGE_SIDE = ("vision_model", "qformer", "llama_proj")
 
 
 def official_dtype(part: str, module: nn.Module, dtype: torch.dtype) -> torch.dtype:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from minigpt4.decoding.fused import FusedLlama
+from minigpt4.decoding.graphs import capture_graph
 
 GRAPH_POSITIONS = 512  # rows x new positions (bucketed) up to this are graphed
 LEAST_NEW = 4  # new positions are padded to a power of two at least this (32 rows x 16 would be ~10 ms of arithmetic for 32 real positions)
@@ -33,7 +34,7 @@ class RowPrefillGraphs:
     bucket; eager on the CPU (where tests check the padding itself)."""
 
     def __init__(self, model: FusedLlama, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int,
-                 capture: Callable[..., tuple]):
+                 capture: Callable[..., tuple] = capture_graph):  # capture: tests fake it on the CPU
         self.model, self.keys, self.values, self.max_len, self.capture = model, keys, values, max_len, capture
         self.cuda = keys[0].is_cuda
         self.inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (rows, new) -> (x, meta)

@@ -11,7 +11,9 @@ The cache has fixed slots [B, heads, max_len, head_dim]. `valid[b, s]` says whet
 row b holds a real token: left padding (evaluation batches) and rewinding to a shared prefix
 (chat turns) are edits of `valid` and of the write position. Graphs read `tokens`, `positions`,
 `slot` and `valid` from fixed addresses. A step attends only to slots below its length bucket
-(ATTEND_BUCKET), so a large cache (chat's 2,000 positions) costs no attention time until used.
+(ATTEND_BUCKET), so a large cache (chat's 2,000 positions) costs no attention time until used;
+chat's starts at 512 slots and grows once to its ceiling (memory, not time: the graphs are
+captured again).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from minigpt4.decoding import fused
+from minigpt4.decoding.graphs import capture_graph
 from minigpt4.decoding.quant import quantized_mode
 from minigpt4.decoding.row_prefill import RowPrefillGraphs
 
@@ -182,7 +185,7 @@ class StaticDecoder:
         if not self.cuda:
             return run()
         if bucket not in self.prefill_graphs:
-            self.prefill_graphs[bucket] = _capture_graph(run, lambda: self._rewind(start))
+            self.prefill_graphs[bucket] = capture_graph(run, lambda: self._rewind(start))
         graph, logits = self.prefill_graphs[bucket]
         graph.replay()
         return logits
@@ -261,7 +264,7 @@ class StaticDecoder:
         it (before any row holds a prompt) -> graphs captured. The fused step only."""
         if not self.use_fused:
             return 0
-        self.row_prefill_graphs = RowPrefillGraphs(self._model, *self._keys_values(), self.max_len, _capture_graph)
+        self.row_prefill_graphs = RowPrefillGraphs(self._model, *self._keys_values(), self.max_len)
         return self.row_prefill_graphs.capture_all(capture_span) if capture_span else 0
 
     def _keys_values(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -330,7 +333,7 @@ class StaticDecoder:
         start = self.length
         rewind = lambda: self._rewind(start)  # noqa: E731 - transformers' step advances the layers
         try:
-            return _capture_graph(lambda: self._run_step(attend, rows), rewind)
+            return capture_graph(lambda: self._run_step(attend, rows), rewind)
         except Exception as err:  # noqa: BLE001 - torch.compile failing on this machine
             if not self.compile:
                 raise
@@ -338,7 +341,7 @@ class StaticDecoder:
                         type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
             self.compile = False
             self._forward = self._uncompiled
-            return _capture_graph(lambda: self._run_step(attend, rows), rewind)
+            return capture_graph(lambda: self._run_step(attend, rows), rewind)
 
 
 def _fused_forward(model: fused.FusedLlama, cache: StaticCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -372,29 +375,6 @@ def _compiled(forward: Callable, mode: bool | str) -> Callable:
         target = functools.partial(forward, triton=False) if forward is _fused_forward else forward
         _COMPILED[key] = torch.compile(target, dynamic=None, mode=None if mode is True else mode)
     return _COMPILED[key]
-
-
-def _capture_graph(run: Callable[[], torch.Tensor], rewind: Callable[[], None],
-                   pool: tuple | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Capture run() (which writes the cache) as a CUDA graph -> (graph, its output tensor).
-    Warm-up runs (allocator, cuBLAS handles, compilation) go on a side stream first; rewind()
-    undoes each run's cache writes. Replay with rewind() first, as run() itself was called.
-    pool: memory shared with other graphs (torch.cuda.graph_pool_handle()); then read each
-    replay's output before replaying another of them."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            rewind()
-            run()
-    torch.cuda.current_stream().wait_stream(stream)
-    rewind()
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: other threads (a server's handlers encoding images) may use the GPU meanwhile
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        out = run()
-    rewind()
-    return graph, out
 
 
 def _hf_prefill(llm: LlamaForCausalLM, cache: StaticCache, last: torch.Tensor, **kwargs) -> torch.Tensor:
