@@ -5,10 +5,11 @@ tokens/s at batch 1), measured on the 7B's shapes with random weights:
    timed; each of the 32 layers has its own weights, q/k/v and gate/up fused as the fused step
    has them, so every product reads its weight from memory, not from the L2 cache; each shape's
    32 products timed alone too): fp16 cuBLAS against our int8 and int4 kernels (quant_kernels.py);
+   On Hopper int8 also without TMA (quant_kernels.matmul's tma=False, the kernel of older GPUs);
 2. the same products on a prefill's rows (--prefill-rows, default 192: a 132-position prompt
-   padded to its bucket): fp16 cuBLAS, QuantLinear's path (Triton dequantizes, cuBLAS multiplies) and our
-   tensor-core kernels over blocks of 64 rows (which read the int weight once a block and
-   never write an fp16 copy);
+   padded to its bucket): fp16 cuBLAS, dequantize + cuBLAS (int4's path for more than 64 rows) and our
+   tensor-core kernels (int8's path up to quant.INT8_MAX_ROWS rows: row blocks of 64/128 side by
+   side on each weight tile, so it is read once and no fp16 copy is written);
 3. --decode: batch-1 decoding (132-position prompt, 128 new tokens, bench_decode.py's
    measurement) of fp16 ours, int8 and int4, with the prefill timed alone, each int model
    teacher-forced against its own eager forward (bench_decode's "int8 static vs int8").
@@ -120,6 +121,9 @@ def main() -> None:
     print("a batch-1 step's products", flush=True)
     for mode, layers in weights.items():
         results["step"][mode] = time_products(mode, kernel_product, layers, xs)
+    if quant_kernels._tma_fits(weights["int8"][0]["qkv"].qweight):  # Hopper: int8 with and without TMA
+        results["step"]["int8 without TMA"] = time_products(
+            "int8 without TMA", lambda lin, x: quant_kernels.matmul(x, lin, None, tma=False), weights["int8"], xs)
     if args.prefill_rows:
         rows = args.prefill_rows
         xs = {name: torch.randn(rows, k, device=dev, dtype=torch.float16) for name, (n, k) in SHAPES.items()}

@@ -76,6 +76,10 @@ named quant_speed && step 110 python3 bench/bench_decode.py --no-gate --batches 
 (named quant || named quant_kernels) && step 240 python3 bench/bench_quant_kernels.py --decode
 (named quant || named quant_tests) && step 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quant.py
 named quant && step 330 python3 bench/bench_decode.py --batches 1 32 --gate-batches 1 8 32 --gate-paths static --quant int8 int4 int4-g32 --paths static "hf static"
+# Nsight Compute on each shape's batch-1 product (fp16 cuBLAS, int8, int4): stall reasons,
+# occupancy, bandwidth (ncu reads the counters on this Firecracker machine; ~1 min). The report
+# itself is too big to bring back: details.txt holds its text.
+named ncu && step 300 bash -c 'ncu --clock-control none --nvtx --nvtx-include "profile/" --set full -f -o "$OUT/products" python3 bench/ncu_products.py >/dev/null && ncu -i "$OUT/products.ncu-rep" --page details > "$OUT/details.txt" && rm -f "$OUT/products.ncu-rep" && grep -E "^  [a-zA-Z_]|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy" "$OUT/details.txt"'
 # peak memory of the whole 7B model (random weights) loaded and answering as chat does
 (named memory || named memory_int8) && step 90 python3 bench/bench_decode.py --memory int8
 named memory && step 90 python3 bench/bench_decode.py --memory int4

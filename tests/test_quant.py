@@ -149,18 +149,26 @@ def test_triton_kernels_equal_the_torch_reference_on_7b_shapes(mode):
     if not kernels.available():
         pytest.skip("no Triton")
     torch.manual_seed(3)
-    for n, k in ((4096, 11008), (100, 4096)):  # the down projection's K; a row count no block divides
+    shapes = [(4096, 11008), (100, 4096)]  # the down projection's K; a row count no block divides
+    if mode == "int8":
+        shapes.append((64, 4104))  # a K whose rows TMA cannot address: the kernel without TMA
+    for n, k in shapes:
         q = QuantLinear.quantize(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02, mode)
         w = q.dequantize_torch()
         assert torch.equal(q.dequantize(), w)  # the prefill's Triton dequantization, bit for bit
         q16 = QuantLinear.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, mode)
         assert torch.equal(q16.dequantize(), q16.dequantize_torch())  # bf16 too (round to nearest)
-        for m in (1, 5, 100):  # the matrix-vector kernel, the tensor-core one, a prefill (dequantize + cuBLAS)
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            res = torch.randn(m, n, device="cuda", dtype=torch.float16)
-            expected = (x.float() @ w.float().T + res.float())
-            got = q(x, res).float()
-            torch.testing.assert_close(got, expected, rtol=1e-2, atol=2e-2, msg=f"{mode} {m}x{k} @ {n}x{k}")
+        # one row: the matrix-vector kernel (TMA on Hopper); 5: the tensor-core kernel; 100 and 300:
+        # a prefill (int8: the tensor-core kernel on row blocks of 64/128; int4: dequantize + cuBLAS)
+        for weights, dtype in ((q, torch.float16), (q16, torch.bfloat16)):
+            expected_w = weights.dequantize_torch().float()
+            for m in (1, 5, 100, 300):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                res = torch.randn(m, n, device="cuda", dtype=dtype)
+                expected = (x.float() @ expected_w.T + res.float())
+                got = weights(x, res).float()
+                tol = 2e-2 if dtype == torch.float16 else 1e-1  # bf16 outputs round to 8 bits
+                torch.testing.assert_close(got, expected, rtol=1e-2, atol=tol, msg=f"{mode} {dtype} {m}x{k} @ {n}x{k}")
 
 
 def test_an_llm_directory_is_quantized_on_its_way_to_the_device(tiny_loaded, tmp_path):

@@ -16,34 +16,59 @@ from torch import nn
 
 from minigpt4.decoding.kernels import triton
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # no Triton, or an older one: the int8 matrix-vector kernel loads without TMA
+    TensorDescriptor = None
+
 QuantLinear = nn.Module  # quant.QuantLinear (which imports this module): its qweight, scale, low, bits, group
 
 
-def matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | None) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | None, tma: bool = True) -> torch.Tensor:
     """x [M,K] @ dequant(w).T (+ residual [M,N]) -> [M,N] in x's dtype. QuantLinear.forward sends
-    at most KERNEL_MAX_ROWS rows; more are tiled 64 to a program (how bench_quant_kernels times
-    prefills)."""
+    int8 up to INT8_MAX_ROWS rows, int4 up to KERNEL_MAX_ROWS; more are tiled 64 to a program
+    (how bench_quant_kernels times prefills). tma=False: int8's one row without TMA, as on GPUs
+    before Hopper (bench_quant_kernels compares the two)."""
     m, k = x.shape
     x = x.contiguous()
     out = torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
     res = out if residual is None else residual.contiguous()
     if m == 1:  # one row (chat's decode step): a matrix-vector product, no tensor cores
         grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]),)  # noqa: E731
-        if w.bits == 8:
+        if w.bits == 8 and tma and _tma_fits(w.qweight):
+            desc = TensorDescriptor(w.qweight, list(w.qweight.shape), [k, 1], list(TMA_BOX))
+            _int8_gemv_tma_tuned[grid](x, desc, w.scale, res, out, w.out_features, k, HAS_RES=residual is not None)
+        elif w.bits == 8:
             _int8_gemv_tuned[grid](x, w.qweight, w.scale, res, out, w.out_features, k, HAS_RES=residual is not None)
         else:
             _int4_gemv_tuned[grid](x, w.qweight.view(torch.int32), w.scale, w.low, res, out, w.out_features, k, GROUP=w.group,
                                    HAS_RES=residual is not None)
         return out
+    if w.bits == 8 and m > 64:  # a prefill: row blocks of 64/128 side by side on each weight tile
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(w.out_features, meta["BLOCK_N"]))  # noqa: E731
+        _int8_rows_tuned[grid](x, w.qweight, w.scale, res, out, m, w.out_features, k, HAS_RES=residual is not None,
+                               FP16=x.dtype == torch.float16)
+        return out
     block_m = min(64, max(16, triton.next_power_of_2(m)))  # tl.dot needs 16 rows at least
-    grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(w.out_features, meta["BLOCK_N"]))  # noqa: E731
     if w.bits == 8:
         _int8_tuned[grid](x, w.qweight, w.scale, res, out, m, w.out_features, k,
-                          HAS_RES=residual is not None, BLOCK_M=block_m)
+                          HAS_RES=residual is not None, FP16=x.dtype == torch.float16, BLOCK_M=block_m)
     else:
+        grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
         _int4_tuned[grid](x, w.qweight, w.scale, w.low, res, out, m, w.out_features, k,
                           GROUP=w.group, HAS_RES=residual is not None, BLOCK_M=block_m)
     return out
+
+
+TMA_BOX = (16, 256)  # the int8 matrix-vector kernel's tile under TMA: rows, bytes of K
+
+
+def _tma_fits(q: torch.Tensor) -> bool:
+    """Hopper or newer, a Triton with host tensor descriptors, and a weight TMA can address
+    (16-byte aligned base and rows, at least one box wide)."""
+    return (TensorDescriptor is not None and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and q.data_ptr() % 16 == 0 and q.shape[1] % 16 == 0 and q.shape[1] >= TMA_BOX[1])
 
 
 def dequantize(w: QuantLinear) -> torch.Tensor:
@@ -72,18 +97,27 @@ if triton is not None:
 
     @triton.jit
     def _int8_kernel(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, M, N, K,
-                     HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program (n, m): out[m-block, n-block] = x @ (q[n-block] * scale).T (+ residual). K % BLOCK_K == 0."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+                     HAS_RES: tl.constexpr, FP16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+        """Program (m, n): out[m-block, n-block] = x @ (q[n-block] * scale).T (+ residual). The row
+        blocks are the grid's fast axis, so those of one weight tile run side by side and the tile
+        comes from DRAM once. For fp16 x (FP16), q + 128 goes into the low bits of the fp16 1024 (0x6400),
+        which reads as 1024 + q + 128 (no integer-to-float instruction)."""
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         keep_n = rn < N
         keep_m = rm < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            w = tl.load(q_ptr + rn[None, :] * K + (k0 + rk)[:, None], mask=keep_n[None, :], other=0)  # [BK,BN]
-            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=keep_m[:, None], other=0.0)  # [BM,BK]
-            acc += tl.dot(x, w.to(x.dtype))
+            keep_k = k0 + rk < K
+            w = tl.load(q_ptr + rn[None, :] * K + (k0 + rk)[:, None], mask=keep_n[None, :] & keep_k[:, None], other=0)  # [BK,BN]
+            x = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=keep_m[:, None] & keep_k[None, :], other=0.0)
+            if FP16:
+                wf = (w.to(tl.int16) + (0x6400 + 128)).to(tl.float16, bitcast=True) - 1152.0
+            else:
+                wf = w.to(x.dtype)
+            acc += tl.dot(x, wf)
         scale = tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
         acc = acc * scale[None, :]
         _store_tile(acc, r_ptr, o_ptr, rm, rn, keep_m, keep_n, N, HAS_RES)
@@ -138,6 +172,28 @@ if triton is not None:
                 keep_k = k0 + rk < K
                 w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None] & keep_k[None, :], other=0)
                 x = tl.load(x_ptr + k0 + rk, mask=keep_k, other=0.0).to(tl.float32)
+            f = (w.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+            acc += f * x[None, :]
+        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
+        if HAS_RES:
+            out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
+        tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
+
+    @triton.jit
+    def _int8_gemv_tma(x_ptr, q_desc, s_ptr, r_ptr, o_ptr, N, K,
+                       HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        """_int8_gemv with the weight tiles brought in by TMA, STAGES of them in flight (Hopper).
+        Nsight Compute found _int8_gemv waiting on its loads (half of its cycles between
+        instructions), with 3 warps a scheduler; cuBLAS's fp16 products keep a TMA pipeline full.
+        TMA fills the last block past K with zeros."""
+        n0 = tl.program_id(0) * BLOCK_N
+        rn = n0 + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        keep_n = rn < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            w = q_desc.load([n0, k0])
+            x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
             f = (w.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
             acc += f * x[None, :]
         out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
@@ -256,6 +312,19 @@ if triton is not None:
                      for n in (4, 8, 16, 32) for bk in (256, 512, 1024) for warps in (4, 8)]
     _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     _int8_gemv_tuned = _autotune(configs=_gemv_configs, key=["N", "K"])(_even_k(_int8_gemv))
+
+    # The descriptor's box is fixed, so the tuner varies only warps and stages: a config with a
+    # pre_hook (to set the box) is tuned again in every process, since Triton cannot keep it on
+    # disk. A sweep of 36 configs on the 7B's products (H200, 2026-12-02) put 16 rows a program,
+    # blocks of 256 and 2 warps at or near the top on every shape.
+    _int8_gemv_tma_tuned = _autotune(configs=[
+        triton.Config({"BLOCK_N": TMA_BOX[0], "BLOCK_K": TMA_BOX[1], "STAGES": stages}, num_warps=warps)
+        for warps in (2, 4) for stages in (3, 4, 6)], key=["N", "K"])(_int8_gemv_tma)
+    # prefill rows (more than 64): the best of a 32-config sweep on the 7B's shapes at 192 rows
+    _int8_rows_tuned = _autotune(configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        for bm, bn, bk, warps, stages in ((128, 64, 64, 4, 3), (128, 64, 128, 8, 4), (64, 128, 64, 4, 3))],
+        key=["N", "K"])(_int8_kernel)
     _int4_gemv_configs = [triton.Config({"BLOCK_N": n, "GROUPS": groups}, num_warps=warps, num_stages=2)
                           for n in (4, 8, 16, 32) for groups in (2, 4, 8) for warps in (2, 4, 8)]
     _int4_gemv_tuned = _autotune(configs=_int4_gemv_configs, key=["N", "K", "GROUP"])(_int4_gemv)
