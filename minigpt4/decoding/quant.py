@@ -3,9 +3,10 @@
 A batch-1 decode step reads every weight once, so its time is the weights' bytes over the
 memory bandwidth: int8 weights read half of fp16's bytes, int4 a quarter. The products stay in
 fp16: each weight tile is dequantized in registers inside the matrix kernel (Triton,
-quant_kernels.py), so the full fp16 weight never exists in memory. Prefill-sized products (more
-than 64 rows) are compute-bound: there the weight is dequantized to fp16 (one Triton pass on CUDA, a layer's
-weight at a time) and cuBLAS multiplies it.
+quant_kernels.py), so the full fp16 weight never exists in memory. Prefill-sized products are
+compute-bound: int8 up to INT8_MAX_ROWS rows still goes through its tensor-core kernel (each
+weight tile read once for all row blocks); int4 beyond 64 rows, and int8 beyond 512, dequantize
+to fp16 (one Triton pass on CUDA, a layer's weight at a time) and cuBLAS multiplies.
 
 Formats (per output row n, so fusing q/k/v or gate/up is concatenating rows):
   int8: q [N,K] int8, w = q * scale[n]            (symmetric, scale = absmax / 127)
@@ -27,7 +28,7 @@ from minigpt4.decoding.kernels import triton
 
 MODES = ("int8", "int4")
 KERNEL_MAX_ROWS = 64  # int4 with more rows (prefills): dequantize + cuBLAS
-INT8_MAX_ROWS = 512  # int8 up to this many: its tensor-core kernel (8.7 ms against 10.1 for a 192-row prefill, H200)
+INT8_MAX_ROWS = 512  # int8 up to this many: its tensor-core kernel (9.3 ms against 10.2 for a 192-row prefill, H200)
 
 
 def _group_size(k: int, largest: int = 128) -> int:

@@ -155,11 +155,25 @@ if triton is not None:
     MAGIC = tl.constexpr(0x4B000000)
 
     @triton.jit
+    def _int8_times(w, x):
+        """int8 tile w [BN,BK] times x [BK] (fp32), element by element: q + 128 (in [0, 255])
+        becomes the float 2^23 + q + 128, less 2^23 + 128."""
+        f = (w.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0
+        return f * x[None, :]
+
+    @triton.jit
+    def _store_rows(acc, s_ptr, r_ptr, o_ptr, rn, keep_n, HAS_RES: tl.constexpr):
+        """out[rn] = row sums of acc [BN,BK] * scale (+ residual): the int8 matrix-vector kernels' end."""
+        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
+        if HAS_RES:
+            out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
+        tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
+
+    @triton.jit
     def _int8_gemv(x_ptr, q_ptr, s_ptr, r_ptr, o_ptr, N, K,
                    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        """Program n: out[n-block] = (q[n-block] @ x) * scale (+ residual), x one row [K]; q + 128
-        (in [0, 255]) becomes the float 2^23 + q + 128. A K that BLOCK_K does not divide (the
-        7B's down projection, 11,008) masks its last block."""
+        """Program n: out[n-block] = (q[n-block] @ x) * scale (+ residual), x one row [K]. A K that
+        BLOCK_K does not divide (the 7B's down projection, 11,008) masks its last block."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         keep_n = rn < N
@@ -172,12 +186,8 @@ if triton is not None:
                 keep_k = k0 + rk < K
                 w = tl.load(q_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=keep_n[:, None] & keep_k[None, :], other=0)
                 x = tl.load(x_ptr + k0 + rk, mask=keep_k, other=0.0).to(tl.float32)
-            f = (w.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
-            acc += f * x[None, :]
-        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        if HAS_RES:
-            out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
+            acc += _int8_times(w, x)
+        _store_rows(acc, s_ptr, r_ptr, o_ptr, rn, keep_n, HAS_RES)
 
     @triton.jit
     def _int8_gemv_tma(x_ptr, q_desc, s_ptr, r_ptr, o_ptr, N, K,
@@ -194,12 +204,8 @@ if triton is not None:
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             w = q_desc.load([n0, k0])
             x = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-            f = (w.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
-            acc += f * x[None, :]
-        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        if HAS_RES:
-            out += tl.load(r_ptr + rn, mask=keep_n, other=0.0).to(tl.float32)
-        tl.store(o_ptr + rn, out.to(o_ptr.dtype.element_ty), mask=keep_n)
+            acc += _int8_times(w, x)
+        _store_rows(acc, s_ptr, r_ptr, o_ptr, rn, keep_n, HAS_RES)
 
     @triton.jit
     def _x_quarters(x_ptr, start, keep_g, GROUPS: tl.constexpr, WORDS: tl.constexpr):
