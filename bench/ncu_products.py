@@ -22,7 +22,9 @@ def main() -> None:
     torch.manual_seed(0)
     dev = torch.device("cuda")
     weights = {name: torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02 for name, (n, k) in SHAPES.items()}
-    modes = {"fp16": weights, **{m: {name: quant.QuantLinear.quantize(w, m) for name, w in weights.items()} for m in ("int8", "int4")}}
+    modes = {"fp16": weights}
+    for mode in ("int8", "int4"):
+        modes[mode] = {name: quant.QuantLinear.quantize(w, mode) for name, w in weights.items()}
     xs = {name: torch.randn(1, k, device=dev, dtype=torch.float16) for name, (n, k) in SHAPES.items()}
     for layers in modes.values():  # autotune and warm up outside the profiled range
         for name, lin in layers.items():

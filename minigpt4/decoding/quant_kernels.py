@@ -2,9 +2,10 @@
 torch reference these must equal; the GPU tests hold them to it).
 
 - matmul: one row (a batch-1 decode step) through a matrix-vector kernel that converts without
-  the integer-to-float instruction; 2-64 rows through tensor-core kernels (tl.dot), the weight
-  dequantized tile by tile in registers.
-- dequantize: the whole fp weight in one pass, for prefills (cuBLAS multiplies it).
+  the integer-to-float instruction (int8 on Hopper: its weight tiles brought in by TMA); 2-64
+  rows (int8: up to 512) through tensor-core kernels (tl.dot), the weight dequantized tile by
+  tile in registers.
+- dequantize: the whole fp weight in one pass, for longer prefills (cuBLAS multiplies it).
 Each kernel is autotuned once per shape on a machine, at the first step (the warm-up before
 graph capture); bench/bench_quant_kernels.py times them.
 """
