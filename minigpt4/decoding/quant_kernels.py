@@ -12,6 +12,8 @@ graph capture); bench/bench_quant_kernels.py times them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -27,9 +29,9 @@ QuantLinear = nn.Module  # quant.QuantLinear (which imports this module): its qw
 
 def matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | None, tma: bool = True) -> torch.Tensor:
     """x [M,K] @ dequant(w).T (+ residual [M,N]) -> [M,N] in x's dtype. QuantLinear.forward sends
-    int8 up to INT8_MAX_ROWS rows, int4 up to KERNEL_MAX_ROWS; more are tiled 64 to a program
-    (how bench_quant_kernels times prefills). tma=False: int8's one row without TMA, as on GPUs
-    before Hopper (bench_quant_kernels compares the two)."""
+    int8 up to INT8_MAX_ROWS rows, int4 up to KERNEL_MAX_ROWS; more are tiled into row blocks
+    (int8 64/128, int4 64: how bench_quant_kernels times prefills). tma=False: int8's one row
+    without TMA, as on GPUs before Hopper (bench_quant_kernels compares the two)."""
     m, k = x.shape
     x = x.contiguous()
     out = torch.empty(m, w.out_features, dtype=x.dtype, device=x.device)
@@ -45,21 +47,24 @@ def matmul(x: torch.Tensor, w: QuantLinear, residual: torch.Tensor | None, tma: 
             _int4_gemv_tuned[grid](x, w.qweight.view(torch.int32), w.scale, w.low, res, out, w.out_features, k, GROUP=w.group,
                                    HAS_RES=residual is not None)
         return out
-    if w.bits == 8 and m > 64:  # a prefill: row blocks of 64/128 side by side on each weight tile
+    if w.bits == 8:  # row blocks are the grid's fast axis: one weight tile read once for all of them
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(w.out_features, meta["BLOCK_N"]))  # noqa: E731
-        _int8_rows_tuned[grid](x, w.qweight, w.scale, res, out, m, w.out_features, k, HAS_RES=residual is not None,
-                               FP16=x.dtype == torch.float16)
+        fp16 = x.dtype == torch.float16
+        if m > 64:  # a prefill: row blocks of 64/128, tuned
+            _int8_rows_tuned[grid](x, w.qweight, w.scale, res, out, m, w.out_features, k, HAS_RES=residual is not None,
+                                   FP16=fp16)
+        else:
+            _int8_tuned[grid](x, w.qweight, w.scale, res, out, m, w.out_features, k, HAS_RES=residual is not None,
+                              FP16=fp16, BLOCK_M=_block_m(m))
         return out
-    block_m = min(64, max(16, triton.next_power_of_2(m)))  # tl.dot needs 16 rows at least
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(w.out_features, meta["BLOCK_N"]))  # noqa: E731
-    if w.bits == 8:
-        _int8_tuned[grid](x, w.qweight, w.scale, res, out, m, w.out_features, k,
-                          HAS_RES=residual is not None, FP16=x.dtype == torch.float16, BLOCK_M=block_m)
-    else:
-        grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
-        _int4_tuned[grid](x, w.qweight, w.scale, w.low, res, out, m, w.out_features, k,
-                          GROUP=w.group, HAS_RES=residual is not None, BLOCK_M=block_m)
+    grid = lambda meta: (triton.cdiv(w.out_features, meta["BLOCK_N"]), triton.cdiv(m, _block_m(m)))  # noqa: E731
+    _int4_tuned[grid](x, w.qweight, w.scale, w.low, res, out, m, w.out_features, k,
+                      GROUP=w.group, HAS_RES=residual is not None, BLOCK_M=_block_m(m))
     return out
+
+
+def _block_m(m: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(m)))  # tl.dot needs 16 rows at least
 
 
 TMA_BOX = (16, 256)  # the int8 matrix-vector kernel's tile under TMA: rows, bytes of K
@@ -68,8 +73,14 @@ TMA_BOX = (16, 256)  # the int8 matrix-vector kernel's tile under TMA: rows, byt
 def _tma_fits(q: torch.Tensor) -> bool:
     """Hopper or newer, a Triton with host tensor descriptors, and a weight TMA can address
     (16-byte aligned base and rows, at least one box wide)."""
-    return (TensorDescriptor is not None and torch.cuda.get_device_capability(q.device)[0] >= 9
-            and q.data_ptr() % 16 == 0 and q.shape[1] % 16 == 0 and q.shape[1] >= TMA_BOX[1])
+    return (TensorDescriptor is not None and _has_tma(q.device.index) and q.data_ptr() % 16 == 0
+            and q.shape[1] % 16 == 0 and q.shape[1] >= TMA_BOX[1])
+
+
+@functools.cache
+def _has_tma(device_index: int | None) -> bool:
+    """Asked once per GPU, not on every product of a decode step."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def dequantize(w: QuantLinear) -> torch.Tensor:
