@@ -11,8 +11,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_checks}
 mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# (once per machine: a warm machine's later calls find /tmp/site)
 if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import hydra" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  [ -d /tmp/site/hydra ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 LOG="$OUT/gpu_checks.log"
@@ -71,12 +72,13 @@ named quant_speed && step 110 python3 bench/bench_decode.py --no-gate --batches 
 # 267 with the Triton kernels on 2026-12-02, and compile is now off on int weights)
 # our weight-only int8/int4: kernels against the torch reference, then the gate against fp16 (and
 # int4 with groups of 32, an experiment) and the speed beside fp16 ours and transformers' static
-# (quant_gate: that last step alone, ~5 min)
+# (quant_gate: that last step alone; 223 s on a warm machine without int4-g32, over 330 s on a
+# fresh one with it on 2026-12-03: give it a call of its own)
 # the step's matrix products alone (fp16 cuBLAS, our int8/int4 kernels), a prefill's products, and
 # batch-1 decoding of fp16/int8/int4 with each prefill timed alone: ~3.5 min on a fresh machine
 (named quant || named quant_kernels) && step 240 python3 bench/bench_quant_kernels.py --decode
 (named quant || named quant_tests) && step 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quant.py
-(named quant || named quant_gate) && step 330 python3 bench/bench_decode.py --batches 1 32 --gate-batches 1 8 32 --gate-paths static --quant int8 int4 int4-g32 --paths static "hf static"
+(named quant || named quant_gate) && step 480 python3 bench/bench_decode.py --batches 1 32 --gate-batches 1 8 32 --gate-paths static --quant int8 int4 int4-g32 --paths static "hf static"
 # Nsight Compute on each shape's batch-1 product (fp16 cuBLAS, int8, int4): stall reasons,
 # occupancy, bandwidth (ncu reads the counters on this Firecracker machine; ~1 min). The report
 # itself is too big to bring back: details.txt holds its text.
