@@ -70,14 +70,16 @@ named attention && step 150 python3 bench/bench_attention.py
 named quant_speed && step 110 python3 bench/bench_decode.py --no-gate --batches 1 --quant int8 int4 --paths static "hf static"
 # (quant_compile, int8/int4 with generation.compile, is gone: compiled int8 ran 98 tokens/s against
 # 267 with the Triton kernels on 2026-12-02, and compile is now off on int weights)
-# our weight-only int8/int4: kernels against the torch reference, then the gate against fp16 (and
-# int4 with groups of 32, an experiment) and the speed beside fp16 ours and transformers' static
-# (quant_gate: that last step alone; 223 s on a warm machine without int4-g32, over 330 s on a
-# fresh one with it on 2026-12-03: give it a call of its own)
-# the step's matrix products alone (fp16 cuBLAS, our int8/int4 kernels), a prefill's products, and
-# batch-1 decoding of fp16/int8/int4 with each prefill timed alone: ~3.5 min on a fresh machine
+# our weight-only int8/int4, three steps that `quant` runs together (over 10 minutes: name them
+# one call each):
+# quant_kernels: the step's matrix products alone (fp16 cuBLAS, our int8/int4 kernels), a prefill's
+# products, and batch-1 decoding of fp16/int8/int4 with each prefill timed alone: ~3.5 min fresh
 (named quant || named quant_kernels) && step 240 python3 bench/bench_quant_kernels.py --decode
+# quant_tests: the kernels against the torch reference (~3 min)
 (named quant || named quant_tests) && step 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_quant.py
+# quant_gate: each int path against its own eager forward and against fp16 (int4 with groups of 32
+# too, an experiment), the speed beside fp16 ours and transformers' static (223 s on a warm
+# machine without int4-g32, over 330 s on a fresh one with it, 2026-12-03)
 (named quant || named quant_gate) && step 480 python3 bench/bench_decode.py --batches 1 32 --gate-batches 1 8 32 --gate-paths static --quant int8 int4 int4-g32 --paths static "hf static"
 # Nsight Compute on each shape's batch-1 product (fp16 cuBLAS, int8, int4): stall reasons,
 # occupancy, bandwidth (ncu reads the counters on this Firecracker machine; ~1 min). The report

@@ -154,8 +154,7 @@ def test_triton_kernels_equal_the_torch_reference_on_7b_shapes(mode):
         shapes.append((64, 4104))  # a K whose rows TMA cannot address: the kernel without TMA
     for n, k in shapes:
         q = QuantLinear.quantize(torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02, mode)
-        w = q.dequantize_torch()
-        assert torch.equal(q.dequantize(), w)  # the prefill's Triton dequantization, bit for bit
+        assert torch.equal(q.dequantize(), q.dequantize_torch())  # the prefill's Triton dequantization, bit for bit
         q16 = QuantLinear.quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, mode)
         assert torch.equal(q16.dequantize(), q16.dequantize_torch())  # bf16 too (round to nearest)
         # one row: the matrix-vector kernel (TMA on Hopper); 5: the tensor-core kernel; 100 and 300:
